@@ -1,0 +1,1 @@
+//! Criterion benches of the serial I/O hot path live in `benches/benches/`.

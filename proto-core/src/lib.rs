@@ -1,0 +1,33 @@
+//! Tether's protocol core: a deterministic, sans-IO implementation of SSH
+//! (transport, authentication, channels) and the tether extensions.
+//!
+//! Nothing here performs I/O, reads a clock or draws randomness of its own: the
+//! caller feeds bytes and `Instant`s in, takes bytes and events out, and injects
+//! the RNG. One [`Connection`] type plays either role, chosen by [`config::Role`];
+//! the roles share transport and channel logic and differ only in key exchange
+//! direction and authentication. See `docs/PROTOCOL.md` for the wire contract.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod channel;
+mod commands;
+pub mod config;
+mod connection;
+pub mod crypto;
+pub mod error;
+pub mod event;
+pub mod kex;
+pub mod keys;
+pub mod packet;
+pub mod request;
+pub mod transport;
+pub mod wire;
+
+pub use auth::Authenticated;
+pub use config::{ClientConfig, Config, HostKeyPolicy, Role, ServerConfig};
+pub use connection::Connection;
+pub use error::{DisconnectReason, Error, Result};
+pub use event::{ChannelId, EXTENDED_STDERR, Event};
+pub use keys::{PrivateKey, PublicKey};
+pub use request::{ChannelRequest, PtyRequest};

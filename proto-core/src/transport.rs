@@ -1,0 +1,592 @@
+//! The transport layer (RFC 4253): version exchange, packets, key exchange with
+//! strict-kex rules, rekeying, and the transport's own messages (DISCONNECT,
+//! IGNORE, DEBUG, UNIMPLEMENTED, EXT_INFO). Layers above see only payloads.
+//!
+//! Payloads sent while our key exchange is in flight are queued as plaintext and
+//! sealed with the new keys right after our NEWKEYS: never dropped, never sent
+//! under keys the peer is about to discard.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rand_core::RngCore;
+
+use crate::config::{Config, HostKeyPolicy, Role};
+use crate::crypto::{CryptoProvider, KexClient, OpeningCipher};
+use crate::error::{DisconnectReason, Error, Result};
+use crate::kex::{self, HashInput, KexInit, Negotiated, Preferences};
+use crate::keys::{ED25519, PrivateKey, PublicKey};
+use crate::packet::{Opener, Packet, Sealer};
+use crate::wire::{PutSsh, Reader, msg};
+
+/// Bytes a client skips before the server's version line (RFC 4253 section 4.2
+/// allows other lines first; link noise may precede it too).
+const MAX_PRE_VERSION_BYTES: usize = 64 * 1024;
+/// Lines a client skips before the server's version line.
+const MAX_PRE_VERSION_LINES: usize = 1024;
+/// Longest version line, CR LF included (RFC 4253 section 4.2).
+const MAX_VERSION_LINE: usize = 255;
+
+/// What the transport hands up.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A payload for the layers above.
+    Payload(Packet),
+    /// A key exchange completed.
+    KexDone { first: bool, negotiated: Negotiated },
+}
+
+enum KexState {
+    /// No key exchange in flight.
+    Idle,
+    /// Our KEXINIT is out; the peer's has not arrived.
+    SentInit { ours: Bytes },
+    /// Both KEXINITs are known; the method's messages are under way.
+    Exchange {
+        ours: Bytes,
+        theirs: Bytes,
+        negotiated: Negotiated,
+        client: Option<(Box<dyn KexClient>, Vec<u8>)>,
+        ignore_guess: bool,
+    },
+    /// Our NEWKEYS is out; the peer's has not arrived. Holds the incoming keys.
+    AwaitNewKeys { opener: Box<dyn OpeningCipher>, negotiated: Negotiated },
+}
+
+enum Side {
+    Client { host_keys: HostKeyPolicy },
+    Server { host_key: PrivateKey },
+}
+
+/// The transport of one connection.
+pub struct Transport {
+    side: Side,
+    provider: Arc<dyn CryptoProvider>,
+    prefs: Preferences,
+    rng: Box<dyn RngCore + Send>,
+    local_version: Vec<u8>,
+    peer_version: Option<Vec<u8>>,
+    skipped_bytes: usize,
+    skipped_lines: usize,
+    inbuf: BytesMut,
+    out: BytesMut,
+    sealer: Sealer,
+    opener: Opener,
+    kex: KexState,
+    kex_done: u32,
+    strict: bool,
+    peer_ext_info: bool,
+    session_id: Option<[u8; 32]>,
+    peer_host_key: Option<PublicKey>,
+    server_sig_algs: Option<Vec<String>>,
+    negotiated: Option<Negotiated>,
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    rekey_bytes: u64,
+    rekey_interval: Duration,
+    last_kex: Instant,
+}
+
+impl Transport {
+    /// A transport that has sent its version line and first KEXINIT.
+    pub fn new(config: &Config, now: Instant, rng: Box<dyn RngCore + Send>) -> Self {
+        let side = match &config.role {
+            Role::Client(c) => Side::Client { host_keys: c.host_keys.clone() },
+            Role::Server(s) => Side::Server { host_key: s.host_key.clone() },
+        };
+        let mut t = Self {
+            side,
+            provider: config.provider.clone(),
+            prefs: config.preferences.clone(),
+            rng,
+            local_version: config.version.as_bytes().to_vec(),
+            peer_version: None,
+            skipped_bytes: 0,
+            skipped_lines: 0,
+            inbuf: BytesMut::with_capacity(64 * 1024),
+            out: BytesMut::with_capacity(64 * 1024),
+            sealer: Sealer::default(),
+            opener: Opener::default(),
+            kex: KexState::Idle,
+            kex_done: 0,
+            strict: false,
+            peer_ext_info: false,
+            session_id: None,
+            peer_host_key: None,
+            server_sig_algs: None,
+            negotiated: None,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            rekey_bytes: config.rekey_bytes,
+            rekey_interval: config.rekey_interval,
+            last_kex: now,
+        };
+        t.out.put_slice(&t.local_version);
+        t.out.put_slice(b"\r\n");
+        t.send_kexinit();
+        t
+    }
+
+    fn is_client(&self) -> bool {
+        matches!(self.side, Side::Client { .. })
+    }
+
+    /// Appends received bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.inbuf.extend_from_slice(data);
+    }
+
+    /// Ciphertext ready to write, if any.
+    pub fn take_transmit(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| self.out.split().freeze())
+    }
+
+    /// Whether ciphertext is waiting to be written.
+    pub fn has_transmit(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Bytes buffered on the way out: ciphertext plus payloads queued behind a kex.
+    pub fn buffered(&self) -> usize {
+        self.out.len() + self.pending_bytes
+    }
+
+    /// The session identifier (H of the first key exchange).
+    pub fn session_id(&self) -> Option<&[u8; 32]> {
+        self.session_id.as_ref()
+    }
+
+    /// The server's host key, once verified (client) or our own (server).
+    pub fn peer_host_key(&self) -> Option<&PublicKey> {
+        self.peer_host_key.as_ref()
+    }
+
+    /// The algorithms of the last completed key exchange.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// Completed key exchanges.
+    pub fn kex_count(&self) -> u32 {
+        self.kex_done
+    }
+
+    /// The peer's version line.
+    pub fn peer_version(&self) -> Option<&[u8]> {
+        self.peer_version.as_deref()
+    }
+
+    /// Signature algorithms the server announced in EXT_INFO.
+    pub fn server_sig_algs(&self) -> Option<&[String]> {
+        self.server_sig_algs.as_deref()
+    }
+
+    /// The crypto provider.
+    pub fn provider(&self) -> &dyn CryptoProvider {
+        &*self.provider
+    }
+
+    /// The injected RNG.
+    pub fn rng(&mut self) -> &mut dyn RngCore {
+        &mut *self.rng
+    }
+
+    fn our_kex_in_flight(&self) -> bool {
+        matches!(self.kex, KexState::SentInit { .. } | KexState::Exchange { .. })
+    }
+
+    /// Sends a payload built by `build` now, bypassing the kex queue (for kex and
+    /// transport messages, which may always be sent).
+    pub fn send_now(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        let start = Sealer::begin(&mut self.out);
+        build(&mut self.out);
+        self.sealer.finish(&mut self.out, start, &mut *self.rng);
+    }
+
+    /// Sends a payload of the layers above: sealed now, or queued until our
+    /// key exchange completes.
+    pub fn send(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        if self.our_kex_in_flight() {
+            let mut payload = BytesMut::new();
+            build(&mut payload);
+            self.pending_bytes += payload.len();
+            self.pending.push_back(payload.freeze());
+            return;
+        }
+        self.send_now(build);
+        if self.sealer.bytes >= self.rekey_bytes {
+            self.start_rekey();
+        }
+    }
+
+    /// Starts a key re-exchange, unless one is in flight or the first has not finished.
+    pub fn start_rekey(&mut self) {
+        if matches!(self.kex, KexState::Idle) && self.kex_done > 0 {
+            self.send_kexinit();
+        }
+    }
+
+    /// When the time-based rekey falls due.
+    pub fn rekey_deadline(&self) -> Option<Instant> {
+        (self.kex_done > 0 && matches!(self.kex, KexState::Idle))
+            .then(|| self.last_kex + self.rekey_interval)
+    }
+
+    /// Rekeys if a limit has been reached.
+    pub fn check_rekey(&mut self, now: Instant) {
+        let due = self.rekey_deadline().is_some_and(|d| now >= d)
+            || self.sealer.bytes >= self.rekey_bytes
+            || self.opener.bytes >= self.rekey_bytes;
+        if due {
+            self.start_rekey();
+        }
+    }
+
+    /// Sends SSH_MSG_DISCONNECT (allowed in any state).
+    pub fn send_disconnect(&mut self, reason: DisconnectReason, description: &str) {
+        self.send_now(|b| {
+            b.put_u8(msg::DISCONNECT);
+            b.put_u32(reason.code());
+            b.put_string(description.as_bytes());
+            b.put_string(b"");
+        });
+    }
+
+    /// Answers a packet of a type we do not know.
+    pub fn send_unimplemented(&mut self, seq: u32) {
+        self.send_now(|b| {
+            b.put_u8(msg::UNIMPLEMENTED);
+            b.put_u32(seq);
+        });
+    }
+
+    fn send_kexinit(&mut self) {
+        let first = self.kex_done == 0;
+        let ours = kex::encode_kexinit(&self.prefs, self.is_client(), first, &mut *self.rng);
+        let payload = ours.clone();
+        self.send_now(|b| b.put_slice(&payload));
+        self.kex = KexState::SentInit { ours };
+    }
+
+    /// Processes buffered input until a payload or event is ready for the layers
+    /// above, or more input is needed.
+    pub fn poll(&mut self, now: Instant) -> Result<Option<Incoming>> {
+        if self.peer_version.is_none() && !self.read_version()? {
+            return Ok(None);
+        }
+        loop {
+            let Some(packet) = self.opener.next(&mut self.inbuf)? else {
+                return Ok(None);
+            };
+            if let Some(incoming) = self.handle_packet(packet, now)? {
+                if self.opener.bytes >= self.rekey_bytes {
+                    self.start_rekey();
+                }
+                return Ok(Some(incoming));
+            }
+        }
+    }
+
+    fn skip(&mut self, n: usize) -> Result<()> {
+        self.skipped_lines += self.inbuf[..n].iter().filter(|&&b| b == b'\n').count();
+        self.skipped_bytes += n;
+        self.inbuf.advance(n);
+        if self.skipped_bytes > MAX_PRE_VERSION_BYTES || self.skipped_lines > MAX_PRE_VERSION_LINES {
+            return Err(Error::Version("no SSH-2.0 version line within 64 KiB or 1024 lines"));
+        }
+        Ok(())
+    }
+
+    /// Finds the peer's version line. A client skips anything before it; a server
+    /// requires it first.
+    fn read_version(&mut self) -> Result<bool> {
+        const PREFIXES: [&[u8]; 2] = [b"SSH-2.0-", b"SSH-1.99-"];
+        loop {
+            let found = self.inbuf.windows(4).position(|w| w == b"SSH-");
+            let Some(at) = found else {
+                if !self.is_client() && !self.inbuf.is_empty() && !b"SSH-".starts_with(&self.inbuf[..self.inbuf.len().min(4)]) {
+                    return Err(Error::Version("the client did not start with an SSH version line"));
+                }
+                let keep = self.inbuf.len().min(3);
+                self.skip(self.inbuf.len() - keep)?;
+                return Ok(false);
+            };
+            if at > 0 {
+                if !self.is_client() {
+                    return Err(Error::Version("the client did not start with an SSH version line"));
+                }
+                self.skip(at)?;
+            }
+            // `inbuf` now starts with "SSH-".
+            let head = &self.inbuf[..self.inbuf.len().min(9)];
+            if !PREFIXES.iter().any(|p| head.starts_with(p)) {
+                if PREFIXES.iter().any(|p| p.starts_with(head)) {
+                    return Ok(false);
+                }
+                if !self.is_client() {
+                    return Err(Error::Version("the peer does not speak SSH 2.0"));
+                }
+                self.skip(4)?;
+                continue;
+            }
+            let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') else {
+                if self.inbuf.len() > MAX_VERSION_LINE {
+                    return Err(Error::Version("version line longer than 255 bytes"));
+                }
+                return Ok(false);
+            };
+            if nl + 1 > MAX_VERSION_LINE {
+                return Err(Error::Version("version line longer than 255 bytes"));
+            }
+            let mut line = &self.inbuf[..nl];
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            self.peer_version = Some(line.to_vec());
+            self.inbuf.advance(nl + 1);
+            return Ok(true);
+        }
+    }
+
+    fn in_peer_kex(&self) -> bool {
+        matches!(self.kex, KexState::Exchange { .. } | KexState::AwaitNewKeys { .. })
+    }
+
+    fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<Option<Incoming>> {
+        let m = packet.payload[0];
+        let initial = self.kex_done == 0;
+        match m {
+            msg::DISCONNECT => {
+                let mut r = Reader::new(&packet.payload[1..], "DISCONNECT");
+                let reason = DisconnectReason::from_code(r.u32()?);
+                let description = String::from_utf8_lossy(r.string()?).into_owned();
+                Err(Error::PeerDisconnected { reason, description })
+            }
+            msg::IGNORE | msg::DEBUG | msg::UNIMPLEMENTED => {
+                if initial && self.strict {
+                    return Err(Error::StrictKex("a message other than key exchange during the initial key exchange"));
+                }
+                Ok(None)
+            }
+            msg::KEXINIT => self.on_kexinit(packet),
+            msg::NEWKEYS => self.on_newkeys(now),
+            msg::KEX_INIT | msg::KEX_REPLY => self.on_kex_method(packet),
+            _ if initial => Err(Error::Unexpected { msg: m, state: "in the initial key exchange" }),
+            _ if self.in_peer_kex() => Err(Error::Unexpected { msg: m, state: "in a key exchange" }),
+            msg::EXT_INFO => self.on_ext_info(&packet.payload).map(|()| None),
+            22..=49 => Err(Error::Unexpected { msg: m, state: "outside a key exchange" }),
+            _ => Ok(Some(Incoming::Payload(packet))),
+        }
+    }
+
+    fn on_kexinit(&mut self, packet: Packet) -> Result<Option<Incoming>> {
+        let ours = match std::mem::replace(&mut self.kex, KexState::Idle) {
+            KexState::Idle => {
+                self.send_kexinit();
+                match std::mem::replace(&mut self.kex, KexState::Idle) {
+                    KexState::SentInit { ours } => ours,
+                    _ => unreachable!("send_kexinit sets SentInit"),
+                }
+            }
+            KexState::SentInit { ours } => ours,
+            _ => return Err(Error::Unexpected { msg: msg::KEXINIT, state: "in a key exchange" }),
+        };
+        let theirs = packet.payload;
+        let negotiated = {
+            let (c, s) = if self.is_client() { (&ours, &theirs) } else { (&theirs, &ours) };
+            kex::negotiate(&KexInit::decode(c)?, &KexInit::decode(s)?, self.is_client())?
+        };
+        if self.kex_done == 0 {
+            self.strict = negotiated.strict;
+            self.peer_ext_info = negotiated.peer_ext_info;
+            if self.strict && packet.seq != 0 {
+                return Err(Error::StrictKex("KEXINIT was not the first packet"));
+            }
+        }
+        let client = if self.is_client() {
+            let (secret, public) = self
+                .provider
+                .kex_client(negotiated.kex, &mut *self.rng)
+                .map_err(|_| Error::KeyExchange("could not start the key exchange"))?;
+            self.send_now(|b| {
+                b.put_u8(msg::KEX_INIT);
+                b.put_string(&public);
+            });
+            Some((secret, public))
+        } else {
+            None
+        };
+        let ignore_guess = negotiated.ignore_guess;
+        self.kex = KexState::Exchange { ours, theirs, negotiated, client, ignore_guess };
+        Ok(None)
+    }
+
+    fn on_kex_method(&mut self, packet: Packet) -> Result<Option<Incoming>> {
+        let m = packet.payload[0];
+        let KexState::Exchange { ignore_guess, .. } = &mut self.kex else {
+            return Err(Error::Unexpected { msg: m, state: "outside a key exchange" });
+        };
+        if std::mem::take(ignore_guess) {
+            return Ok(None);
+        }
+        match (m, self.is_client()) {
+            (msg::KEX_INIT, false) => self.server_reply(&packet.payload)?,
+            (msg::KEX_REPLY, true) => self.client_finish(&packet.payload)?,
+            _ => return Err(Error::Unexpected { msg: m, state: "in a key exchange (wrong direction)" }),
+        }
+        Ok(None)
+    }
+
+    fn server_reply(&mut self, payload: &[u8]) -> Result<()> {
+        let KexState::Exchange { ours, theirs, negotiated, .. } = std::mem::replace(&mut self.kex, KexState::Idle) else {
+            unreachable!("checked by on_kex_method");
+        };
+        let Side::Server { host_key } = &self.side else { unreachable!("server only") };
+        let host_key = host_key.clone();
+        let mut r = Reader::new(&payload[1..], "KEX_ECDH_INIT");
+        let client_public = r.string()?;
+        let (server_public, k) = self
+            .provider
+            .kex_server(negotiated.kex, client_public, &mut *self.rng)
+            .map_err(|_| Error::KeyExchange("the client's public value is invalid"))?;
+        let host_blob = host_key.public().blob();
+        let peer_version = self.peer_version.clone().unwrap_or_default();
+        let h = HashInput {
+            client_version: &peer_version,
+            server_version: &self.local_version,
+            client_kexinit: &theirs,
+            server_kexinit: &ours,
+            host_key_blob: &host_blob,
+            client_public,
+            server_public: &server_public,
+            shared_secret: &k,
+        }
+        .hash(&*self.provider);
+        let sig = self
+            .provider
+            .ed25519_sign(host_key.seed(), &h)
+            .map_err(|_| Error::KeyExchange("could not sign with the host key"))?;
+        self.send_now(|b| {
+            b.put_u8(msg::KEX_REPLY);
+            b.put_string(&host_blob);
+            b.put_string(&server_public);
+            let mut sig_blob = Vec::with_capacity(83);
+            sig_blob.put_string(ED25519.as_bytes());
+            sig_blob.put_string(&sig);
+            b.put_string(&sig_blob);
+        });
+        self.peer_host_key = Some(*host_key.public());
+        self.send_newkeys(negotiated, &k, &h);
+        Ok(())
+    }
+
+    fn client_finish(&mut self, payload: &[u8]) -> Result<()> {
+        let KexState::Exchange { ours, theirs, negotiated, client, .. } = std::mem::replace(&mut self.kex, KexState::Idle) else {
+            unreachable!("checked by on_kex_method");
+        };
+        let Some((secret, client_public)) = client else { unreachable!("clients start the exchange") };
+        let Side::Client { host_keys } = &self.side else { unreachable!("client only") };
+        let mut r = Reader::new(&payload[1..], "KEX_ECDH_REPLY");
+        let host_blob = r.string()?;
+        let server_public = r.string()?;
+        let sig_blob = r.string()?;
+        let host = PublicKey::from_blob(host_blob)
+            .map_err(|_| Error::KeyExchange("the server's host key is not ssh-ed25519"))?;
+        if !host_keys.allows(&host) {
+            return Err(Error::HostKeyRejected(host.fingerprint()));
+        }
+        if self.peer_host_key.is_some_and(|k| k != host) {
+            return Err(Error::HostKeyRejected(format!("{} (changed during rekey)", host.fingerprint())));
+        }
+        let k = secret
+            .finish(server_public)
+            .map_err(|_| Error::KeyExchange("the server's public value is invalid"))?;
+        let peer_version = self.peer_version.clone().unwrap_or_default();
+        let h = HashInput {
+            client_version: &self.local_version,
+            server_version: &peer_version,
+            client_kexinit: &ours,
+            server_kexinit: &theirs,
+            host_key_blob: host_blob,
+            client_public: &client_public,
+            server_public,
+            shared_secret: &k,
+        }
+        .hash(&*self.provider);
+        let mut s = Reader::new(sig_blob, "host key signature");
+        if s.utf8()? != ED25519 {
+            return Err(Error::KeyExchange("host key signature is not ssh-ed25519"));
+        }
+        let sig = s.string()?;
+        if !self.provider.ed25519_verify(host.as_bytes(), &h, sig) {
+            return Err(Error::KeyExchange("host key signature does not verify"));
+        }
+        self.peer_host_key = Some(host);
+        self.send_newkeys(negotiated, &k, &h);
+        Ok(())
+    }
+
+    /// Sends NEWKEYS, switches outgoing keys, sends EXT_INFO if due, then flushes
+    /// what was queued behind the exchange.
+    fn send_newkeys(&mut self, negotiated: Negotiated, k: &[u8], h: &[u8; 32]) {
+        let session_id = *self.session_id.get_or_insert(*h);
+        let keys = kex::derive_keys(&*self.provider, &negotiated, k, h, &session_id);
+        let (out_alg, out_key, out_iv, in_alg, in_key, in_iv) = if self.is_client() {
+            (negotiated.cipher_c2s, &keys.key_c2s, &keys.iv_c2s, negotiated.cipher_s2c, &keys.key_s2c, &keys.iv_s2c)
+        } else {
+            (negotiated.cipher_s2c, &keys.key_s2c, &keys.iv_s2c, negotiated.cipher_c2s, &keys.key_c2s, &keys.iv_c2s)
+        };
+        self.send_now(|b| b.put_u8(msg::NEWKEYS));
+        self.sealer.rekey(self.provider.sealer(out_alg, out_key, out_iv));
+        if self.strict {
+            self.sealer.seq = 0;
+        }
+        self.sealer.bytes = 0;
+        let opener = self.provider.opener(in_alg, in_key, in_iv);
+        self.kex = KexState::AwaitNewKeys { opener, negotiated };
+        if self.kex_done == 0 && !self.is_client() && self.peer_ext_info {
+            self.send_now(|b| {
+                b.put_u8(msg::EXT_INFO);
+                b.put_u32(1);
+                b.put_string(b"server-sig-algs");
+                b.put_string(ED25519.as_bytes());
+            });
+        }
+        while let Some(payload) = self.pending.pop_front() {
+            self.pending_bytes -= payload.len();
+            self.send_now(|b| b.put_slice(&payload));
+        }
+    }
+
+    fn on_newkeys(&mut self, now: Instant) -> Result<Option<Incoming>> {
+        let KexState::AwaitNewKeys { opener, negotiated } = std::mem::replace(&mut self.kex, KexState::Idle) else {
+            return Err(Error::Unexpected { msg: msg::NEWKEYS, state: "before our NEWKEYS" });
+        };
+        self.opener.rekey(opener);
+        if self.strict {
+            self.opener.seq = 0;
+        }
+        self.opener.bytes = 0;
+        self.kex_done += 1;
+        self.last_kex = now;
+        self.negotiated = Some(negotiated);
+        Ok(Some(Incoming::KexDone { first: self.kex_done == 1, negotiated }))
+    }
+
+    fn on_ext_info(&mut self, payload: &[u8]) -> Result<()> {
+        let mut r = Reader::new(&payload[1..], "EXT_INFO");
+        let count = r.u32()?;
+        for _ in 0..count.min(64) {
+            let name = r.utf8()?;
+            let value = r.string()?;
+            if name == "server-sig-algs" && self.is_client() {
+                let list = core::str::from_utf8(value)
+                    .map_err(|_| Error::Malformed { msg: "EXT_INFO", what: "server-sig-algs is not ASCII" })?;
+                self.server_sig_algs = Some(list.split(',').map(str::to_owned).collect());
+            }
+        }
+        Ok(())
+    }
+}
