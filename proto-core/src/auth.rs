@@ -31,7 +31,11 @@ pub struct ServerAuth {
 
 impl ServerAuth {
     pub fn new() -> Self {
-        Self { service_accepted: false, failures: 0, done: false }
+        Self {
+            service_accepted: false,
+            failures: 0,
+            done: false,
+        }
     }
 
     /// Whether a client has authenticated.
@@ -53,7 +57,12 @@ impl ServerAuth {
         Ok(())
     }
 
-    fn fail(&mut self, t: &mut Transport, cfg: &ServerConfig, counts: bool) -> Result<Option<Authenticated>> {
+    fn fail(
+        &mut self,
+        t: &mut Transport,
+        cfg: &ServerConfig,
+        counts: bool,
+    ) -> Result<Option<Authenticated>> {
         if counts {
             self.failures += 1;
             if self.failures >= cfg.max_auth_attempts {
@@ -69,9 +78,17 @@ impl ServerAuth {
     }
 
     /// SSH_MSG_USERAUTH_REQUEST. Returns who authenticated once someone has.
-    pub fn on_request(&mut self, t: &mut Transport, cfg: &ServerConfig, payload: &[u8]) -> Result<Option<Authenticated>> {
+    pub fn on_request(
+        &mut self,
+        t: &mut Transport,
+        cfg: &ServerConfig,
+        payload: &[u8],
+    ) -> Result<Option<Authenticated>> {
         if !self.service_accepted {
-            return Err(Error::Unexpected { msg: msg::USERAUTH_REQUEST, state: "before ssh-userauth was requested" });
+            return Err(Error::Unexpected {
+                msg: msg::USERAUTH_REQUEST,
+                state: "before ssh-userauth was requested",
+            });
         }
         if self.done {
             return Ok(None); // RFC 4252 section 5.1: ignore requests after success
@@ -106,7 +123,9 @@ impl ServerAuth {
                 let sig_blob = r.string()?;
                 let mut s = Reader::new(sig_blob, "publickey signature");
                 let (sig_alg, sig) = (s.utf8()?, s.string()?);
-                let session_id = *t.session_id().expect("auth runs after the first key exchange");
+                let session_id = *t
+                    .session_id()
+                    .expect("auth runs after the first key exchange");
                 let mut data = Vec::with_capacity(36 + signed_len);
                 data.put_string(&session_id);
                 data.put_slice(&payload[..signed_len]);
@@ -120,7 +139,12 @@ impl ServerAuth {
         }
     }
 
-    fn succeed(&mut self, t: &mut Transport, user: String, key: Option<PublicKey>) -> Result<Option<Authenticated>> {
+    fn succeed(
+        &mut self,
+        t: &mut Transport,
+        user: String,
+        key: Option<PublicKey>,
+    ) -> Result<Option<Authenticated>> {
         self.done = true;
         t.send(|b| b.put_u8(msg::USERAUTH_SUCCESS));
         Ok(Some(Authenticated { user, key }))
@@ -145,7 +169,9 @@ pub struct ClientAuth {
 
 impl ClientAuth {
     pub fn new() -> Self {
-        Self { state: ClientState::Idle }
+        Self {
+            state: ClientState::Idle,
+        }
     }
 
     /// Whether the server has accepted us.
@@ -179,7 +205,9 @@ impl ClientAuth {
         body.put_bool(true);
         body.put_string(ED25519.as_bytes());
         body.put_string(&key.public().blob());
-        let session_id = *t.session_id().expect("auth runs after the first key exchange");
+        let session_id = *t
+            .session_id()
+            .expect("auth runs after the first key exchange");
         let mut data = Vec::with_capacity(36 + body.len());
         data.put_string(&session_id);
         data.put_slice(&body);
@@ -197,7 +225,12 @@ impl ClientAuth {
     }
 
     /// An authentication-layer message from the server. Returns true on success.
-    pub fn on_message(&mut self, t: &mut Transport, cfg: &ClientConfig, payload: &[u8]) -> Result<bool> {
+    pub fn on_message(
+        &mut self,
+        t: &mut Transport,
+        cfg: &ClientConfig,
+        payload: &[u8],
+    ) -> Result<bool> {
         let m = payload[0];
         match (m, &self.state) {
             (msg::SERVICE_ACCEPT, ClientState::AwaitService) => {
@@ -217,7 +250,10 @@ impl ClientAuth {
                 }))
             }
             (msg::USERAUTH_BANNER, _) => Ok(false),
-            _ => Err(Error::Unexpected { msg: m, state: "authenticating" }),
+            _ => Err(Error::Unexpected {
+                msg: m,
+                state: "authenticating",
+            }),
         }
     }
 }

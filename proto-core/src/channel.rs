@@ -25,7 +25,9 @@ pub struct ReplyQueue<T> {
 
 impl<T> Default for ReplyQueue<T> {
     fn default() -> Self {
-        Self { slots: VecDeque::new() }
+        Self {
+            slots: VecDeque::new(),
+        }
     }
 }
 
@@ -162,7 +164,11 @@ pub struct Channels {
 
 impl Channels {
     pub fn new(max: usize) -> Self {
-        Self { slots: Vec::new(), live: 0, max }
+        Self {
+            slots: Vec::new(),
+            live: 0,
+            max,
+        }
     }
 
     /// Stores a channel under a free id; `None` when the table is full.

@@ -35,8 +35,10 @@ impl Connection {
     pub fn open_channel(&mut self, channel_type: &str, data: &[u8]) -> Result<ChannelId> {
         self.usable()?;
         let c = Channel::new(ChannelState::Opening, self.config.window);
-        let channel =
-            self.channels.insert(c).ok_or(Error::InvalidCommand("too many channels open"))?;
+        let channel = self
+            .channels
+            .insert(c)
+            .ok_or(Error::InvalidCommand("too many channels open"))?;
         let (window, max_packet) = (self.config.window, self.config.max_packet);
         self.transport.send(|b| {
             b.put_u8(msg::CHANNEL_OPEN);
@@ -57,7 +59,11 @@ impl Connection {
     fn offered(&mut self, channel: ChannelId) -> Result<Channel> {
         match self.channels.get(channel) {
             Some(c) if c.state == ChannelState::Offered => {}
-            _ => return Err(Error::InvalidCommand("no channel open request is waiting on that id")),
+            _ => {
+                return Err(Error::InvalidCommand(
+                    "no channel open request is waiting on that id",
+                ));
+            }
         }
         Ok(self.channels.remove(channel).expect("checked above"))
     }
@@ -80,7 +86,12 @@ impl Connection {
     }
 
     /// Refuses a channel the peer asked to open, with an RFC 4254 reason code.
-    pub fn reject_channel(&mut self, channel: ChannelId, reason: u32, description: &str) -> Result<()> {
+    pub fn reject_channel(
+        &mut self,
+        channel: ChannelId,
+        reason: u32,
+        description: &str,
+    ) -> Result<()> {
         let c = self.offered(channel)?;
         self.transport.send(|b| {
             b.put_u8(msg::CHANNEL_OPEN_FAILURE);
@@ -96,11 +107,21 @@ impl Connection {
     /// Returns how many bytes were taken: at most the peer's window and what our
     /// send buffer has room for. When it is less than offered, a
     /// `ChannelWritable` event says when to try again.
-    pub fn channel_send(&mut self, channel: ChannelId, ext: Option<u32>, data: &[u8]) -> Result<usize> {
-        let budget = self.config.send_buffer.saturating_sub(self.transport.buffered());
+    pub fn channel_send(
+        &mut self,
+        channel: ChannelId,
+        ext: Option<u32>,
+        data: &[u8],
+    ) -> Result<usize> {
+        let budget = self
+            .config
+            .send_buffer
+            .saturating_sub(self.transport.buffered());
         let c = self.open_channel_mut(channel)?;
         if c.eof_sent {
-            return Err(Error::InvalidCommand("EOF was already sent on this channel"));
+            return Err(Error::InvalidCommand(
+                "EOF was already sent on this channel",
+            ));
         }
         let n = data.len().min(c.send_window as usize).min(budget);
         let (remote, max_packet) = (c.remote_id, c.send_max_packet as usize);
@@ -181,7 +202,12 @@ impl Connection {
     }
 
     /// Sends a channel request. With `want_reply`, a `ChannelReply` follows.
-    pub fn channel_request(&mut self, channel: ChannelId, request: &ChannelRequest, want_reply: bool) -> Result<()> {
+    pub fn channel_request(
+        &mut self,
+        channel: ChannelId,
+        request: &ChannelRequest,
+        want_reply: bool,
+    ) -> Result<()> {
         let c = self.open_channel_mut(channel)?;
         if want_reply {
             c.awaiting_replies += 1;
@@ -201,7 +227,9 @@ impl Connection {
     pub fn channel_reply(&mut self, channel: ChannelId, success: bool) -> Result<()> {
         let c = self.open_channel_mut(channel)?;
         if !c.replies.answer(success) {
-            return Err(Error::InvalidCommand("no channel request is waiting for a reply"));
+            return Err(Error::InvalidCommand(
+                "no channel request is waiting for a reply",
+            ));
         }
         self.flush_channel_replies(channel);
         Ok(())
@@ -228,7 +256,9 @@ impl Connection {
         self.usable()?;
         let data = if success { data } else { Bytes::new() };
         if !self.global_replies.answer((success, data)) {
-            return Err(Error::InvalidCommand("no global request is waiting for a reply"));
+            return Err(Error::InvalidCommand(
+                "no global request is waiting for a reply",
+            ));
         }
         self.flush_global_replies();
         Ok(())

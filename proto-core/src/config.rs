@@ -141,6 +141,11 @@ impl Config {
 impl ServerConfig {
     /// A server with this host key and these authorized keys.
     pub fn new(host_key: PrivateKey, authorized_keys: Vec<PublicKey>) -> Self {
-        Self { host_key, authorized_keys, allow_none: false, max_auth_attempts: 6 }
+        Self {
+            host_key,
+            authorized_keys,
+            allow_none: false,
+            max_auth_attempts: 6,
+        }
     }
 }

@@ -123,7 +123,14 @@ impl Connection {
             return None;
         }
         let handshake = (!self.authenticated).then_some(self.handshake_deadline);
-        [handshake, self.keepalive_at, self.transport.rekey_deadline()].into_iter().flatten().min()
+        [
+            handshake,
+            self.keepalive_at,
+            self.transport.rekey_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Lets timers fire: handshake timeout, keepalives, time-based rekey.
@@ -196,7 +203,8 @@ impl Connection {
             Err(e) if e.is_fatal() => {
                 if self.closed.is_none() {
                     if !matches!(e, Error::PeerDisconnected { .. }) {
-                        self.transport.send_disconnect(e.disconnect_reason(), &e.to_string());
+                        self.transport
+                            .send_disconnect(e.disconnect_reason(), &e.to_string());
                     }
                     self.closed = Some(e.clone());
                 }
@@ -216,7 +224,12 @@ impl Connection {
                     } else {
                         (negotiated.cipher_s2c, negotiated.cipher_c2s)
                     };
-                    self.events.push_back(Event::KexComplete { rekey: !first, kex: negotiated.kex, cipher_out, cipher_in });
+                    self.events.push_back(Event::KexComplete {
+                        rekey: !first,
+                        kex: negotiated.kex,
+                        cipher_out,
+                        cipher_in,
+                    });
                     if let (true, Auth::Client(auth)) = (first, &mut self.auth) {
                         auth.start(&mut self.transport);
                     }
@@ -237,7 +250,9 @@ impl Connection {
 
     fn timers(&mut self, now: Instant) -> Result<()> {
         if !self.authenticated && now >= self.handshake_deadline {
-            return Err(Error::Timeout("key exchange and authentication did not finish in time"));
+            return Err(Error::Timeout(
+                "key exchange and authentication did not finish in time",
+            ));
         }
         if let (Some(at), Some(interval)) = (self.keepalive_at, self.config.keepalive_interval) {
             if now >= at {
@@ -268,25 +283,35 @@ impl Connection {
         let m = packet.payload[0];
         let payload = &packet.payload;
         match (&mut self.auth, m) {
-            (Auth::Server(auth), msg::SERVICE_REQUEST) => auth.on_service_request(&mut self.transport, payload),
+            (Auth::Server(auth), msg::SERVICE_REQUEST) => {
+                auth.on_service_request(&mut self.transport, payload)
+            }
             (Auth::Server(auth), msg::USERAUTH_REQUEST) => {
-                let Role::Server(cfg) = &self.config.role else { unreachable!("server auth") };
+                let Role::Server(cfg) = &self.config.role else {
+                    unreachable!("server auth")
+                };
                 if let Some(who) = auth.on_request(&mut self.transport, cfg, payload)? {
                     self.on_authenticated(who, now);
                 }
                 Ok(())
             }
             (Auth::Client(auth), msg::SERVICE_ACCEPT | 50..=79) => {
-                let Role::Client(cfg) = &self.config.role else { unreachable!("client auth") };
+                let Role::Client(cfg) = &self.config.role else {
+                    unreachable!("client auth")
+                };
                 if auth.on_message(&mut self.transport, cfg, payload)? {
-                    let who = Authenticated { user: cfg.user.clone(), key: cfg.key.as_ref().map(|k| *k.public()) };
+                    let who = Authenticated {
+                        user: cfg.user.clone(),
+                        key: cfg.key.as_ref().map(|k| *k.public()),
+                    };
                     self.on_authenticated(who, now);
                 }
                 Ok(())
             }
-            (_, 80..=127) if !self.authenticated => {
-                Err(Error::Unexpected { msg: m, state: "before authentication" })
-            }
+            (_, 80..=127) if !self.authenticated => Err(Error::Unexpected {
+                msg: m,
+                state: "before authentication",
+            }),
             (_, 80..=127) => self.on_connection_message(packet),
             _ => {
                 self.transport.send_unimplemented(packet.seq);
@@ -309,7 +334,12 @@ impl Connection {
                         success: m == msg::REQUEST_SUCCESS,
                         data: r.rest_bytes(),
                     }),
-                    None => return Err(Error::Unexpected { msg: m, state: "with no global request outstanding" }),
+                    None => {
+                        return Err(Error::Unexpected {
+                            msg: m,
+                            state: "with no global request outstanding",
+                        });
+                    }
                 }
                 Ok(())
             }
@@ -317,7 +347,10 @@ impl Connection {
             msg::CHANNEL_OPEN_CONFIRMATION => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
                 if c.state != ChannelState::Opening {
-                    return Err(Error::Unexpected { msg: m, state: "for a channel we did not open" });
+                    return Err(Error::Unexpected {
+                        msg: m,
+                        state: "for a channel we did not open",
+                    });
                 }
                 let (remote, window, max_packet) = (r.u32()?, r.u32()?, r.u32()?);
                 c.set_remote(remote, window, max_packet);
@@ -328,12 +361,19 @@ impl Connection {
             msg::CHANNEL_OPEN_FAILURE => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
                 if c.state != ChannelState::Opening {
-                    return Err(Error::Unexpected { msg: m, state: "for a channel we did not open" });
+                    return Err(Error::Unexpected {
+                        msg: m,
+                        state: "for a channel we did not open",
+                    });
                 }
                 let reason = r.u32()?;
                 let description = String::from_utf8_lossy(r.string()?).into_owned();
                 self.channels.remove(channel);
-                self.events.push_back(Event::ChannelOpenFailed { channel, reason, description });
+                self.events.push_back(Event::ChannelOpenFailed {
+                    channel,
+                    reason,
+                    description,
+                });
                 Ok(())
             }
             msg::CHANNEL_WINDOW_ADJUST => {
@@ -347,16 +387,24 @@ impl Connection {
             }
             msg::CHANNEL_DATA | msg::CHANNEL_EXTENDED_DATA => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
-                let ext = if m == msg::CHANNEL_EXTENDED_DATA { Some(r.u32()?) } else { None };
+                let ext = if m == msg::CHANNEL_EXTENDED_DATA {
+                    Some(r.u32()?)
+                } else {
+                    None
+                };
                 let data = r.bytes()?;
                 if c.state != ChannelState::Open {
-                    return Err(Error::Unexpected { msg: m, state: "on a channel that is not open" });
+                    return Err(Error::Unexpected {
+                        msg: m,
+                        state: "on a channel that is not open",
+                    });
                 }
                 if !c.receive(data.len() as u32) {
                     return Err(Error::WindowOverrun(channel.0));
                 }
                 if !c.close_sent && !data.is_empty() {
-                    self.events.push_back(Event::ChannelData { channel, ext, data });
+                    self.events
+                        .push_back(Event::ChannelData { channel, ext, data });
                 }
                 Ok(())
             }
@@ -371,7 +419,10 @@ impl Connection {
             msg::CHANNEL_CLOSE => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
                 if c.state != ChannelState::Open {
-                    return Err(Error::Unexpected { msg: m, state: "on a channel that is not open" });
+                    return Err(Error::Unexpected {
+                        msg: m,
+                        state: "on a channel that is not open",
+                    });
                 }
                 if !c.close_sent {
                     let remote = c.remote_id;
@@ -388,10 +439,16 @@ impl Connection {
             msg::CHANNEL_SUCCESS | msg::CHANNEL_FAILURE => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
                 if c.awaiting_replies == 0 {
-                    return Err(Error::Unexpected { msg: m, state: "with no channel request outstanding" });
+                    return Err(Error::Unexpected {
+                        msg: m,
+                        state: "with no channel request outstanding",
+                    });
                 }
                 c.awaiting_replies -= 1;
-                self.events.push_back(Event::ChannelReply { channel, success: m == msg::CHANNEL_SUCCESS });
+                self.events.push_back(Event::ChannelReply {
+                    channel,
+                    success: m == msg::CHANNEL_SUCCESS,
+                });
                 Ok(())
             }
             _ => {
@@ -421,7 +478,11 @@ impl Connection {
                     self.global_replies.push_pending();
                 }
                 let data = r.rest_bytes();
-                self.events.push_back(Event::GlobalRequest { name: name.to_owned(), data, want_reply });
+                self.events.push_back(Event::GlobalRequest {
+                    name: name.to_owned(),
+                    data,
+                    want_reply,
+                });
             }
             // Unknown names, and OpenSSH's hostkeys-00@openssh.com, are refused.
             _ if want_reply => self.global_replies.push_ready((false, Bytes::new())),
@@ -434,7 +495,11 @@ impl Connection {
     pub(crate) fn flush_global_replies(&mut self) {
         while let Some((success, data)) = self.global_replies.pop_ready() {
             self.transport.send(|b| {
-                b.put_u8(if success { msg::REQUEST_SUCCESS } else { msg::REQUEST_FAILURE });
+                b.put_u8(if success {
+                    msg::REQUEST_SUCCESS
+                } else {
+                    msg::REQUEST_FAILURE
+                });
                 b.put_slice(&data);
             });
         }
@@ -454,18 +519,34 @@ impl Connection {
             Ok(())
         };
         if !self.config.channel_types.iter().any(|t| t == channel_type) {
-            return refuse(&mut self.transport, open_failure::UNKNOWN_CHANNEL_TYPE, "unknown channel type");
+            return refuse(
+                &mut self.transport,
+                open_failure::UNKNOWN_CHANNEL_TYPE,
+                "unknown channel type",
+            );
         }
         if channel_type == "session" && self.no_more_sessions {
-            return refuse(&mut self.transport, open_failure::ADMINISTRATIVELY_PROHIBITED, "no more sessions");
+            return refuse(
+                &mut self.transport,
+                open_failure::ADMINISTRATIVELY_PROHIBITED,
+                "no more sessions",
+            );
         }
         let mut c = Channel::new(ChannelState::Offered, self.config.window);
         c.set_remote(remote, window, max_packet);
         let Some(channel) = self.channels.insert(c) else {
-            return refuse(&mut self.transport, open_failure::RESOURCE_SHORTAGE, "too many channels");
+            return refuse(
+                &mut self.transport,
+                open_failure::RESOURCE_SHORTAGE,
+                "too many channels",
+            );
         };
         let data = r.rest_bytes();
-        self.events.push_back(Event::ChannelOpen { channel, channel_type: channel_type.to_owned(), data });
+        self.events.push_back(Event::ChannelOpen {
+            channel,
+            channel_type: channel_type.to_owned(),
+            data,
+        });
         Ok(())
     }
 
@@ -474,20 +555,28 @@ impl Connection {
         let name = r.utf8()?;
         let want_reply = r.bool()?;
         if c.state != ChannelState::Open {
-            return Err(Error::Unexpected { msg: msg::CHANNEL_REQUEST, state: "on a channel that is not open" });
+            return Err(Error::Unexpected {
+                msg: msg::CHANNEL_REQUEST,
+                state: "on a channel that is not open",
+            });
         }
         if want_reply && c.replies.len() >= MAX_OWED_REPLIES {
             return Err(Error::Limit("too many unanswered channel requests"));
         }
         let request = ChannelRequest::decode(name, r)?;
-        let deliver = request.is_standard() || self.config.channel_requests.iter().any(|n| n == name);
+        let deliver =
+            request.is_standard() || self.config.channel_requests.iter().any(|n| n == name);
         match name {
             KEEPALIVE if want_reply => c.replies.push_ready(true),
             _ if deliver => {
                 if want_reply {
                     c.replies.push_pending();
                 }
-                self.events.push_back(Event::ChannelRequest { channel, request, want_reply });
+                self.events.push_back(Event::ChannelRequest {
+                    channel,
+                    request,
+                    want_reply,
+                });
             }
             // Unknown requests (and OpenSSH's eow@openssh.com) are refused or dropped.
             _ if want_reply => c.replies.push_ready(false),
@@ -498,11 +587,17 @@ impl Connection {
     }
 
     pub(crate) fn flush_channel_replies(&mut self, channel: ChannelId) {
-        let Some(c) = self.channels.get_mut(channel) else { return };
+        let Some(c) = self.channels.get_mut(channel) else {
+            return;
+        };
         let remote = c.remote_id;
         while let Some(success) = c.replies.pop_ready() {
             self.transport.send(|b| {
-                b.put_u8(if success { msg::CHANNEL_SUCCESS } else { msg::CHANNEL_FAILURE });
+                b.put_u8(if success {
+                    msg::CHANNEL_SUCCESS
+                } else {
+                    msg::CHANNEL_FAILURE
+                });
                 b.put_u32(remote);
             });
         }
@@ -526,7 +621,10 @@ impl Connection {
 }
 
 /// The channel a message names by its recipient channel field.
-fn lookup<'c>(channels: &'c mut Channels, r: &mut Reader<'_>) -> Result<(ChannelId, &'c mut Channel)> {
+fn lookup<'c>(
+    channels: &'c mut Channels,
+    r: &mut Reader<'_>,
+) -> Result<(ChannelId, &'c mut Channel)> {
     let id = r.u32()?;
     let channel = ChannelId(id);
     match channels.get_mut(channel) {

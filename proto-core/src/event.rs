@@ -41,19 +41,35 @@ pub enum Event {
     Authenticated(Authenticated),
     /// The peer asks to open a channel of a type this side accepts. Answer with
     /// `accept_channel` or `reject_channel`.
-    ChannelOpen { channel: ChannelId, channel_type: String, data: Bytes },
+    ChannelOpen {
+        channel: ChannelId,
+        channel_type: String,
+        data: Bytes,
+    },
     /// A channel we opened was confirmed.
     ChannelOpened { channel: ChannelId },
     /// A channel we opened was refused.
-    ChannelOpenFailed { channel: ChannelId, reason: u32, description: String },
+    ChannelOpenFailed {
+        channel: ChannelId,
+        reason: u32,
+        description: String,
+    },
     /// Data arrived: `ext` is `None` for plain data, `Some(1)` for stderr. Call
     /// `channel_consume` once it has been used, so the window reopens.
-    ChannelData { channel: ChannelId, ext: Option<u32>, data: Bytes },
+    ChannelData {
+        channel: ChannelId,
+        ext: Option<u32>,
+        data: Bytes,
+    },
     /// The peer will send no more data on this channel.
     ChannelEof { channel: ChannelId },
     /// A channel request. If `want_reply`, answer with `channel_reply` (replies go
     /// out in the order requests came in).
-    ChannelRequest { channel: ChannelId, request: ChannelRequest, want_reply: bool },
+    ChannelRequest {
+        channel: ChannelId,
+        request: ChannelRequest,
+        want_reply: bool,
+    },
     /// The reply to our want-reply channel request (in request order).
     ChannelReply { channel: ChannelId, success: bool },
     /// A channel whose `channel_send` accepted less than offered can take more.
@@ -62,7 +78,11 @@ pub enum Event {
     ChannelClosed { channel: ChannelId },
     /// A global request of a name listed in `Config::global_requests`. If
     /// `want_reply`, answer with `global_reply`.
-    GlobalRequest { name: String, data: Bytes, want_reply: bool },
+    GlobalRequest {
+        name: String,
+        data: Bytes,
+        want_reply: bool,
+    },
     /// The reply to our want-reply global request (in request order).
     GlobalReply { success: bool, data: Bytes },
 }

@@ -31,7 +31,10 @@ pub struct Preferences {
 
 impl Default for Preferences {
     fn default() -> Self {
-        Self { kex: KexAlg::ALL.to_vec(), ciphers: CipherAlg::ALL.to_vec() }
+        Self {
+            kex: KexAlg::ALL.to_vec(),
+            ciphers: CipherAlg::ALL.to_vec(),
+        }
     }
 }
 
@@ -65,13 +68,26 @@ impl<'a> KexInit<'a> {
         let _lang_s2c = r.name_list()?;
         let first_kex_follows = r.bool()?;
         r.u32()?;
-        Ok(Self { kex, host_key, cipher_c2s, cipher_s2c, comp_c2s, comp_s2c, first_kex_follows })
+        Ok(Self {
+            kex,
+            host_key,
+            cipher_c2s,
+            cipher_s2c,
+            comp_c2s,
+            comp_s2c,
+            first_kex_follows,
+        })
     }
 }
 
 /// Encodes our KEXINIT payload. The ext-info and strict-kex markers go only into
 /// the first one (RFC 8308 section 2.1; OpenSSH PROTOCOL "kex-strict").
-pub fn encode_kexinit(prefs: &Preferences, client: bool, first: bool, rng: &mut dyn RngCore) -> Bytes {
+pub fn encode_kexinit(
+    prefs: &Preferences,
+    client: bool,
+    first: bool,
+    rng: &mut dyn RngCore,
+) -> Bytes {
     let mut b = BytesMut::with_capacity(512);
     b.put_u8(msg::KEXINIT);
     let mut cookie = [0u8; 16];
@@ -116,26 +132,56 @@ pub struct Negotiated {
 }
 
 fn choose<'a>(client: &[&'a str], server: &[&str], what: &'static str) -> Result<&'a str> {
-    client.iter().find(|c| server.contains(c)).copied().ok_or(Error::NoCommonAlgorithm(what))
+    client
+        .iter()
+        .find(|c| server.contains(c))
+        .copied()
+        .ok_or(Error::NoCommonAlgorithm(what))
 }
 
 /// Negotiates per RFC 4253 section 7.1: the first client algorithm the server also lists.
-pub fn negotiate(client: &KexInit<'_>, server: &KexInit<'_>, we_are_client: bool) -> Result<Negotiated> {
+pub fn negotiate(
+    client: &KexInit<'_>,
+    server: &KexInit<'_>,
+    we_are_client: bool,
+) -> Result<Negotiated> {
     // Markers are not methods: leave them out of the choice.
     let is_marker = |n: &&str| [EXT_INFO_C, EXT_INFO_S, STRICT_C, STRICT_S].contains(n);
-    let ckex: Vec<&str> = client.kex.iter().copied().filter(|n| !is_marker(n)).collect();
-    let skex: Vec<&str> = server.kex.iter().copied().filter(|n| !is_marker(n)).collect();
+    let ckex: Vec<&str> = client
+        .kex
+        .iter()
+        .copied()
+        .filter(|n| !is_marker(n))
+        .collect();
+    let skex: Vec<&str> = server
+        .kex
+        .iter()
+        .copied()
+        .filter(|n| !is_marker(n))
+        .collect();
     let kex_name = choose(&ckex, &skex, "key exchange")?;
     let kex = KexAlg::from_name(kex_name).ok_or(Error::NoCommonAlgorithm("key exchange"))?;
     choose(&client.host_key, &server.host_key, "host key")?;
-    let c2s = choose(&client.cipher_c2s, &server.cipher_c2s, "cipher (client to server)")?;
-    let s2c = choose(&client.cipher_s2c, &server.cipher_s2c, "cipher (server to client)")?;
+    let c2s = choose(
+        &client.cipher_c2s,
+        &server.cipher_c2s,
+        "cipher (client to server)",
+    )?;
+    let s2c = choose(
+        &client.cipher_s2c,
+        &server.cipher_s2c,
+        "cipher (server to client)",
+    )?;
     choose(&client.comp_c2s, &server.comp_c2s, "compression")?;
     choose(&client.comp_s2c, &server.comp_s2c, "compression")?;
     let strict = client.kex.contains(&STRICT_C) && server.kex.contains(&STRICT_S);
-    let (peer, peer_marker) =
-        if we_are_client { (server, EXT_INFO_S) } else { (client, EXT_INFO_C) };
-    let guess_right = ckex.first() == skex.first() && client.host_key.first() == server.host_key.first();
+    let (peer, peer_marker) = if we_are_client {
+        (server, EXT_INFO_S)
+    } else {
+        (client, EXT_INFO_C)
+    };
+    let guess_right =
+        ckex.first() == skex.first() && client.host_key.first() == server.host_key.first();
     Ok(Negotiated {
         kex,
         cipher_c2s: CipherAlg::from_name(c2s).ok_or(Error::NoCommonAlgorithm("cipher"))?,
@@ -163,8 +209,11 @@ impl HashInput<'_> {
     /// H = SHA-256 over every input as a string, then K as encoded.
     pub fn hash(&self, provider: &dyn CryptoProvider) -> [u8; 32] {
         let mut b = Vec::with_capacity(
-            64 + self.client_kexinit.len() + self.server_kexinit.len() + self.client_public.len()
-                + self.server_public.len() + 200,
+            64 + self.client_kexinit.len()
+                + self.server_kexinit.len()
+                + self.client_public.len()
+                + self.server_public.len()
+                + 200,
         );
         for part in [
             self.client_version,
@@ -242,7 +291,10 @@ mod tests {
     #[test]
     fn negotiation_picks_the_clients_first_shared_choice_and_ignores_markers() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let client = Preferences { kex: vec![KexAlg::Curve25519, KexAlg::MlKem768X25519], ciphers: vec![CipherAlg::ChaCha20Poly1305, CipherAlg::Aes256Gcm] };
+        let client = Preferences {
+            kex: vec![KexAlg::Curve25519, KexAlg::MlKem768X25519],
+            ciphers: vec![CipherAlg::ChaCha20Poly1305, CipherAlg::Aes256Gcm],
+        };
         let server = Preferences::default();
         let c = encode_kexinit(&client, true, true, &mut rng);
         let s = encode_kexinit(&server, false, true, &mut rng);
@@ -256,12 +308,25 @@ mod tests {
     #[test]
     fn no_shared_cipher_is_a_named_error() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let a = Preferences { kex: KexAlg::ALL.to_vec(), ciphers: vec![CipherAlg::Aes128Gcm] };
-        let b = Preferences { kex: KexAlg::ALL.to_vec(), ciphers: vec![CipherAlg::Aes256Gcm] };
+        let a = Preferences {
+            kex: KexAlg::ALL.to_vec(),
+            ciphers: vec![CipherAlg::Aes128Gcm],
+        };
+        let b = Preferences {
+            kex: KexAlg::ALL.to_vec(),
+            ciphers: vec![CipherAlg::Aes256Gcm],
+        };
         let c = encode_kexinit(&a, true, true, &mut rng);
         let s = encode_kexinit(&b, false, true, &mut rng);
-        let err = negotiate(&KexInit::decode(&c).unwrap(), &KexInit::decode(&s).unwrap(), true);
-        assert_eq!(err.unwrap_err(), Error::NoCommonAlgorithm("cipher (client to server)"));
+        let err = negotiate(
+            &KexInit::decode(&c).unwrap(),
+            &KexInit::decode(&s).unwrap(),
+            true,
+        );
+        assert_eq!(
+            err.unwrap_err(),
+            Error::NoCommonAlgorithm("cipher (client to server)")
+        );
     }
 
     #[test]

@@ -59,7 +59,9 @@ impl PublicKey {
 
     /// The `ssh-ed25519 AAAA...` line, without a comment.
     pub fn to_openssh(&self) -> String {
-        self.to_ssh_key().to_openssh().expect("ed25519 public keys always encode")
+        self.to_ssh_key()
+            .to_openssh()
+            .expect("ed25519 public keys always encode")
     }
 
     /// The SSH wire blob: `string "ssh-ed25519" || string key`.
@@ -78,8 +80,9 @@ impl PublicKey {
             return Err(KeyError::Unsupported(alg.to_string()));
         }
         let key = r.string().map_err(|e| KeyError::Parse(e.to_string()))?;
-        let key: [u8; 32] =
-            key.try_into().map_err(|_| KeyError::Parse("ed25519 key is not 32 bytes".into()))?;
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|_| KeyError::Parse("ed25519 key is not 32 bytes".into()))?;
         Ok(Self(key))
     }
 
@@ -108,7 +111,10 @@ impl PrivateKey {
         let public = AwsLcProvider
             .ed25519_public_key(&seed)
             .expect("every 32-byte string is an ed25519 seed");
-        Self { seed, public: PublicKey(public) }
+        Self {
+            seed,
+            public: PublicKey(public),
+        }
     }
 
     /// A fresh key from `rng`.
@@ -130,12 +136,17 @@ impl PrivateKey {
             KeypairData::Ed25519(pair) => {
                 let parsed = Self::from_seed(pair.private.to_bytes());
                 if parsed.public.0 != pair.public.0 {
-                    return Err(KeyError::Parse("public half does not match private half".into()));
+                    return Err(KeyError::Parse(
+                        "public half does not match private half".into(),
+                    ));
                 }
                 Ok(parsed)
             }
             other => Err(KeyError::Unsupported(
-                other.algorithm().map(|a| a.to_string()).unwrap_or_else(|_| "unknown".into()),
+                other
+                    .algorithm()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| "unknown".into()),
             )),
         }
     }
@@ -148,7 +159,9 @@ impl PrivateKey {
         };
         let key = ssh_key::PrivateKey::new(KeypairData::Ed25519(pair), comment)
             .expect("an unencrypted ed25519 key always encodes");
-        key.to_openssh(LineEnding::LF).expect("ed25519 keys always encode").to_string()
+        key.to_openssh(LineEnding::LF)
+            .expect("ed25519 keys always encode")
+            .to_string()
     }
 
     /// The public half.
@@ -208,7 +221,10 @@ bbglY9gL50brrqOdw2xEAAAABHRlc3QB
         let mut rsa = Vec::new();
         rsa.put_string(b"ssh-rsa");
         rsa.put_string(&[1, 2, 3]);
-        assert_eq!(PublicKey::from_blob(&rsa), Err(KeyError::Unsupported("ssh-rsa".into())));
+        assert_eq!(
+            PublicKey::from_blob(&rsa),
+            Err(KeyError::Unsupported("ssh-rsa".into()))
+        );
         assert!(PublicKey::from_blob(&[0, 0]).is_err());
     }
 

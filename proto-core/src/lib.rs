@@ -31,3 +31,6 @@ pub use error::{DisconnectReason, Error, Result};
 pub use event::{ChannelId, EXTENDED_STDERR, Event};
 pub use keys::{PrivateKey, PublicKey};
 pub use request::{ChannelRequest, PtyRequest};
+
+#[cfg(test)]
+mod tests;

@@ -62,14 +62,22 @@ pub struct Sealer {
 
 impl Default for Sealer {
     fn default() -> Self {
-        Self { cipher: Box::new(Plain), seq: 0, bytes: 0 }
+        Self {
+            cipher: Box::new(Plain),
+            seq: 0,
+            bytes: 0,
+        }
     }
 }
 
 impl Sealer {
     /// A sealer using `cipher` from the next packet on.
     pub fn new(cipher: Box<dyn SealingCipher>) -> Self {
-        Self { cipher, seq: 0, bytes: 0 }
+        Self {
+            cipher,
+            seq: 0,
+            bytes: 0,
+        }
     }
 
     /// Switches to new keys (after NEWKEYS); the sequence number carries on.
@@ -94,7 +102,11 @@ impl Sealer {
     pub fn finish(&mut self, out: &mut BytesMut, start: usize, rng: &mut dyn RngCore) {
         let payload_len = out.len() - start - HEADER_LEN;
         let block = self.cipher.block_len();
-        let covered = if self.cipher.clear_length() { 1 } else { HEADER_LEN } + payload_len;
+        let covered = if self.cipher.clear_length() {
+            1
+        } else {
+            HEADER_LEN
+        } + payload_len;
         let mut padding = block - covered % block;
         if padding < 4 {
             padding += block;
@@ -136,7 +148,12 @@ pub struct Opener {
 
 impl Default for Opener {
     fn default() -> Self {
-        Self { cipher: Box::new(Plain), seq: 0, bytes: 0, pending_len: None }
+        Self {
+            cipher: Box::new(Plain),
+            seq: 0,
+            bytes: 0,
+            pending_len: None,
+        }
     }
 }
 
@@ -176,7 +193,9 @@ impl Opener {
         }
         let mut packet = buf.split_to(total);
         let (body, tag) = packet.split_at_mut(4 + len);
-        self.cipher.open(self.seq, body, tag).map_err(|_| Error::Mac)?;
+        self.cipher
+            .open(self.seq, body, tag)
+            .map_err(|_| Error::Mac)?;
         let padding = packet[4];
         if (padding as usize) < 4 || padding as usize + 2 > len {
             return Err(Error::Padding(padding));
@@ -185,7 +204,9 @@ impl Opener {
         self.seq = self.seq.wrapping_add(1);
         self.bytes += total as u64;
         self.pending_len = None;
-        let payload = packet.freeze().slice(HEADER_LEN..4 + len - padding as usize);
+        let payload = packet
+            .freeze()
+            .slice(HEADER_LEN..4 + len - padding as usize);
         Ok(Some(Packet { seq, payload }))
     }
 }
@@ -219,7 +240,12 @@ mod tests {
 
     #[test]
     fn every_cipher_round_trips_packets_split_anywhere() {
-        for alg in [None, Some(CipherAlg::Aes256Gcm), Some(CipherAlg::Aes128Gcm), Some(CipherAlg::ChaCha20Poly1305)] {
+        for alg in [
+            None,
+            Some(CipherAlg::Aes256Gcm),
+            Some(CipherAlg::Aes128Gcm),
+            Some(CipherAlg::ChaCha20Poly1305),
+        ] {
             let (mut sealer, mut opener) = pair(alg);
             let mut wire = BytesMut::new();
             let payloads: Vec<Vec<u8>> = (0..40).map(|n| vec![n as u8 + 1; n * 37 + 1]).collect();
@@ -257,7 +283,10 @@ mod tests {
         assert!(matches!(opener.next(&mut buf), Err(Error::PacketLength(_))));
         let mut opener = Opener::default();
         let mut buf = BytesMut::from(&[0, 0, 0, 13][..]);
-        assert!(matches!(opener.next(&mut buf), Err(Error::PacketLength(13))));
+        assert!(matches!(
+            opener.next(&mut buf),
+            Err(Error::PacketLength(13))
+        ));
     }
 
     #[test]

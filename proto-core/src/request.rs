@@ -36,13 +36,22 @@ pub enum ChannelRequest {
     /// `subsystem`.
     Subsystem { name: String },
     /// `window-change`.
-    WindowChange { cols: u32, rows: u32, width_px: u32, height_px: u32 },
+    WindowChange {
+        cols: u32,
+        rows: u32,
+        width_px: u32,
+        height_px: u32,
+    },
     /// `signal`: a signal name without the `SIG` prefix.
     Signal { name: String },
     /// `exit-status`.
     ExitStatus { code: u32 },
     /// `exit-signal`.
-    ExitSignal { name: String, core_dumped: bool, message: String },
+    ExitSignal {
+        name: String,
+        core_dumped: bool,
+        message: String,
+    },
     /// Any other request, with its type-specific data undecoded.
     Other { name: String, data: Bytes },
 }
@@ -80,17 +89,26 @@ impl ChannelRequest {
                 height_px: r.u32()?,
                 modes: r.bytes()?,
             }),
-            "env" => Self::Env { name: r.utf8()?.to_owned(), value: r.bytes()? },
+            "env" => Self::Env {
+                name: r.utf8()?.to_owned(),
+                value: r.bytes()?,
+            },
             "shell" => Self::Shell,
-            "exec" => Self::Exec { command: r.bytes()? },
-            "subsystem" => Self::Subsystem { name: r.utf8()?.to_owned() },
+            "exec" => Self::Exec {
+                command: r.bytes()?,
+            },
+            "subsystem" => Self::Subsystem {
+                name: r.utf8()?.to_owned(),
+            },
             "window-change" => Self::WindowChange {
                 cols: r.u32()?,
                 rows: r.u32()?,
                 width_px: r.u32()?,
                 height_px: r.u32()?,
             },
-            "signal" => Self::Signal { name: r.utf8()?.to_owned() },
+            "signal" => Self::Signal {
+                name: r.utf8()?.to_owned(),
+            },
             "exit-status" => Self::ExitStatus { code: r.u32()? },
             "exit-signal" => {
                 let name = r.utf8()?.to_owned();
@@ -100,9 +118,16 @@ impl ChannelRequest {
                 if r.remaining() > 0 {
                     r.string()?;
                 }
-                Self::ExitSignal { name, core_dumped, message }
+                Self::ExitSignal {
+                    name,
+                    core_dumped,
+                    message,
+                }
             }
-            other => Self::Other { name: other.to_owned(), data: r.rest_bytes() },
+            other => Self::Other {
+                name: other.to_owned(),
+                data: r.rest_bytes(),
+            },
         })
     }
 
@@ -124,14 +149,23 @@ impl ChannelRequest {
             Self::Shell => {}
             Self::Exec { command } => b.put_string(command),
             Self::Subsystem { name } | Self::Signal { name } => b.put_string(name.as_bytes()),
-            Self::WindowChange { cols, rows, width_px, height_px } => {
+            Self::WindowChange {
+                cols,
+                rows,
+                width_px,
+                height_px,
+            } => {
                 b.put_u32(*cols);
                 b.put_u32(*rows);
                 b.put_u32(*width_px);
                 b.put_u32(*height_px);
             }
             Self::ExitStatus { code } => b.put_u32(*code),
-            Self::ExitSignal { name, core_dumped, message } => {
+            Self::ExitSignal {
+                name,
+                core_dumped,
+                message,
+            } => {
                 b.put_string(name.as_bytes());
                 b.put_bool(*core_dumped);
                 b.put_string(message.as_bytes());
@@ -149,16 +183,44 @@ mod tests {
     #[test]
     fn every_standard_request_round_trips() {
         let all = [
-            ChannelRequest::Pty(PtyRequest { term: "xterm".into(), cols: 80, rows: 24, width_px: 0, height_px: 0, modes: Bytes::from_static(&[0]) }),
-            ChannelRequest::Env { name: "LANG".into(), value: Bytes::from_static(b"C") },
+            ChannelRequest::Pty(PtyRequest {
+                term: "xterm".into(),
+                cols: 80,
+                rows: 24,
+                width_px: 0,
+                height_px: 0,
+                modes: Bytes::from_static(&[0]),
+            }),
+            ChannelRequest::Env {
+                name: "LANG".into(),
+                value: Bytes::from_static(b"C"),
+            },
             ChannelRequest::Shell,
-            ChannelRequest::Exec { command: Bytes::from_static(b"echo hi") },
-            ChannelRequest::Subsystem { name: "sftp".into() },
-            ChannelRequest::WindowChange { cols: 132, rows: 43, width_px: 1, height_px: 2 },
-            ChannelRequest::Signal { name: "TERM".into() },
+            ChannelRequest::Exec {
+                command: Bytes::from_static(b"echo hi"),
+            },
+            ChannelRequest::Subsystem {
+                name: "sftp".into(),
+            },
+            ChannelRequest::WindowChange {
+                cols: 132,
+                rows: 43,
+                width_px: 1,
+                height_px: 2,
+            },
+            ChannelRequest::Signal {
+                name: "TERM".into(),
+            },
             ChannelRequest::ExitStatus { code: 3 },
-            ChannelRequest::ExitSignal { name: "KILL".into(), core_dumped: true, message: "killed".into() },
-            ChannelRequest::Other { name: "start@tether".into(), data: Bytes::from_static(b"xyz") },
+            ChannelRequest::ExitSignal {
+                name: "KILL".into(),
+                core_dumped: true,
+                message: "killed".into(),
+            },
+            ChannelRequest::Other {
+                name: "start@tether".into(),
+                data: Bytes::from_static(b"xyz"),
+            },
         ];
         for req in all {
             let mut data = Vec::new();

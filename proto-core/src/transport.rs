@@ -52,7 +52,10 @@ enum KexState {
         ignore_guess: bool,
     },
     /// Our NEWKEYS is out; the peer's has not arrived. Holds the incoming keys.
-    AwaitNewKeys { opener: Box<dyn OpeningCipher>, negotiated: Negotiated },
+    AwaitNewKeys {
+        opener: Box<dyn OpeningCipher>,
+        negotiated: Negotiated,
+    },
 }
 
 enum Side {
@@ -93,8 +96,12 @@ impl Transport {
     /// A transport that has sent its version line and first KEXINIT.
     pub fn new(config: &Config, now: Instant, rng: Box<dyn RngCore + Send>) -> Self {
         let side = match &config.role {
-            Role::Client(c) => Side::Client { host_keys: c.host_keys.clone() },
-            Role::Server(s) => Side::Server { host_key: s.host_key.clone() },
+            Role::Client(c) => Side::Client {
+                host_keys: c.host_keys.clone(),
+            },
+            Role::Server(s) => Side::Server {
+                host_key: s.host_key.clone(),
+            },
         };
         let mut t = Self {
             side,
@@ -194,7 +201,10 @@ impl Transport {
     }
 
     fn our_kex_in_flight(&self) -> bool {
-        matches!(self.kex, KexState::SentInit { .. } | KexState::Exchange { .. })
+        matches!(
+            self.kex,
+            KexState::SentInit { .. } | KexState::Exchange { .. }
+        )
     }
 
     /// Sends a payload built by `build` now, bypassing the kex queue (for kex and
@@ -293,8 +303,11 @@ impl Transport {
         self.skipped_lines += self.inbuf[..n].iter().filter(|&&b| b == b'\n').count();
         self.skipped_bytes += n;
         self.inbuf.advance(n);
-        if self.skipped_bytes > MAX_PRE_VERSION_BYTES || self.skipped_lines > MAX_PRE_VERSION_LINES {
-            return Err(Error::Version("no SSH-2.0 version line within 64 KiB or 1024 lines"));
+        if self.skipped_bytes > MAX_PRE_VERSION_BYTES || self.skipped_lines > MAX_PRE_VERSION_LINES
+        {
+            return Err(Error::Version(
+                "no SSH-2.0 version line within 64 KiB or 1024 lines",
+            ));
         }
         Ok(())
     }
@@ -306,8 +319,13 @@ impl Transport {
         loop {
             let found = self.inbuf.windows(4).position(|w| w == b"SSH-");
             let Some(at) = found else {
-                if !self.is_client() && !self.inbuf.is_empty() && !b"SSH-".starts_with(&self.inbuf[..self.inbuf.len().min(4)]) {
-                    return Err(Error::Version("the client did not start with an SSH version line"));
+                if !self.is_client()
+                    && !self.inbuf.is_empty()
+                    && !b"SSH-".starts_with(&self.inbuf[..self.inbuf.len().min(4)])
+                {
+                    return Err(Error::Version(
+                        "the client did not start with an SSH version line",
+                    ));
                 }
                 let keep = self.inbuf.len().min(3);
                 self.skip(self.inbuf.len() - keep)?;
@@ -315,7 +333,9 @@ impl Transport {
             };
             if at > 0 {
                 if !self.is_client() {
-                    return Err(Error::Version("the client did not start with an SSH version line"));
+                    return Err(Error::Version(
+                        "the client did not start with an SSH version line",
+                    ));
                 }
                 self.skip(at)?;
             }
@@ -351,7 +371,10 @@ impl Transport {
     }
 
     fn in_peer_kex(&self) -> bool {
-        matches!(self.kex, KexState::Exchange { .. } | KexState::AwaitNewKeys { .. })
+        matches!(
+            self.kex,
+            KexState::Exchange { .. } | KexState::AwaitNewKeys { .. }
+        )
     }
 
     fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<Option<Incoming>> {
@@ -362,21 +385,35 @@ impl Transport {
                 let mut r = Reader::new(&packet.payload[1..], "DISCONNECT");
                 let reason = DisconnectReason::from_code(r.u32()?);
                 let description = String::from_utf8_lossy(r.string()?).into_owned();
-                Err(Error::PeerDisconnected { reason, description })
+                Err(Error::PeerDisconnected {
+                    reason,
+                    description,
+                })
             }
             msg::IGNORE | msg::DEBUG | msg::UNIMPLEMENTED => {
                 if initial && self.strict {
-                    return Err(Error::StrictKex("a message other than key exchange during the initial key exchange"));
+                    return Err(Error::StrictKex(
+                        "a message other than key exchange during the initial key exchange",
+                    ));
                 }
                 Ok(None)
             }
             msg::KEXINIT => self.on_kexinit(packet),
             msg::NEWKEYS => self.on_newkeys(now),
             msg::KEX_INIT | msg::KEX_REPLY => self.on_kex_method(packet),
-            _ if initial => Err(Error::Unexpected { msg: m, state: "in the initial key exchange" }),
-            _ if self.in_peer_kex() => Err(Error::Unexpected { msg: m, state: "in a key exchange" }),
+            _ if initial => Err(Error::Unexpected {
+                msg: m,
+                state: "in the initial key exchange",
+            }),
+            _ if self.in_peer_kex() => Err(Error::Unexpected {
+                msg: m,
+                state: "in a key exchange",
+            }),
             msg::EXT_INFO => self.on_ext_info(&packet.payload).map(|()| None),
-            22..=49 => Err(Error::Unexpected { msg: m, state: "outside a key exchange" }),
+            22..=49 => Err(Error::Unexpected {
+                msg: m,
+                state: "outside a key exchange",
+            }),
             _ => Ok(Some(Incoming::Payload(packet))),
         }
     }
@@ -391,11 +428,20 @@ impl Transport {
                 }
             }
             KexState::SentInit { ours } => ours,
-            _ => return Err(Error::Unexpected { msg: msg::KEXINIT, state: "in a key exchange" }),
+            _ => {
+                return Err(Error::Unexpected {
+                    msg: msg::KEXINIT,
+                    state: "in a key exchange",
+                });
+            }
         };
         let theirs = packet.payload;
         let negotiated = {
-            let (c, s) = if self.is_client() { (&ours, &theirs) } else { (&theirs, &ours) };
+            let (c, s) = if self.is_client() {
+                (&ours, &theirs)
+            } else {
+                (&theirs, &ours)
+            };
             kex::negotiate(&KexInit::decode(c)?, &KexInit::decode(s)?, self.is_client())?
         };
         if self.kex_done == 0 {
@@ -419,14 +465,23 @@ impl Transport {
             None
         };
         let ignore_guess = negotiated.ignore_guess;
-        self.kex = KexState::Exchange { ours, theirs, negotiated, client, ignore_guess };
+        self.kex = KexState::Exchange {
+            ours,
+            theirs,
+            negotiated,
+            client,
+            ignore_guess,
+        };
         Ok(None)
     }
 
     fn on_kex_method(&mut self, packet: Packet) -> Result<Option<Incoming>> {
         let m = packet.payload[0];
         let KexState::Exchange { ignore_guess, .. } = &mut self.kex else {
-            return Err(Error::Unexpected { msg: m, state: "outside a key exchange" });
+            return Err(Error::Unexpected {
+                msg: m,
+                state: "outside a key exchange",
+            });
         };
         if std::mem::take(ignore_guess) {
             return Ok(None);
@@ -434,16 +489,29 @@ impl Transport {
         match (m, self.is_client()) {
             (msg::KEX_INIT, false) => self.server_reply(&packet.payload)?,
             (msg::KEX_REPLY, true) => self.client_finish(&packet.payload)?,
-            _ => return Err(Error::Unexpected { msg: m, state: "in a key exchange (wrong direction)" }),
+            _ => {
+                return Err(Error::Unexpected {
+                    msg: m,
+                    state: "in a key exchange (wrong direction)",
+                });
+            }
         }
         Ok(None)
     }
 
     fn server_reply(&mut self, payload: &[u8]) -> Result<()> {
-        let KexState::Exchange { ours, theirs, negotiated, .. } = std::mem::replace(&mut self.kex, KexState::Idle) else {
+        let KexState::Exchange {
+            ours,
+            theirs,
+            negotiated,
+            ..
+        } = std::mem::replace(&mut self.kex, KexState::Idle)
+        else {
             unreachable!("checked by on_kex_method");
         };
-        let Side::Server { host_key } = &self.side else { unreachable!("server only") };
+        let Side::Server { host_key } = &self.side else {
+            unreachable!("server only")
+        };
         let host_key = host_key.clone();
         let mut r = Reader::new(&payload[1..], "KEX_ECDH_INIT");
         let client_public = r.string()?;
@@ -483,11 +551,22 @@ impl Transport {
     }
 
     fn client_finish(&mut self, payload: &[u8]) -> Result<()> {
-        let KexState::Exchange { ours, theirs, negotiated, client, .. } = std::mem::replace(&mut self.kex, KexState::Idle) else {
+        let KexState::Exchange {
+            ours,
+            theirs,
+            negotiated,
+            client,
+            ..
+        } = std::mem::replace(&mut self.kex, KexState::Idle)
+        else {
             unreachable!("checked by on_kex_method");
         };
-        let Some((secret, client_public)) = client else { unreachable!("clients start the exchange") };
-        let Side::Client { host_keys } = &self.side else { unreachable!("client only") };
+        let Some((secret, client_public)) = client else {
+            unreachable!("clients start the exchange")
+        };
+        let Side::Client { host_keys } = &self.side else {
+            unreachable!("client only")
+        };
         let mut r = Reader::new(&payload[1..], "KEX_ECDH_REPLY");
         let host_blob = r.string()?;
         let server_public = r.string()?;
@@ -498,7 +577,10 @@ impl Transport {
             return Err(Error::HostKeyRejected(host.fingerprint()));
         }
         if self.peer_host_key.is_some_and(|k| k != host) {
-            return Err(Error::HostKeyRejected(format!("{} (changed during rekey)", host.fingerprint())));
+            return Err(Error::HostKeyRejected(format!(
+                "{} (changed during rekey)",
+                host.fingerprint()
+            )));
         }
         let k = secret
             .finish(server_public)
@@ -534,12 +616,27 @@ impl Transport {
         let session_id = *self.session_id.get_or_insert(*h);
         let keys = kex::derive_keys(&*self.provider, &negotiated, k, h, &session_id);
         let (out_alg, out_key, out_iv, in_alg, in_key, in_iv) = if self.is_client() {
-            (negotiated.cipher_c2s, &keys.key_c2s, &keys.iv_c2s, negotiated.cipher_s2c, &keys.key_s2c, &keys.iv_s2c)
+            (
+                negotiated.cipher_c2s,
+                &keys.key_c2s,
+                &keys.iv_c2s,
+                negotiated.cipher_s2c,
+                &keys.key_s2c,
+                &keys.iv_s2c,
+            )
         } else {
-            (negotiated.cipher_s2c, &keys.key_s2c, &keys.iv_s2c, negotiated.cipher_c2s, &keys.key_c2s, &keys.iv_c2s)
+            (
+                negotiated.cipher_s2c,
+                &keys.key_s2c,
+                &keys.iv_s2c,
+                negotiated.cipher_c2s,
+                &keys.key_c2s,
+                &keys.iv_c2s,
+            )
         };
         self.send_now(|b| b.put_u8(msg::NEWKEYS));
-        self.sealer.rekey(self.provider.sealer(out_alg, out_key, out_iv));
+        self.sealer
+            .rekey(self.provider.sealer(out_alg, out_key, out_iv));
         if self.strict {
             self.sealer.seq = 0;
         }
@@ -561,8 +658,13 @@ impl Transport {
     }
 
     fn on_newkeys(&mut self, now: Instant) -> Result<Option<Incoming>> {
-        let KexState::AwaitNewKeys { opener, negotiated } = std::mem::replace(&mut self.kex, KexState::Idle) else {
-            return Err(Error::Unexpected { msg: msg::NEWKEYS, state: "before our NEWKEYS" });
+        let KexState::AwaitNewKeys { opener, negotiated } =
+            std::mem::replace(&mut self.kex, KexState::Idle)
+        else {
+            return Err(Error::Unexpected {
+                msg: msg::NEWKEYS,
+                state: "before our NEWKEYS",
+            });
         };
         self.opener.rekey(opener);
         if self.strict {
@@ -572,7 +674,10 @@ impl Transport {
         self.kex_done += 1;
         self.last_kex = now;
         self.negotiated = Some(negotiated);
-        Ok(Some(Incoming::KexDone { first: self.kex_done == 1, negotiated }))
+        Ok(Some(Incoming::KexDone {
+            first: self.kex_done == 1,
+            negotiated,
+        }))
     }
 
     fn on_ext_info(&mut self, payload: &[u8]) -> Result<()> {
@@ -582,8 +687,10 @@ impl Transport {
             let name = r.utf8()?;
             let value = r.string()?;
             if name == "server-sig-algs" && self.is_client() {
-                let list = core::str::from_utf8(value)
-                    .map_err(|_| Error::Malformed { msg: "EXT_INFO", what: "server-sig-algs is not ASCII" })?;
+                let list = core::str::from_utf8(value).map_err(|_| Error::Malformed {
+                    msg: "EXT_INFO",
+                    what: "server-sig-algs is not ASCII",
+                })?;
                 self.server_sig_algs = Some(list.split(',').map(str::to_owned).collect());
             }
         }

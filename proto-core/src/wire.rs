@@ -95,16 +95,27 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader over `data`; `what` names the message in errors.
     pub fn new(data: &'a [u8], what: &'static str) -> Self {
-        Self { data, owner: None, what }
+        Self {
+            data,
+            owner: None,
+            what,
+        }
     }
 
     /// A reader whose `bytes()` slices share `payload`'s allocation.
     pub fn from_bytes(payload: &'a Bytes, what: &'static str) -> Self {
-        Self { data: payload, owner: Some(payload), what }
+        Self {
+            data: payload,
+            owner: Some(payload),
+            what,
+        }
     }
 
     fn malformed(&self, what: &'static str) -> Error {
-        Error::Malformed { msg: self.what, what }
+        Error::Malformed {
+            msg: self.what,
+            what,
+        }
     }
 
     /// Bytes not read yet.
@@ -226,7 +237,10 @@ pub trait PutSsh: BufMut {
 
     /// `mpint` from an unsigned big-endian magnitude.
     fn put_mpint(&mut self, magnitude: &[u8]) {
-        let start = magnitude.iter().position(|&b| b != 0).unwrap_or(magnitude.len());
+        let start = magnitude
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(magnitude.len());
         let m = &magnitude[start..];
         let pad = m.first().is_some_and(|&b| b & 0x80 != 0);
         self.put_u32((m.len() + pad as usize) as u32);

@@ -14,7 +14,10 @@ fn client_and_server_authenticate_with_ed25519() {
     assert_eq!(pair.client.conn.host_key(), Some(host_key().public()));
     assert_eq!(pair.client.conn.session_id(), pair.server.conn.session_id());
     assert!(pair.server.events.iter().any(|e| matches!(e, Event::Authenticated(a) if a.key == Some(*client_key().public()) && a.user == "tetherd")));
-    assert_eq!(pair.client.conn.server_sig_algs(), Some(&["ssh-ed25519".to_string()][..]));
+    assert_eq!(
+        pair.client.conn.server_sig_algs(),
+        Some(&["ssh-ed25519".to_string()][..])
+    );
     let n = pair.client.conn.negotiated().unwrap();
     assert_eq!(n.kex, KexAlg::MlKem768X25519);
     assert!(n.strict);
@@ -24,7 +27,10 @@ fn client_and_server_authenticate_with_ed25519() {
 fn every_kex_and_cipher_combination_connects_and_carries_data() {
     for kex in KexAlg::ALL {
         for cipher in CipherAlg::ALL {
-            let prefs = Preferences { kex: vec![kex], ciphers: vec![cipher] };
+            let prefs = Preferences {
+                kex: vec![kex],
+                ciphers: vec![cipher],
+            };
             let mut c = client_config();
             c.preferences = prefs.clone();
             let mut pair = Pair::new(c, server_config());
@@ -35,13 +41,27 @@ fn every_kex_and_cipher_combination_connects_and_carries_data() {
             let sent = pattern(0, 100_000);
             let mut off = 0;
             while off < sent.len() {
-                off += pair.client.conn.channel_send(cc, None, &sent[off..]).unwrap();
+                off += pair
+                    .client
+                    .conn
+                    .channel_send(cc, None, &sent[off..])
+                    .unwrap();
                 pair.drive();
             }
-            pair.server.conn.channel_send(sc, Some(1), b"from the server").unwrap();
+            pair.server
+                .conn
+                .channel_send(sc, Some(1), b"from the server")
+                .unwrap();
             pair.drive();
-            assert_eq!(data_of(&pair.server.events, sc, None), sent, "{kex:?} {cipher:?}");
-            assert_eq!(&data_of(&pair.client.events, cc, Some(1))[..], b"from the server");
+            assert_eq!(
+                data_of(&pair.server.events, sc, None),
+                sent,
+                "{kex:?} {cipher:?}"
+            );
+            assert_eq!(
+                &data_of(&pair.client.events, cc, Some(1))[..],
+                b"from the server"
+            );
         }
     }
 }
@@ -55,7 +75,13 @@ fn an_untrusted_host_key_is_refused_with_host_key_not_verifiable() {
     let mut pair = Pair::new(c, server_config());
     pair.drive();
     assert!(matches!(pair.client.error, Some(Error::HostKeyRejected(_))));
-    assert!(matches!(pair.server.error, Some(Error::PeerDisconnected { reason: DisconnectReason::HostKeyNotVerifiable, .. })));
+    assert!(matches!(
+        pair.server.error,
+        Some(Error::PeerDisconnected {
+            reason: DisconnectReason::HostKeyNotVerifiable,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -96,27 +122,71 @@ fn session_requests_replies_eof_and_close() {
     let mut pair = Pair::default_pair();
     pair.connect();
     let (cc, sc) = pair.open_session();
-    pair.client.conn.channel_request(cc, &ChannelRequest::Exec { command: "echo hi".into() }, true).unwrap();
-    pair.client.conn.channel_request(cc, &ChannelRequest::Other { name: "x-unknown@example.com".into(), data: Default::default() }, true).unwrap();
+    pair.client
+        .conn
+        .channel_request(
+            cc,
+            &ChannelRequest::Exec {
+                command: "echo hi".into(),
+            },
+            true,
+        )
+        .unwrap();
+    pair.client
+        .conn
+        .channel_request(
+            cc,
+            &ChannelRequest::Other {
+                name: "x-unknown@example.com".into(),
+                data: Default::default(),
+            },
+            true,
+        )
+        .unwrap();
     pair.drive();
     // The server app has not answered the exec yet, so the core holds back the
     // automatic refusal of the unknown request behind it.
-    assert!(!pair.client.events.iter().any(|e| matches!(e, Event::ChannelReply { .. })));
+    assert!(
+        !pair
+            .client
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ChannelReply { .. }))
+    );
     pair.server.conn.channel_reply(sc, true).unwrap();
     pair.drive();
-    let replies: Vec<bool> = pair.client.events.iter().filter_map(|e| match e { Event::ChannelReply { success, .. } => Some(*success), _ => None }).collect();
+    let replies: Vec<bool> = pair
+        .client
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChannelReply { success, .. } => Some(*success),
+            _ => None,
+        })
+        .collect();
     assert_eq!(replies, [true, false]);
 
     pair.server.conn.channel_send(sc, None, b"hi\n").unwrap();
-    pair.server.conn.channel_request(sc, &ChannelRequest::ExitStatus { code: 3 }, false).unwrap();
+    pair.server
+        .conn
+        .channel_request(sc, &ChannelRequest::ExitStatus { code: 3 }, false)
+        .unwrap();
     pair.server.conn.channel_eof(sc).unwrap();
     pair.server.conn.channel_close(sc).unwrap();
     pair.drive();
     let ev = pair.client.take_events();
-    assert!(ev.contains(&Event::ChannelRequest { channel: cc, request: ChannelRequest::ExitStatus { code: 3 }, want_reply: false }));
+    assert!(ev.contains(&Event::ChannelRequest {
+        channel: cc,
+        request: ChannelRequest::ExitStatus { code: 3 },
+        want_reply: false
+    }));
     assert!(ev.contains(&Event::ChannelEof { channel: cc }));
     assert!(ev.contains(&Event::ChannelClosed { channel: cc }));
-    assert!(pair.server.events.contains(&Event::ChannelClosed { channel: sc }));
+    assert!(
+        pair.server
+            .events
+            .contains(&Event::ChannelClosed { channel: sc })
+    );
     assert_eq!(pair.client.conn.channel_count(), 0);
     assert_eq!(pair.server.conn.channel_count(), 0);
 }
@@ -126,11 +196,25 @@ fn unknown_channel_types_and_global_requests_are_refused() {
     let mut pair = Pair::default_pair();
     pair.connect();
     let ch = pair.client.conn.open_channel("direct-tcpip", b"").unwrap();
-    pair.client.conn.global_request("x-unknown@example.com", b"", true).unwrap();
-    pair.client.conn.global_request("keepalive@openssh.com", b"", true).unwrap();
+    pair.client
+        .conn
+        .global_request("x-unknown@example.com", b"", true)
+        .unwrap();
+    pair.client
+        .conn
+        .global_request("keepalive@openssh.com", b"", true)
+        .unwrap();
     pair.drive();
     let ev = pair.client.take_events();
-    assert!(ev.iter().any(|e| matches!(e, Event::ChannelOpenFailed { channel, reason: 3, .. } if *channel == ch)));
-    let replies: Vec<bool> = ev.iter().filter_map(|e| match e { Event::GlobalReply { success, .. } => Some(*success), _ => None }).collect();
+    assert!(ev.iter().any(
+        |e| matches!(e, Event::ChannelOpenFailed { channel, reason: 3, .. } if *channel == ch)
+    ));
+    let replies: Vec<bool> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::GlobalReply { success, .. } => Some(*success),
+            _ => None,
+        })
+        .collect();
     assert_eq!(replies, [false, true]);
 }

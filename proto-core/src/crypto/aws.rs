@@ -83,7 +83,10 @@ impl KexClient for HybridClient {
             return Err(CryptoError);
         }
         let (ct, x) = server_public.split_at(MLKEM768_CIPHERTEXT);
-        let pq = self.mlkem.decapsulate(kem::Ciphertext::from(ct)).map_err(|_| CryptoError)?;
+        let pq = self
+            .mlkem
+            .decapsulate(kem::Ciphertext::from(ct))
+            .map_err(|_| CryptoError)?;
         let cl = x25519_agree(&self.x25519, x)?;
         Ok(hybrid_secret(pq.as_ref(), &cl))
     }
@@ -96,11 +99,18 @@ struct Gcm {
 
 impl Gcm {
     fn new(alg: CipherAlg, key: &[u8], iv: &[u8]) -> Self {
-        let aead = if alg == CipherAlg::Aes256Gcm { &AES_256_GCM } else { &AES_128_GCM };
+        let aead = if alg == CipherAlg::Aes256Gcm {
+            &AES_256_GCM
+        } else {
+            &AES_128_GCM
+        };
         let key = UnboundKey::new(aead, key).expect("key length comes from CipherAlg::key_len");
         let mut fixed = [0u8; 12];
         fixed.copy_from_slice(&iv[..12]);
-        Self { key: LessSafeKey::new(key), iv: fixed }
+        Self {
+            key: LessSafeKey::new(key),
+            iv: fixed,
+        }
     }
 
     /// The nonce for this packet, then the invocation counter (the IV's last eight
@@ -161,7 +171,8 @@ struct ChaChaSeal(chapoly::SealingKey);
 struct ChaChaOpen(chapoly::OpeningKey);
 
 fn chacha_key(key: &[u8]) -> &[u8; 64] {
-    key.try_into().expect("key length comes from CipherAlg::key_len")
+    key.try_into()
+        .expect("key length comes from CipherAlg::key_len")
 }
 
 impl SealingCipher for ChaChaSeal {
@@ -195,7 +206,10 @@ impl OpeningCipher for ChaChaOpen {
     }
     fn open(&mut self, seq: u32, packet: &mut [u8], tag: &[u8]) -> Result<(), CryptoError> {
         let tag: &[u8; 16] = tag.try_into().map_err(|_| CryptoError)?;
-        self.0.open_in_place(seq, packet, tag).map(|_| ()).map_err(|_| CryptoError)
+        self.0
+            .open_in_place(seq, packet, tag)
+            .map(|_| ())
+            .map_err(|_| CryptoError)
     }
 }
 
@@ -240,7 +254,8 @@ impl CryptoProvider for AwsLcProvider {
                     return Err(CryptoError);
                 }
                 let (ek, x) = client_public.split_at(MLKEM768_PUBLIC);
-                let ek = kem::EncapsulationKey::new(&kem::ML_KEM_768, ek).map_err(|_| CryptoError)?;
+                let ek =
+                    kem::EncapsulationKey::new(&kem::ML_KEM_768, ek).map_err(|_| CryptoError)?;
                 let (ct, pq) = ek.encapsulate().map_err(|_| CryptoError)?;
                 let cl = x25519_agree(&x25519, x)?;
                 let mut public = Vec::with_capacity(MLKEM768_CIPHERTEXT + X25519_LEN);
@@ -270,12 +285,18 @@ impl CryptoProvider for AwsLcProvider {
     }
 
     fn sha256(&self, data: &[u8]) -> [u8; 32] {
-        digest::digest(&digest::SHA256, data).as_ref().try_into().expect("32-byte digest")
+        digest::digest(&digest::SHA256, data)
+            .as_ref()
+            .try_into()
+            .expect("32-byte digest")
     }
 
     fn ed25519_public_key(&self, seed: &[u8; 32]) -> Result<[u8; 32], CryptoError> {
         let pair = signature::Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| CryptoError)?;
-        pair.public_key().as_ref().try_into().map_err(|_| CryptoError)
+        pair.public_key()
+            .as_ref()
+            .try_into()
+            .map_err(|_| CryptoError)
     }
 
     fn ed25519_sign(&self, seed: &[u8; 32], msg: &[u8]) -> Result<[u8; 64], CryptoError> {
@@ -284,6 +305,8 @@ impl CryptoProvider for AwsLcProvider {
     }
 
     fn ed25519_verify(&self, public: &[u8; 32], msg: &[u8], sig: &[u8]) -> bool {
-        signature::UnparsedPublicKey::new(&signature::ED25519, public).verify(msg, sig).is_ok()
+        signature::UnparsedPublicKey::new(&signature::ED25519, public)
+            .verify(msg, sig)
+            .is_ok()
     }
 }

@@ -25,7 +25,11 @@ pub enum KexAlg {
 
 impl KexAlg {
     /// Every method, in this side's default order of preference.
-    pub const ALL: [KexAlg; 3] = [Self::MlKem768X25519, Self::Curve25519, Self::Curve25519Libssh];
+    pub const ALL: [KexAlg; 3] = [
+        Self::MlKem768X25519,
+        Self::Curve25519,
+        Self::Curve25519Libssh,
+    ];
 
     /// The SSH name.
     pub fn name(self) -> &'static str {

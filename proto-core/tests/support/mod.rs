@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto_core::{
-    ChannelId, ClientConfig, Config, Connection, Error, Event, HostKeyPolicy, PrivateKey, ServerConfig,
+    ChannelId, ClientConfig, Config, Connection, Error, Event, HostKeyPolicy, PrivateKey,
+    ServerConfig,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -61,7 +62,15 @@ pub struct Side {
 
 impl Side {
     fn new(conn: Connection) -> Self {
-        Self { conn, events: Vec::new(), error: None, sent: Vec::new(), record: true, offset: 0, tap: None }
+        Self {
+            conn,
+            events: Vec::new(),
+            error: None,
+            sent: Vec::new(),
+            record: true,
+            offset: 0,
+            tap: None,
+        }
     }
 
     /// Takes the events seen so far.
@@ -141,7 +150,13 @@ impl Pair {
             if self.client.conn.is_closed() && self.server.conn.is_closed() {
                 return;
             }
-            let next = [self.client.conn.poll_timeout(), self.server.conn.poll_timeout()].into_iter().flatten().min();
+            let next = [
+                self.client.conn.poll_timeout(),
+                self.server.conn.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             match next {
                 Some(t) if t <= end => {
                     self.now = self.now.max(t);
@@ -166,7 +181,8 @@ impl Pair {
         } else {
             (&mut self.server, &mut self.client)
         };
-        let mut progressed = Self::collect(from, self.auto_consume, self.auto_accept && !from_client);
+        let mut progressed =
+            Self::collect(from, self.auto_consume, self.auto_accept && !from_client);
         while let Some(out) = from.conn.poll_transmit() {
             progressed = true;
             let mut bytes = out.to_vec();
@@ -185,7 +201,9 @@ impl Pair {
                 let n = match self.chunking {
                     Chunking::Whole => rest.len(),
                     Chunking::OneByte => 1,
-                    Chunking::Random(_) => 1 + (self.chunk_rng.next_u32() as usize % rest.len().min(4096)),
+                    Chunking::Random(_) => {
+                        1 + (self.chunk_rng.next_u32() as usize % rest.len().min(4096))
+                    }
                 };
                 let (head, tail) = rest.split_at(n);
                 rest = tail;
@@ -220,8 +238,16 @@ impl Pair {
     /// Handshake and authentication; panics if they fail.
     pub fn connect(&mut self) {
         self.drive();
-        assert!(self.client.error.is_none(), "client: {:?}", self.client.error);
-        assert!(self.server.error.is_none(), "server: {:?}", self.server.error);
+        assert!(
+            self.client.error.is_none(),
+            "client: {:?}",
+            self.client.error
+        );
+        assert!(
+            self.server.error.is_none(),
+            "server: {:?}",
+            self.server.error
+        );
         assert!(self.client.conn.is_authenticated() && self.server.conn.is_authenticated());
     }
 
@@ -239,7 +265,11 @@ impl Pair {
                 _ => None,
             })
             .expect("server saw the open");
-        assert!(self.client.events.contains(&Event::ChannelOpened { channel: c }));
+        assert!(
+            self.client
+                .events
+                .contains(&Event::ChannelOpened { channel: c })
+        );
         (c, s)
     }
 }
@@ -248,7 +278,12 @@ impl Pair {
 pub fn data_of(events: &[Event], channel: ChannelId, ext: Option<u32>) -> Bytes {
     let mut v = Vec::new();
     for e in events {
-        if let Event::ChannelData { channel: c, ext: x, data } = e {
+        if let Event::ChannelData {
+            channel: c,
+            ext: x,
+            data,
+        } = e
+        {
             if *c == channel && *x == ext {
                 v.extend_from_slice(data);
             }
@@ -259,5 +294,7 @@ pub fn data_of(events: &[Event], channel: ChannelId, ext: Option<u32>) -> Bytes 
 
 /// A deterministic byte pattern, so receivers can check order without storing.
 pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (offset..offset + len as u64).map(|i| (i ^ (i >> 11) ^ (i >> 19)) as u8).collect()
+    (offset..offset + len as u64)
+        .map(|i| (i ^ (i >> 11) ^ (i >> 19)) as u8)
+        .collect()
 }
