@@ -14,13 +14,17 @@ pub mod channel;
 mod commands;
 pub mod config;
 mod connection;
+pub mod connmap;
 pub mod crypto;
 pub mod error;
 pub mod event;
 pub mod kex;
 pub mod keys;
+pub mod link;
+pub mod outlog;
 pub mod packet;
 pub mod request;
+pub mod tether;
 pub mod transport;
 pub mod wire;
 
@@ -31,6 +35,10 @@ pub use error::{DisconnectReason, Error, Result};
 pub use event::{ChannelId, EXTENDED_STDERR, Event};
 pub use keys::{PrivateKey, PublicKey};
 pub use request::{ChannelRequest, PtyRequest};
+
+/// Fuzzing harnesses for `fuzz/` (also built in unit tests, which check them).
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,288 @@
+//! The appliance's connection map: container id -> the connection that serves
+//! it, with waiters for ids that have not arrived yet.
+//!
+//! Connections are numbered by a generation that only grows. Each connection's
+//! container list is recorded as its *claims*; the id resolves to the newest live
+//! claim. So an old connection's teardown removes only its own claims and can
+//! never remove a newer registration (VIC's `RemoveInteraction` race), and when
+//! two live connections claim one id the newer wins, the older is kept as a
+//! fallback, and a [`MapEvent::Conflict`] reports it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+use crate::tether::ContainerInfo;
+
+/// A connection's generation number: unique, increasing with each connection.
+pub type Generation = u64;
+
+/// A pending wait, as returned by [`ConnectionMap::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WaiterId(pub u64);
+
+/// Where a container is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The connection serving it.
+    pub generation: Generation,
+    /// What the guest last said about it.
+    pub info: ContainerInfo,
+}
+
+/// Something the map's user must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapEvent {
+    /// A waited-for id appeared.
+    Ready { waiter: WaiterId, entry: Entry },
+    /// A waiter's deadline passed first.
+    TimedOut { waiter: WaiterId, id: String },
+    /// Two live connections claim one id; `serving` won (the newer).
+    Conflict {
+        id: String,
+        serving: Generation,
+        other: Generation,
+    },
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: String,
+    deadline: Instant,
+}
+
+/// The map. Pure data: time comes in through `wait` and `handle_timeout`.
+#[derive(Debug, Default)]
+pub struct ConnectionMap {
+    claims: HashMap<String, BTreeMap<Generation, ContainerInfo>>,
+    by_connection: HashMap<Generation, Vec<String>>,
+    waiters: BTreeMap<WaiterId, Waiter>,
+    next_waiter: u64,
+    events: VecDeque<MapEvent>,
+}
+
+impl ConnectionMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records the full container list of connection `generation` (an answer to
+    /// `container-ids@tether` or a guest push), replacing its previous list.
+    pub fn update(&mut self, generation: Generation, list: Vec<ContainerInfo>) {
+        let old = self.by_connection.remove(&generation).unwrap_or_default();
+        for id in &old {
+            if !list.iter().any(|c| &c.id == id) {
+                self.drop_claim(id, generation);
+            }
+        }
+        let mut ids = Vec::with_capacity(list.len());
+        for info in list {
+            let id = info.id.clone();
+            let claims = self.claims.entry(id.clone()).or_default();
+            let was_new = claims.is_empty();
+            let newly_claimed = claims.insert(generation, info).is_none();
+            if newly_claimed && claims.len() > 1 {
+                let (&serving, _) = claims.last_key_value().expect("non-empty");
+                let other = claims
+                    .keys()
+                    .rev()
+                    .find(|&&g| g != serving)
+                    .copied()
+                    .expect("two claims");
+                self.events.push_back(MapEvent::Conflict {
+                    id: id.clone(),
+                    serving,
+                    other,
+                });
+            }
+            if was_new {
+                self.wake(&id);
+            }
+            ids.push(id);
+        }
+        self.by_connection.insert(generation, ids);
+    }
+
+    /// Forgets everything connection `generation` claimed (it went away).
+    pub fn remove_connection(&mut self, generation: Generation) {
+        for id in self.by_connection.remove(&generation).unwrap_or_default() {
+            self.drop_claim(&id, generation);
+        }
+    }
+
+    fn drop_claim(&mut self, id: &str, generation: Generation) {
+        if let Some(claims) = self.claims.get_mut(id) {
+            claims.remove(&generation);
+            if claims.is_empty() {
+                self.claims.remove(id);
+            }
+        }
+    }
+
+    /// Where `id` is served now.
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        let claims = self.claims.get(id)?;
+        let (&generation, info) = claims.last_key_value()?;
+        Some(Entry {
+            generation,
+            info: info.clone(),
+        })
+    }
+
+    /// Every served id, sorted.
+    pub fn list(&self) -> Vec<Entry> {
+        let mut ids: Vec<&String> = self.claims.keys().collect();
+        ids.sort();
+        ids.into_iter().filter_map(|id| self.get(id)).collect()
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> usize {
+        self.by_connection.len()
+    }
+
+    /// Finds `id` now, or registers a waiter that gets [`MapEvent::Ready`] when it
+    /// appears or [`MapEvent::TimedOut`] at `deadline`.
+    pub fn wait(&mut self, id: &str, deadline: Instant) -> Result<Entry, WaiterId> {
+        if let Some(entry) = self.get(id) {
+            return Ok(entry);
+        }
+        let waiter = WaiterId(self.next_waiter);
+        self.next_waiter += 1;
+        self.waiters.insert(
+            waiter,
+            Waiter {
+                id: id.to_owned(),
+                deadline,
+            },
+        );
+        Err(waiter)
+    }
+
+    /// Withdraws a waiter (its caller gave up).
+    pub fn cancel(&mut self, waiter: WaiterId) {
+        self.waiters.remove(&waiter);
+    }
+
+    /// Waiters registered and not yet resolved.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    fn wake(&mut self, id: &str) {
+        let ready: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.id == id)
+            .map(|(&k, _)| k)
+            .collect();
+        for waiter in ready {
+            self.waiters.remove(&waiter);
+            let entry = self.get(id).expect("just claimed");
+            self.events.push_back(MapEvent::Ready { waiter, entry });
+        }
+    }
+
+    /// The earliest waiter deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.waiters.values().map(|w| w.deadline).min()
+    }
+
+    /// Expires waiters whose deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(&k, _)| k)
+            .collect();
+        for waiter in expired {
+            let w = self.waiters.remove(&waiter).expect("listed");
+            self.events
+                .push_back(MapEvent::TimedOut { waiter, id: w.id });
+        }
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<MapEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tether::{Kind, State};
+    use std::time::Duration;
+
+    fn c(id: &str) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            kind: Kind::Primary,
+            state: State::Running,
+            exit_status: 0,
+            output_end: 0,
+        }
+    }
+
+    #[test]
+    fn an_old_connections_teardown_never_removes_a_newer_registration() {
+        let mut map = ConnectionMap::new();
+        map.update(1, vec![c("vm1")]);
+        // The VM reconnects before the old connection's teardown runs.
+        map.update(2, vec![c("vm1")]);
+        map.remove_connection(1);
+        assert_eq!(map.get("vm1").unwrap().generation, 2);
+    }
+
+    #[test]
+    fn two_live_claims_resolve_to_the_newer_and_fall_back_to_the_older() {
+        let mut map = ConnectionMap::new();
+        map.update(3, vec![c("x")]);
+        map.update(5, vec![c("x")]);
+        assert_eq!(
+            map.poll_event(),
+            Some(MapEvent::Conflict {
+                id: "x".into(),
+                serving: 5,
+                other: 3
+            })
+        );
+        assert_eq!(map.get("x").unwrap().generation, 5);
+        map.remove_connection(5);
+        assert_eq!(map.get("x").unwrap().generation, 3);
+        map.remove_connection(3);
+        assert_eq!(map.get("x"), None);
+    }
+
+    #[test]
+    fn a_push_replaces_the_connections_list() {
+        let mut map = ConnectionMap::new();
+        map.update(1, vec![c("a"), c("e1")]);
+        map.update(1, vec![c("a"), c("e2")]);
+        let ids: Vec<String> = map.list().into_iter().map(|e| e.info.id).collect();
+        assert_eq!(ids, ["a", "e2"]);
+    }
+
+    #[test]
+    fn waiters_wake_when_the_id_arrives_or_time_out() {
+        let t0 = Instant::now();
+        let mut map = ConnectionMap::new();
+        let w1 = map.wait("late", t0 + Duration::from_secs(50)).unwrap_err();
+        let w2 = map.wait("never", t0 + Duration::from_secs(5)).unwrap_err();
+        assert_eq!(map.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        map.handle_timeout(t0 + Duration::from_secs(5));
+        assert_eq!(
+            map.poll_event(),
+            Some(MapEvent::TimedOut {
+                waiter: w2,
+                id: "never".into()
+            })
+        );
+        map.update(9, vec![c("late")]);
+        assert!(
+            matches!(map.poll_event(), Some(MapEvent::Ready { waiter, entry }) if waiter == w1 && entry.generation == 9)
+        );
+        assert_eq!(map.waiting(), 0);
+        assert!(map.wait("late", t0).is_ok());
+    }
+}

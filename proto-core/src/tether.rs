@@ -1,0 +1,289 @@
+//! The `@tether` extensions (docs/PROTOCOL.md section 4) as typed values with
+//! their RFC 4251 encodings, and the configuration that lets them through.
+
+use bytes::BufMut;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::wire::{PutSsh, Reader};
+
+/// Global request: list of sessions (appliance to guest, and guest pushes).
+pub const CONTAINER_IDS: &str = "container-ids@tether";
+/// Channel type: attach to a session's stdio.
+pub const ATTACH: &str = "attach@tether";
+/// Channel request: output was lost before the replay point.
+pub const OUTPUT_GAP: &str = "output-gap@tether";
+/// Channel request: release a start-gated session.
+pub const START: &str = "start@tether";
+/// Channel request: the id the guest gave an exec.
+pub const EXEC_ID: &str = "exec-id@tether";
+/// Global request: quiesce for a VM fork.
+pub const FORK: &str = "fork@tether";
+/// Global request: a forked child announces itself.
+pub const FORKED: &str = "forked@tether";
+/// `from` value of an attach that wants live output only.
+pub const LIVE: u64 = u64::MAX;
+
+/// Most entries a container list may carry.
+const MAX_ENTRIES: u32 = 100_000;
+
+/// Lets the tether extensions through a guest's (server) configuration.
+pub fn enable_guest(config: &mut Config) {
+    config.channel_types.push(ATTACH.into());
+    config
+        .global_requests
+        .extend([CONTAINER_IDS.into(), FORK.into()]);
+    config.channel_requests.extend([START.into()]);
+}
+
+/// Lets the tether extensions through an appliance's (client) configuration.
+pub fn enable_appliance(config: &mut Config) {
+    config
+        .global_requests
+        .extend([CONTAINER_IDS.into(), FORKED.into()]);
+    config
+        .channel_requests
+        .extend([OUTPUT_GAP.into(), EXEC_ID.into()]);
+}
+
+/// What a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// The container's own process.
+    Primary,
+    /// A process started later by `exec`.
+    Exec,
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Configured, not started (start-gated).
+    Created,
+    Running,
+    Exited,
+}
+
+impl Kind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Exec => "exec",
+        }
+    }
+}
+
+impl State {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Exited => "exited",
+        }
+    }
+}
+
+fn malformed(what: &'static str) -> Error {
+    Error::Malformed {
+        msg: CONTAINER_IDS,
+        what,
+    }
+}
+
+/// One entry of `container-ids@tether`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub kind: Kind,
+    pub state: State,
+    /// 0 unless exited; 128+N when killed by signal N.
+    pub exit_status: u32,
+    /// Offset one past the last output byte so far.
+    pub output_end: u64,
+}
+
+/// Encodes a container list, sorted by id.
+pub fn encode_container_ids(entries: &[ContainerInfo], b: &mut impl BufMut) {
+    let mut sorted: Vec<&ContainerInfo> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    b.put_u32(sorted.len() as u32);
+    for e in sorted {
+        b.put_string(e.id.as_bytes());
+        b.put_string(e.kind.as_str().as_bytes());
+        b.put_string(e.state.as_str().as_bytes());
+        b.put_u32(e.exit_status);
+        b.put_u64(e.output_end);
+    }
+}
+
+/// Decodes a container list.
+pub fn decode_container_ids(data: &[u8]) -> Result<Vec<ContainerInfo>> {
+    let mut r = Reader::new(data, CONTAINER_IDS);
+    let count = r.u32()?;
+    // Each entry takes at least 32 bytes: never trust the count for allocation.
+    if count > MAX_ENTRIES || count as usize > r.remaining() / 32 {
+        return Err(malformed("entry count larger than the message"));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let id = r.utf8()?.to_owned();
+        let kind = match r.utf8()? {
+            "primary" => Kind::Primary,
+            "exec" => Kind::Exec,
+            _ => return Err(malformed("unknown kind")),
+        };
+        let state = match r.utf8()? {
+            "created" => State::Created,
+            "running" => State::Running,
+            "exited" => State::Exited,
+            _ => return Err(malformed("unknown state")),
+        };
+        out.push(ContainerInfo {
+            id,
+            kind,
+            state,
+            exit_status: r.u32()?,
+            output_end: r.u64()?,
+        });
+    }
+    Ok(out)
+}
+
+/// The extra data of an `attach@tether` channel open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachRequest {
+    /// The session to attach to.
+    pub id: String,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    /// Output offset to replay from; [`LIVE`] for live output only.
+    pub from: u64,
+}
+
+impl AttachRequest {
+    /// Encodes the channel-open extra data.
+    pub fn encode(&self, b: &mut impl BufMut) {
+        b.put_string(self.id.as_bytes());
+        b.put_bool(self.stdin);
+        b.put_bool(self.stdout);
+        b.put_bool(self.stderr);
+        b.put_u64(self.from);
+    }
+
+    /// Decodes the channel-open extra data.
+    pub fn decode(data: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(data, ATTACH);
+        Ok(Self {
+            id: r.utf8()?.to_owned(),
+            stdin: r.bool()?,
+            stdout: r.bool()?,
+            stderr: r.bool()?,
+            from: r.u64()?,
+        })
+    }
+}
+
+/// `output-gap@tether` data: bytes lost before the replay point.
+pub fn encode_output_gap(lost: u64, b: &mut impl BufMut) {
+    b.put_u64(lost);
+}
+
+/// Decodes `output-gap@tether` data.
+pub fn decode_output_gap(data: &[u8]) -> Result<u64> {
+    Reader::new(data, OUTPUT_GAP).u64()
+}
+
+/// `exec-id@tether` data.
+pub fn encode_exec_id(id: &str, b: &mut impl BufMut) {
+    b.put_string(id.as_bytes());
+}
+
+/// Decodes `exec-id@tether` data.
+pub fn decode_exec_id(data: &[u8]) -> Result<String> {
+    Ok(Reader::new(data, EXEC_ID).utf8()?.to_owned())
+}
+
+/// `fork@tether` data: the mode (only "quiesce").
+pub fn decode_fork(data: &[u8]) -> Result<String> {
+    Ok(Reader::new(data, FORK).utf8()?.to_owned())
+}
+
+/// `forked@tether` data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forked {
+    pub parent_id: String,
+    pub new_id: String,
+    pub generation: u64,
+}
+
+impl Forked {
+    pub fn encode(&self, b: &mut impl BufMut) {
+        b.put_string(self.parent_id.as_bytes());
+        b.put_string(self.new_id.as_bytes());
+        b.put_u64(self.generation);
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(data, FORKED);
+        Ok(Self {
+            parent_id: r.utf8()?.to_owned(),
+            new_id: r.utf8()?.to_owned(),
+            generation: r.u64()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            kind: Kind::Exec,
+            state: State::Exited,
+            exit_status: 137,
+            output_end: 1 << 40,
+        }
+    }
+
+    #[test]
+    fn container_ids_are_sorted_and_round_trip() {
+        let mut b = Vec::new();
+        encode_container_ids(&[info("b"), info("a")], &mut b);
+        let back = decode_container_ids(&b).unwrap();
+        assert_eq!(back, [info("a"), info("b")]);
+        let mut empty = Vec::new();
+        encode_container_ids(&[], &mut empty);
+        assert_eq!(empty, [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_lying_count_does_not_allocate() {
+        assert!(decode_container_ids(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode_container_ids(&[0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn attach_request_bytes_match_protocol_md() {
+        let req = AttachRequest {
+            id: "c1".into(),
+            stdin: true,
+            stdout: true,
+            stderr: false,
+            from: LIVE,
+        };
+        let mut b = Vec::new();
+        req.encode(&mut b);
+        assert_eq!(
+            b,
+            [
+                0, 0, 0, 2, b'c', b'1', 1, 1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
+            ]
+        );
+        assert_eq!(AttachRequest::decode(&b).unwrap(), req);
+    }
+}
