@@ -23,6 +23,7 @@ pub struct Authenticated {
 }
 
 /// The server's side of authentication.
+#[derive(Default)]
 pub struct ServerAuth {
     service_accepted: bool,
     failures: u32,
@@ -151,9 +152,10 @@ impl ServerAuth {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 enum ClientState {
     /// Waiting for the first key exchange.
+    #[default]
     Idle,
     /// SERVICE_REQUEST sent.
     AwaitService,
@@ -163,6 +165,7 @@ enum ClientState {
 }
 
 /// The client's side of authentication.
+#[derive(Default)]
 pub struct ClientAuth {
     state: ClientState,
 }

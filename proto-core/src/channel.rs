@@ -66,6 +66,11 @@ impl<T> ReplyQueue<T> {
     pub fn len(&self) -> usize {
         self.slots.len()
     }
+
+    /// Whether no reply is owed.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
 }
 
 /// One channel.
@@ -212,6 +217,11 @@ impl Channels {
     /// Live channels.
     pub fn len(&self) -> usize {
         self.live
+    }
+
+    /// Whether no channel is open.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
     }
 }
 

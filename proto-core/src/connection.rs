@@ -65,8 +65,8 @@ impl Connection {
     pub fn new(config: Config, now: Instant, rng: Box<dyn RngCore + Send>) -> Self {
         let transport = Transport::new(&config, now, rng);
         let auth = match config.role {
-            Role::Client(_) => Auth::Client(ClientAuth::new()),
-            Role::Server(_) => Auth::Server(ServerAuth::new()),
+            Role::Client(_) => Auth::Client(ClientAuth::default()),
+            Role::Server(_) => Auth::Server(ServerAuth::default()),
         };
         Self {
             channels: Channels::new(config.max_channels),
@@ -254,20 +254,20 @@ impl Connection {
                 "key exchange and authentication did not finish in time",
             ));
         }
-        if let (Some(at), Some(interval)) = (self.keepalive_at, self.config.keepalive_interval) {
-            if now >= at {
-                if self.keepalives_unanswered >= self.config.keepalive_max {
-                    return Err(Error::Timeout("the peer stopped answering keepalives"));
-                }
-                self.keepalives_unanswered += 1;
-                self.keepalive_at = Some(now + interval);
-                self.global_waiters.push_back(GlobalWaiter::Keepalive);
-                self.transport.send(|b| {
-                    b.put_u8(msg::GLOBAL_REQUEST);
-                    b.put_string(KEEPALIVE.as_bytes());
-                    b.put_bool(true);
-                });
+        if let (Some(at), Some(interval)) = (self.keepalive_at, self.config.keepalive_interval)
+            && now >= at
+        {
+            if self.keepalives_unanswered >= self.config.keepalive_max {
+                return Err(Error::Timeout("the peer stopped answering keepalives"));
             }
+            self.keepalives_unanswered += 1;
+            self.keepalive_at = Some(now + interval);
+            self.global_waiters.push_back(GlobalWaiter::Keepalive);
+            self.transport.send(|b| {
+                b.put_u8(msg::GLOBAL_REQUEST);
+                b.put_string(KEEPALIVE.as_bytes());
+                b.put_bool(true);
+            });
         }
         self.transport.check_rekey(now);
         Ok(())

@@ -27,7 +27,7 @@ impl SealingCipher for Plain {
     fn tag_len(&self) -> usize {
         0
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         false
     }
     fn seal(&mut self, _seq: u32, _packet: &mut [u8], _tag: &mut [u8]) {}
@@ -40,7 +40,7 @@ impl OpeningCipher for Plain {
     fn tag_len(&self) -> usize {
         0
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         false
     }
     fn packet_length(&self, _seq: u32, first: [u8; 4]) -> u32 {
@@ -102,7 +102,9 @@ impl Sealer {
     pub fn finish(&mut self, out: &mut BytesMut, start: usize, rng: &mut dyn RngCore) {
         let payload_len = out.len() - start - HEADER_LEN;
         let block = self.cipher.block_len();
-        let covered = if self.cipher.clear_length() {
+        // Both AEAD modes leave the 4-byte length out of the alignment (OpenSSH's
+        // `aadlen`); see `SealingCipher::length_outside_padding`.
+        let covered = if self.cipher.length_outside_padding() {
             1
         } else {
             HEADER_LEN
@@ -174,11 +176,16 @@ impl Opener {
                 let first = [buf[0], buf[1], buf[2], buf[3]];
                 let len = self.cipher.packet_length(self.seq, first);
                 let block = self.cipher.block_len();
-                let covered = len as usize + if self.cipher.clear_length() { 0 } else { 4 };
+                let covered = len as usize
+                    + if self.cipher.length_outside_padding() {
+                        0
+                    } else {
+                        4
+                    };
                 if (len as usize) < HEADER_LEN + 1 || len as usize > MAX_PACKET_LEN {
                     return Err(Error::PacketLength(len));
                 }
-                if covered % block != 0 {
+                if !covered.is_multiple_of(block) {
                     return Err(Error::PacketLength(len));
                 }
                 self.pending_len = Some(len as usize);

@@ -240,7 +240,8 @@ fn a_server_requires_the_version_line_first_and_bounds_its_length() {
 
 #[test]
 fn bad_packets_before_the_key_exchange_get_typed_errors_and_a_disconnect() {
-    let cases: [(&[u8], fn(&Error) -> bool); 5] = [
+    type Check = fn(&Error) -> bool;
+    let cases: [(&[u8], Check); 5] = [
         (&[0xff, 0xff, 0xff, 0xf8, 0], |e| {
             matches!(e, Error::PacketLength(_))
         }),

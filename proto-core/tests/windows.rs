@@ -33,10 +33,10 @@ proptest! {
         queue.reverse();
         let mut pending = 0usize;
         for _ in 0..20_000 {
-            if pending == 0 {
-                if let Some(n) = queue.pop() {
-                    pending = n;
-                }
+            if pending == 0
+                && let Some(n) = queue.pop()
+            {
+                pending = n;
             }
             if pending > 0 {
                 let n = pair.client.conn.channel_send(cc, None, &pattern(offered as u64, pending)).unwrap();

@@ -130,7 +130,7 @@ impl SealingCipher for Gcm {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         true
     }
     fn seal(&mut self, _seq: u32, packet: &mut [u8], tag: &mut [u8]) {
@@ -151,7 +151,7 @@ impl OpeningCipher for Gcm {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         true
     }
     fn packet_length(&self, _seq: u32, first: [u8; 4]) -> u32 {
@@ -182,8 +182,11 @@ impl SealingCipher for ChaChaSeal {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
-        false
+    fn length_outside_padding(&self) -> bool {
+        // The length is encrypted, but OpenSSH still aligns only what follows
+        // it (`aadlen` = 4 for every AEAD cipher); with `false` our packets were
+        // 4 bytes off and `ssh` failed: "padding error: need 44 block 8 mod 4".
+        true
     }
     fn seal(&mut self, seq: u32, packet: &mut [u8], tag: &mut [u8]) {
         let tag: &mut [u8; 16] = tag.try_into().expect("16-byte tag");
@@ -198,8 +201,11 @@ impl OpeningCipher for ChaChaOpen {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
-        false
+    fn length_outside_padding(&self) -> bool {
+        // The length is encrypted, but OpenSSH still aligns only what follows
+        // it (`aadlen` = 4 for every AEAD cipher); with `false` our packets were
+        // 4 bytes off and `ssh` failed: "padding error: need 44 block 8 mod 4".
+        true
     }
     fn packet_length(&self, seq: u32, first: [u8; 4]) -> u32 {
         u32::from_be_bytes(self.0.decrypt_packet_length(seq, first))

@@ -110,9 +110,12 @@ pub trait SealingCipher: Send {
     fn block_len(&self) -> usize;
     /// Bytes of tag appended after the packet.
     fn tag_len(&self) -> usize;
-    /// Whether the packet length travels in the clear (AES-GCM): it is then left out
-    /// of the padding computation.
-    fn clear_length(&self) -> bool;
+    /// Whether the 4-byte packet length is left out of the padding alignment, as
+    /// OpenSSH does for every AEAD cipher (packet.c, `aadlen`): AES-GCM, whose
+    /// length travels in the clear as AAD, and chacha20-poly1305@openssh.com,
+    /// whose length is encrypted under a key of its own. Then `packet_length`
+    /// itself must be a multiple of `block_len`.
+    fn length_outside_padding(&self) -> bool;
     /// Seals `packet` (`packet_length || padding_length || payload || padding`) in
     /// place and writes the tag.
     fn seal(&mut self, seq: u32, packet: &mut [u8], tag: &mut [u8]);
@@ -124,8 +127,9 @@ pub trait OpeningCipher: Send {
     fn block_len(&self) -> usize;
     /// Bytes of tag after the packet.
     fn tag_len(&self) -> usize;
-    /// Whether the packet length travels in the clear.
-    fn clear_length(&self) -> bool;
+    /// Whether the packet length is left out of the padding alignment (see
+    /// `SealingCipher::length_outside_padding`).
+    fn length_outside_padding(&self) -> bool;
     /// The packet length from the first four bytes (decrypted if need be; not yet
     /// authenticated).
     fn packet_length(&self, seq: u32, first: [u8; 4]) -> u32;

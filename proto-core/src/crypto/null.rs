@@ -29,7 +29,7 @@ impl SealingCipher for Identity {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         false
     }
     fn seal(&mut self, _seq: u32, _packet: &mut [u8], tag: &mut [u8]) {
@@ -44,7 +44,7 @@ impl OpeningCipher for Identity {
     fn tag_len(&self) -> usize {
         16
     }
-    fn clear_length(&self) -> bool {
+    fn length_outside_padding(&self) -> bool {
         false
     }
     fn packet_length(&self, _seq: u32, first: [u8; 4]) -> u32 {

@@ -162,10 +162,10 @@ impl Pair {
                     self.now = self.now.max(t);
                     let now = self.now;
                     for side in [&mut self.client, &mut self.server] {
-                        if side.conn.poll_timeout().is_some_and(|t| t <= now) {
-                            if let Err(e) = side.conn.handle_timeout(now) {
-                                side.error.get_or_insert(e);
-                            }
+                        if side.conn.poll_timeout().is_some_and(|t| t <= now)
+                            && let Err(e) = side.conn.handle_timeout(now)
+                        {
+                            side.error.get_or_insert(e);
                         }
                     }
                 }
@@ -283,10 +283,10 @@ pub fn data_of(events: &[Event], channel: ChannelId, ext: Option<u32>) -> Bytes 
             ext: x,
             data,
         } = e
+            && *c == channel
+            && *x == ext
         {
-            if *c == channel && *x == ext {
-                v.extend_from_slice(data);
-            }
+            v.extend_from_slice(data);
         }
     }
     v.into()
