@@ -119,10 +119,10 @@ impl Raw {
         while let Some(out) = self.server.poll_transmit() {
             self.buf.extend_from_slice(&out);
         }
-        if let Some(eol) = self.buf.iter().position(|&b| b == b'\n') {
-            if self.buf.starts_with(b"SSH-") {
-                self.buf.drain(..=eol);
-            }
+        if let Some(eol) = self.buf.iter().position(|&b| b == b'\n')
+            && self.buf.starts_with(b"SSH-")
+        {
+            self.buf.drain(..=eol);
         }
         loop {
             if self.buf.len() < 4 {
@@ -220,7 +220,8 @@ fn unknown_messages_get_unimplemented_and_the_connection_lives_on() {
 
 #[test]
 fn truncated_and_out_of_state_messages_are_typed_errors() {
-    let cases: Vec<(Vec<u8>, fn(&Error) -> bool)> = vec![
+    type Check = fn(&Error) -> bool;
+    let cases: Vec<(Vec<u8>, Check)> = vec![
         (
             vec![msg::CHANNEL_REQUEST, 0, 0, 0, 0, 0, 0, 0, 9, b'e'],
             |e| matches!(e, Error::Malformed { .. }),
