@@ -1,3 +1,16 @@
-//! `tetherd`, the appliance runtime: accepts links from many VMs.
-//!
-//! Stub: the runtime is planned (issue "tether and tetherd") and not built yet.
+//! `tetherd`, the appliance runtime: accepts links from many container VMs, keeps
+//! the map of which container lives where, and exposes attach, exec, logs,
+//! resize and signals over HTTP/WebSocket and a CLI.
+
+pub mod api_types;
+pub mod appliance;
+mod attach;
+mod guestlink;
+mod registry;
+pub mod cli;
+
+pub use api_types::*;
+pub use appliance::{Appliance, Attachment};
+pub mod client;
+pub mod http;
+pub mod server_commands;

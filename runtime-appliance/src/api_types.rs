@@ -1,0 +1,212 @@
+//! The appliance's operations as the HTTP API, the CLI and the demo see them:
+//! container views, attach and exec options, output, exit statuses and errors.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto_core::tether::{Kind, State};
+use serde::Serialize;
+
+/// A container as `GET /v1/containers` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerView {
+    pub id: String,
+    /// "primary" or "exec".
+    pub kind: &'static str,
+    /// "created", "running" or "exited".
+    pub state: &'static str,
+    /// Set once exited: the code, or 128+N when killed by signal N.
+    pub exit_code: Option<u32>,
+    /// The generation number of the link serving it; `None` once the link is gone.
+    pub connection: Option<u64>,
+    /// Offset one past the last output byte the guest reported.
+    pub output_end: u64,
+}
+
+impl ContainerView {
+    /// The view of a guest's container-list entry.
+    pub fn new(info: &proto_core::tether::ContainerInfo, connection: Option<u64>) -> Self {
+        Self {
+            id: info.id.clone(),
+            kind: kind_name(info.kind),
+            state: info.state.as_str(),
+            exit_code: (info.state == State::Exited).then_some(info.exit_status),
+            connection,
+            output_end: info.output_end,
+        }
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    kind.as_str()
+}
+
+/// Where an attach's output starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// Replay from this offset (0 = everything retained).
+    Offset(u64),
+    /// Live output only.
+    Live,
+}
+
+/// What an attach wants.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub from: From,
+    /// How long to wait for the container to appear (VIC waited 50 s).
+    pub timeout: Duration,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        Self { stdin: false, stdout: true, stderr: true, from: From::Offset(0), timeout: Duration::from_secs(50) }
+    }
+}
+
+/// What an exec wants.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// argv; run through the guest's `exec` (joined with spaces, as SSH does).
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    /// Initial terminal size (cols, rows) when `tty`.
+    pub size: Option<(u32, u32)>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// How long to wait for the container to appear.
+    pub timeout: Duration,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(u32),
+    /// It was killed by this signal (name without "SIG").
+    Signal { name: String, core_dumped: bool },
+}
+
+impl ExitStatus {
+    /// The shell's view: the code, or 128+N for signal N.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::Code(c) => *c,
+            Self::Signal { name, .. } => 128 + signal_number(name).unwrap_or(0),
+        }
+    }
+}
+
+/// The Linux number of a signal name without "SIG" (also `RTMIN+n`).
+pub fn signal_number(name: &str) -> Option<u32> {
+    let name = name.strip_prefix("SIG").unwrap_or(name);
+    if let Some(n) = name.strip_prefix("RTMIN+") {
+        return n.parse::<u32>().ok().map(|n| 34 + n);
+    }
+    Some(match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "TRAP" => 5,
+        "ABRT" => 6,
+        "BUS" => 7,
+        "FPE" => 8,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        "STKFLT" => 16,
+        "CHLD" => 17,
+        "CONT" => 18,
+        "STOP" => 19,
+        "TSTP" => 20,
+        "TTIN" => 21,
+        "TTOU" => 22,
+        "URG" => 23,
+        "XCPU" => 24,
+        "XFSZ" => 25,
+        "VTALRM" => 26,
+        "PROF" => 27,
+        "WINCH" => 28,
+        "IO" => 29,
+        "PWR" => 30,
+        "SYS" => 31,
+        _ => return None,
+    })
+}
+
+/// One piece of an attachment's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// This many bytes were lost before the replay point (drop-oldest overflow).
+    Gap(u64),
+    /// The process ended (after all its output).
+    Exit(ExitStatus),
+}
+
+/// Why an operation failed; each maps to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No such container (HTTP 404).
+    #[error("no such container: {0}")]
+    NotFound(String),
+    /// The container did not appear in time (HTTP 404, reason "Timeout").
+    #[error("container {id} did not appear within {waited:?}")]
+    Timeout { id: String, waited: Duration },
+    /// The request is malformed (HTTP 400).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The guest refused (HTTP 409), e.g. an exited container without retained output.
+    #[error("{0}")]
+    Refused(String),
+    /// The link to the guest failed mid-operation (HTTP 503).
+    #[error("link to the guest is down: {0}")]
+    LinkDown(String),
+}
+
+impl ApiError {
+    /// The HTTP status code.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound(_) | Self::Timeout { .. } => 404,
+            Self::BadRequest(_) => 400,
+            Self::Refused(_) => 409,
+            Self::LinkDown(_) => 503,
+        }
+    }
+
+    /// A short machine-readable reason (used as metav1.Status reason too).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "NotFound",
+            Self::Timeout { .. } => "Timeout",
+            Self::BadRequest(_) => "BadRequest",
+            Self::Refused(_) => "Conflict",
+            Self::LinkDown(_) => "ServiceUnavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_exit_codes_follow_the_shell() {
+        assert_eq!(ExitStatus::Signal { name: "KILL".into(), core_dumped: false }.code(), 137);
+        assert_eq!(ExitStatus::Signal { name: "RTMIN+2".into(), core_dumped: false }.code(), 128 + 36);
+        assert_eq!(ExitStatus::Code(3).code(), 3);
+        assert_eq!(signal_number("SIGTERM"), Some(15));
+        assert_eq!(signal_number("NOPE"), None);
+    }
+}

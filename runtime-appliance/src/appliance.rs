@@ -1,0 +1,215 @@
+//! The appliance core: what the HTTP API, the CLI and the demo can do with the
+//! containers of every connected guest. Guest links are accepted by `listen`
+//! and run in `guestlink`; the shared map lives in `registry`.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use proto_core::tether::{self, State};
+use proto_core::{ChannelRequest, PrivateKey, PublicKey};
+use smol::Async;
+use tracing::warn;
+
+use crate::api_types::*;
+pub use crate::attach::Attachment;
+use crate::attach::{self, Plan};
+use crate::guestlink::{self, LinkCommand, OpenKind, shell_quote};
+use crate::registry::Shared;
+
+/// How long a signal or start request waits for its container by default.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The appliance. Cheap to clone; every clone is the same appliance.
+#[derive(Clone)]
+pub struct Appliance {
+    shared: Arc<Shared>,
+}
+
+impl Appliance {
+    /// An appliance with this SSH key that trusts the `known` guest host keys
+    /// (container id -> key), or any guest when `None`.
+    pub fn new(key: PrivateKey, known: Option<HashMap<String, PublicKey>>) -> Self {
+        Self { shared: Arc::new(Shared::new(key, known)) }
+    }
+
+    /// Accepts guest links on `listener` forever; `sync` runs link sync first
+    /// (for hypervisor serial bridges).
+    pub async fn listen(&self, listener: Async<TcpListener>, sync: bool) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    smol::spawn(guestlink::run(self.shared.clone(), stream, sync)).detach();
+                }
+                Err(e) => {
+                    warn!("accepting a guest link: {e}");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Binds a guest listener and serves it in the background; returns its address.
+    pub fn spawn_listener(&self, addr: SocketAddr, sync: bool) -> std::io::Result<SocketAddr> {
+        let listener = Async::<TcpListener>::bind(addr)?;
+        let local = listener.get_ref().local_addr()?;
+        let me = self.clone();
+        smol::spawn(async move { me.listen(listener, sync).await }).detach();
+        Ok(local)
+    }
+
+    /// Every container of every connected guest (and exited ones still known).
+    pub async fn list(&self) -> Vec<ContainerView> {
+        self.shared.views()
+    }
+
+    /// One container.
+    pub async fn get(&self, id: &str) -> Result<ContainerView, ApiError> {
+        let (info, generation) = self.shared.info(id).ok_or_else(|| ApiError::NotFound(id.into()))?;
+        Ok(ContainerView::new(&info, generation))
+    }
+
+    /// Waits until the container exits; waits `timeout` for it to appear first.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ExitStatus, ApiError> {
+        if self.shared.info(id).is_none() {
+            self.shared.wait_for(id, timeout).await?;
+        }
+        loop {
+            let listener = self.shared.changed.listen();
+            if let Some((info, _)) = self.shared.info(id)
+                && info.state == State::Exited
+            {
+                return Ok(ExitStatus::Code(info.exit_status));
+            }
+            listener.await;
+        }
+    }
+
+    /// Sends a signal (name without "SIG", e.g. "TERM") to a container's process group.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), ApiError> {
+        let name = signal.strip_prefix("SIG").unwrap_or(signal).to_ascii_uppercase();
+        if signal_number(&name).is_none() {
+            return Err(ApiError::BadRequest(format!("unknown signal {signal:?}")));
+        }
+        match attach::control_request(&self.shared, id, ChannelRequest::Signal { name: name.clone() }, CONTROL_TIMEOUT).await? {
+            true => Ok(()),
+            false => Err(ApiError::Refused(format!("{id} is not running; SIG{name} not delivered"))),
+        }
+    }
+
+    /// Releases a start-gated container.
+    pub async fn start(&self, id: &str) -> Result<(), ApiError> {
+        let request = ChannelRequest::Other { name: tether::START.into(), data: Default::default() };
+        match attach::control_request(&self.shared, id, request, CONTROL_TIMEOUT).await? {
+            true => Ok(()),
+            false => Err(ApiError::Refused(format!("{id} is not waiting to start"))),
+        }
+    }
+
+    /// A fresh container list from the link serving `id`, and its entry.
+    async fn fresh_end(&self, link: &async_channel::Sender<LinkCommand>, id: &str) -> Result<u64, ApiError> {
+        let (tx, rx) = async_channel::bounded(1);
+        link.send(LinkCommand::List { reply: tx }).await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
+        let list = rx.recv().await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))??;
+        list.iter().find(|c| c.id == id).map(|c| c.output_end).ok_or_else(|| ApiError::NotFound(id.into()))
+    }
+
+    /// Attaches to a container's stdio, waiting up to `options.timeout` for it.
+    pub async fn attach(&self, id: &str, options: AttachOptions) -> Result<Attachment, ApiError> {
+        let (entry, link) = self.shared.wait_for(id, options.timeout).await?;
+        let from = match options.from {
+            From::Offset(n) => n,
+            From::Live => self.fresh_end(&link, id).await?,
+        };
+        let plan = Plan {
+            id: id.to_owned(),
+            stdin: options.stdin,
+            stdout: options.stdout,
+            stderr: options.stderr,
+            end_at: None,
+            reattach_timeout: options.timeout,
+        };
+        let request = tether::AttachRequest { id: id.to_owned(), stdin: plan.stdin, stdout: plan.stdout, stderr: plan.stderr, from };
+        let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
+        self.shared.counters.attaches.fetch_add(1, Ordering::Relaxed);
+        let _ = entry;
+        Ok(attach::start(self.shared.clone(), plan, false, from, (channel, link)))
+    }
+
+    /// Starts a process in a container; it becomes its own container id
+    /// (`Attachment::id`), attached from its first byte.
+    pub async fn exec(&self, id: &str, options: ExecOptions) -> Result<Attachment, ApiError> {
+        if options.command.is_empty() {
+            return Err(ApiError::BadRequest("exec needs a command".into()));
+        }
+        let (_, link) = self.shared.wait_for(id, options.timeout).await?;
+        let command = options.command.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ");
+        let tty = options.tty.then(|| options.size.unwrap_or((80, 24)));
+        let channel = attach::open_on(&link, OpenKind::Exec { command, tty, env: options.env.clone() }).await?;
+        let exec_id = channel.exec_id.clone().unwrap_or_default();
+        self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
+        let plan = Plan { id: exec_id, stdin: true, stdout: true, stderr: true, end_at: None, reattach_timeout: options.timeout };
+        let att = attach::start(self.shared.clone(), plan, options.tty, 0, (channel, link));
+        if !options.stdin {
+            let _ = att.close_stdin().await;
+        }
+        Ok(att)
+    }
+
+    /// Output from offset `from`; without `follow` it ends at the output that
+    /// existed when the call was made (no `Output::Exit` then).
+    pub async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<Attachment, ApiError> {
+        let timeout = Duration::from_secs(10);
+        let plan = |end_at| Plan { id: id.to_owned(), stdin: false, stdout: true, stderr: true, end_at, reattach_timeout: timeout };
+        let Some((info, generation)) = self.shared.info(id) else {
+            return Err(ApiError::NotFound(id.into()));
+        };
+        if generation.is_none() {
+            return Err(ApiError::Refused(format!("{id} has exited and its guest is gone; its output went with it")));
+        }
+        let (_, link) = self.shared.wait_for(id, timeout).await?;
+        let end_at = if follow || info.state == State::Exited { None } else { Some(self.fresh_end(&link, id).await?) };
+        let plan = plan(end_at);
+        let request = tether::AttachRequest { id: id.to_owned(), stdin: false, stdout: true, stderr: true, from };
+        let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
+        Ok(attach::start(self.shared.clone(), plan, false, from, (channel, link)))
+    }
+
+    /// Live guest links.
+    pub fn links(&self) -> usize {
+        self.shared.link_count()
+    }
+
+    /// Metrics in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let c = &self.shared.counters;
+        let views = self.shared.views();
+        let count = |state: &str| views.iter().filter(|v| v.state == state).count();
+        let mut m = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            m.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in samples {
+                m.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        metric("tetherd_links", "gauge", "Guest links connected now.", &[("", self.links() as u64)]);
+        metric("tetherd_links_accepted_total", "counter", "Guest links accepted.", &[("", c.links_accepted.load(Ordering::Relaxed))]);
+        metric(
+            "tetherd_containers",
+            "gauge",
+            "Containers known, by state.",
+            &[
+                ("{state=\"created\"}", count("created") as u64),
+                ("{state=\"running\"}", count("running") as u64),
+                ("{state=\"exited\"}", count("exited") as u64),
+            ],
+        );
+        metric("tetherd_attaches_total", "counter", "Attachments opened.", &[("", c.attaches.load(Ordering::Relaxed))]);
+        metric("tetherd_execs_total", "counter", "Execs started.", &[("", c.execs.load(Ordering::Relaxed))]);
+        metric("tetherd_reattaches_total", "counter", "Re-attachments after a link drop.", &[("", c.reattaches.load(Ordering::Relaxed))]);
+        metric("tetherd_id_conflicts_total", "counter", "Containers claimed by two live links.", &[("", c.conflicts.load(Ordering::Relaxed))]);
+        m
+    }
+}

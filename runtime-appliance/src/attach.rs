@@ -1,0 +1,255 @@
+//! Attachments: a container's output stream and its input, kept across link
+//! drops. A driver task owns the guest channel; when the link drops before the
+//! process has exited, it waits for the container to come back and re-attaches
+//! from exactly the offset it had delivered, so the stream stays byte-exact
+//! with no duplicates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender};
+use bytes::Bytes;
+use futures_lite::future;
+use proto_core::ChannelRequest;
+use proto_core::tether::{self, AttachRequest};
+use tracing::{debug, info};
+
+use crate::api_types::{ApiError, Output};
+use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
+use crate::registry::Shared;
+
+/// Requests from an `Attachment` to its driver.
+pub(crate) enum Control {
+    Stdin(Bytes),
+    CloseStdin,
+    Resize(u32, u32),
+    Signal(String, Sender<bool>),
+    Consumed(usize),
+}
+
+/// A live attachment to a container's (or an exec's) stdio.
+pub struct Attachment {
+    /// The container (or exec) id.
+    pub id: String,
+    /// Whether the process has a terminal (then there is no stderr).
+    pub tty: bool,
+    /// The output offset this attachment started at.
+    pub start: u64,
+    offset: u64,
+    rx: Receiver<Output>,
+    ctl: Sender<Control>,
+    _driver: smol::Task<()>,
+}
+
+impl Attachment {
+    /// The next piece of output; `None` once the attachment has ended (after
+    /// `Output::Exit`, at the end of a non-follow log, or when the container did
+    /// not come back after its link dropped).
+    pub async fn next(&mut self) -> Option<Output> {
+        let out = self.rx.recv().await.ok()?;
+        match &out {
+            Output::Stdout(b) | Output::Stderr(b) => {
+                self.offset += b.len() as u64;
+                let _ = self.ctl.try_send(Control::Consumed(b.len()));
+            }
+            Output::Gap(n) => self.offset += n,
+            Output::Exit(_) => {}
+        }
+        Some(out)
+    }
+
+    /// The output offset just past what `next` has returned.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn send(&self, c: Control) -> Result<(), ApiError> {
+        self.ctl.try_send(c).map_err(|_| ApiError::LinkDown("the attachment has ended".into()))
+    }
+
+    /// Writes to the process's stdin (needs `stdin` in the options).
+    pub async fn write_stdin(&self, data: Bytes) -> Result<(), ApiError> {
+        self.send(Control::Stdin(data))
+    }
+
+    /// Closes the process's stdin (a terminal gets its EOF character).
+    pub async fn close_stdin(&self) -> Result<(), ApiError> {
+        self.send(Control::CloseStdin)
+    }
+
+    /// Resizes the process's terminal.
+    pub async fn resize(&self, cols: u32, rows: u32) -> Result<(), ApiError> {
+        self.send(Control::Resize(cols, rows))
+    }
+
+    /// Sends a signal (name without "SIG") to the process group.
+    pub async fn signal(&self, name: &str) -> Result<(), ApiError> {
+        let (tx, rx) = async_channel::bounded(1);
+        self.send(Control::Signal(name.to_owned(), tx))?;
+        match rx.recv().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::Refused(format!("the guest could not deliver SIG{name}"))),
+            Err(_) => Err(ApiError::LinkDown("the attachment has ended".into())),
+        }
+    }
+}
+
+/// How a driver (re)opens its channel.
+#[derive(Clone)]
+pub(crate) struct Plan {
+    pub id: String,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    /// Stop at this offset (logs without follow).
+    pub end_at: Option<u64>,
+    /// How long to wait for the container to come back after a link drop.
+    pub reattach_timeout: Duration,
+}
+
+/// Starts a driver for an open channel and returns the attachment.
+pub(crate) fn start(shared: Arc<Shared>, plan: Plan, tty: bool, start: u64, first: (LinkChannel, Sender<LinkCommand>)) -> Attachment {
+    let (out_tx, out_rx) = async_channel::unbounded();
+    let (ctl_tx, ctl_rx) = async_channel::unbounded();
+    let id = plan.id.clone();
+    let driver = smol::spawn(drive(shared, plan, start, first, out_tx, ctl_rx));
+    Attachment { id, tty, start, offset: start, rx: out_rx, ctl: ctl_tx, _driver: driver }
+}
+
+/// Opens an attach channel for `plan` from `from`.
+pub(crate) async fn open(shared: &Shared, plan: &Plan, from: u64, timeout: Duration) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
+    let (_, link) = shared.wait_for(&plan.id, timeout).await?;
+    let request = AttachRequest { id: plan.id.clone(), stdin: plan.stdin, stdout: plan.stdout, stderr: plan.stderr, from };
+    let channel = open_on(&link, OpenKind::Attach(request)).await?;
+    Ok((channel, link))
+}
+
+/// Opens a channel on a link.
+pub(crate) async fn open_on(link: &Sender<LinkCommand>, kind: OpenKind) -> Result<LinkChannel, ApiError> {
+    let (tx, rx) = async_channel::bounded(1);
+    link.send(LinkCommand::Open { kind, reply: tx })
+        .await
+        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
+    rx.recv().await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+}
+
+enum Step {
+    Event(Option<ChannelEvent>),
+    Control(Option<Control>),
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    plan: Plan,
+    mut offset: u64,
+    first: (LinkChannel, Sender<LinkCommand>),
+    out: Sender<Output>,
+    ctl: Receiver<Control>,
+) {
+    let mut current = Some(first);
+    // Bytes delivered on earlier channels that the consumer has not yet
+    // acknowledged: their credit must not go to the current channel.
+    let mut old_outstanding = 0usize;
+    let mut outstanding = 0usize;
+    loop {
+        if plan.end_at.is_some_and(|end| offset >= end) {
+            return;
+        }
+        let (lc, link) = match current.take() {
+            Some(c) => c,
+            None => {
+                shared.counters.reattaches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(container = %plan.id, offset, "re-attaching after a link drop");
+                match open(&shared, &plan, offset, plan.reattach_timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        info!(container = %plan.id, "cannot re-attach: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        let channel = lc.channel;
+        old_outstanding += std::mem::take(&mut outstanding);
+        loop {
+            let step = future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
+                Step::Control(ctl.recv().await.ok())
+            })
+            .await;
+            match step {
+                Step::Event(Some(ChannelEvent::Data { ext, data })) => {
+                    let mut data = data;
+                    if let Some(end) = plan.end_at {
+                        let room = end.saturating_sub(offset) as usize;
+                        data.truncate(room);
+                    }
+                    offset += data.len() as u64;
+                    outstanding += data.len();
+                    let item = if ext.is_some() { Output::Stderr(data) } else { Output::Stdout(data) };
+                    if out.send(item).await.is_err() {
+                        break;
+                    }
+                    if plan.end_at.is_some_and(|end| offset >= end) {
+                        let _ = link.send(LinkCommand::Close { channel }).await;
+                        return;
+                    }
+                }
+                Step::Event(Some(ChannelEvent::Gap(lost))) => {
+                    offset += lost;
+                    let _ = out.send(Output::Gap(lost)).await;
+                }
+                Step::Event(Some(ChannelEvent::Exit(status))) => {
+                    let _ = out.send(Output::Exit(status)).await;
+                    let _ = link.send(LinkCommand::Close { channel }).await;
+                    return;
+                }
+                Step::Event(Some(ChannelEvent::Closed)) | Step::Event(None) => {
+                    debug!(container = %plan.id, offset, "channel closed before the process exited");
+                    break;
+                }
+                Step::Control(Some(c)) => {
+                    let cmd = match c {
+                        Control::Stdin(data) => LinkCommand::Send { channel, data },
+                        Control::CloseStdin => LinkCommand::Eof { channel },
+                        Control::Resize(cols, rows) => LinkCommand::Request {
+                            channel,
+                            request: ChannelRequest::WindowChange { cols, rows, width_px: 0, height_px: 0 },
+                            reply: None,
+                        },
+                        Control::Signal(name, reply) => {
+                            LinkCommand::Request { channel, request: ChannelRequest::Signal { name }, reply: Some(reply) }
+                        }
+                        Control::Consumed(n) => {
+                            let old = n.min(old_outstanding);
+                            old_outstanding -= old;
+                            let n = (n - old).min(outstanding);
+                            outstanding -= n;
+                            LinkCommand::Consumed { channel, n }
+                        }
+                    };
+                    let _ = link.send(cmd).await;
+                }
+                Step::Control(None) => {
+                    // The attachment was dropped: detach (close without EOF).
+                    let _ = link.send(LinkCommand::Close { channel }).await;
+                    return;
+                }
+            }
+        }
+        if out.is_closed() || ctl.is_closed() {
+            let _ = link.send(LinkCommand::Close { channel }).await;
+            return;
+        }
+    }
+}
+
+/// Opens a short-lived control channel (no stdio) and sends one request.
+pub(crate) async fn control_request(shared: &Shared, id: &str, request: ChannelRequest, timeout: Duration) -> Result<bool, ApiError> {
+    let plan = Plan { id: id.to_owned(), stdin: false, stdout: false, stderr: false, end_at: None, reattach_timeout: timeout };
+    let (lc, link) = open(shared, &plan, tether::LIVE, timeout).await?;
+    let (tx, rx) = async_channel::bounded(1);
+    let _ = link.send(LinkCommand::Request { channel: lc.channel, request, reply: Some(tx) }).await;
+    let ok = rx.recv().await.unwrap_or(false);
+    let _ = link.send(LinkCommand::Close { channel: lc.channel }).await;
+    Ok(ok)
+}

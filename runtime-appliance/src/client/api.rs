@@ -1,0 +1,217 @@
+//! Talking to tetherd's HTTP API from the CLI: the base URL, plain requests
+//! (hyper's HTTP/1 client over smol), and the API's error format.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::header::{HOST, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use smol::net::TcpStream;
+use smol_hyper::rt::FuturesIo;
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach tetherd's API at {url}: {error} (is `tetherd serve` running? set --api or TETHERD_API)")]
+    Connect { url: String, error: std::io::Error },
+    #[error("{message}")]
+    Api { status: u16, reason: String, message: String },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("bad --api URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
+}
+
+impl ClientError {
+    /// Whether retrying later could help (the server is down or restarting).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Protocol(_) => true,
+            Self::Api { status, .. } => *status == 503 || *status == 404,
+            Self::BadUrl { .. } => false,
+        }
+    }
+
+    /// An error from a non-2xx response's body (`{"error","reason"}`).
+    pub fn from_body(status: StatusCode, body: &[u8]) -> Self {
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            error: String,
+            #[serde(default)]
+            reason: String,
+        }
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(e) => Self::Api { status: status.as_u16(), reason: e.reason, message: e.error },
+            Err(_) => Self::Api {
+                status: status.as_u16(),
+                reason: String::new(),
+                message: format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()),
+            },
+        }
+    }
+}
+
+/// Where the API is: `http://HOST[:PORT][/PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Api {
+    /// As given, for messages.
+    pub url: String,
+    /// `host:port` for the Host header and `ws://` URLs.
+    authority: String,
+    /// Host to connect to (no IPv6 brackets).
+    host: String,
+    port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    prefix: String,
+}
+
+impl Api {
+    pub fn parse(url: &str) -> Result<Self, ClientError> {
+        let bad = |why: &str| ClientError::BadUrl { url: url.into(), why: why.into() };
+        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => return Err(bad(&format!("scheme {other:?} is not supported (use http://)"))),
+            None => return Err(bad("missing scheme (use http://HOST:PORT)")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("user info is not supported"));
+        }
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(80);
+        if uri.query().is_some() {
+            return Err(bad("a query string is not allowed"));
+        }
+        Ok(Self {
+            url: url.into(),
+            authority: format!("{host}:{port}"),
+            host: host.trim_start_matches('[').trim_end_matches(']').into(),
+            port,
+            prefix: uri.path().trim_end_matches('/').into(),
+        })
+    }
+
+    /// The origin-form target for `path_and_query` (which starts with `/`).
+    pub fn target(&self, path_and_query: &str) -> String {
+        format!("{}{path_and_query}", self.prefix)
+    }
+
+    /// The `ws://` URL for `path_and_query`.
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.authority, self.target(path_and_query))
+    }
+
+    /// A TCP connection to the API.
+    pub async fn connect(&self) -> Result<TcpStream, ClientError> {
+        let stream = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|error| ClientError::Connect { url: self.url.clone(), error })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends one request on a fresh connection and returns the response
+    /// (any status), its body still streaming.
+    pub async fn request(&self, method: Method, path_and_query: &str) -> Result<Response<Incoming>, ClientError> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(format!("HTTP handshake with {}: {e}", self.url)))?;
+        smol::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "API connection ended with an error");
+            }
+        })
+        .detach();
+        let mut req = Request::new(Empty::<Bytes>::new());
+        *req.method_mut() = method.clone();
+        let target = self.target(path_and_query);
+        *req.uri_mut() =
+            target.parse().map_err(|e| ClientError::Protocol(format!("bad request target {target:?}: {e}")))?;
+        if let Ok(host) = HeaderValue::from_str(&self.authority) {
+            req.headers_mut().insert(HOST, host);
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("{method} {target} on {}: {e}", self.url)))
+    }
+
+    /// Sends a request and reads the whole body; a non-2xx status is an error
+    /// carrying the API's message.
+    pub async fn call(&self, method: Method, path_and_query: &str) -> Result<Bytes, ClientError> {
+        let resp = self.request(method, path_and_query).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("reading the response to {path_and_query}: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(ClientError::from_body(status, &body));
+        }
+        Ok(body)
+    }
+
+    /// `call`, parsing the body as JSON.
+    pub async fn json<T: DeserializeOwned>(&self, method: Method, path_and_query: &str) -> Result<T, ClientError> {
+        let body = self.call(method, path_and_query).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("unexpected response to {path_and_query}: {e}")))
+    }
+}
+
+/// Percent-encodes a path segment or query value (everything but RFC 3986
+/// unreserved characters).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::query::percent_decode;
+
+    #[test]
+    fn parses_api_urls() {
+        let api = Api::parse("http://127.0.0.1:2378").unwrap();
+        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("127.0.0.1", 2378, ""));
+        assert_eq!(api.ws_url("/v1/containers/x/attach?stdin=1"), "ws://127.0.0.1:2378/v1/containers/x/attach?stdin=1");
+        let api = Api::parse("http://[::1]:9/tether/").unwrap();
+        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("::1", 9, "/tether"));
+        assert_eq!(api.target("/healthz"), "/tether/healthz");
+        assert_eq!(api.ws_url("/x"), "ws://[::1]:9/tether/x");
+        assert_eq!(Api::parse("http://localhost").unwrap().port, 80);
+        for bad in ["https://x", "127.0.0.1:2378", "http://", "http://a:1/?q=1", "not a url"] {
+            assert!(Api::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn encodes_components() {
+        let s = "sh -c 'echo a&b=c/d?%' ✓";
+        assert_eq!(percent_decode(&encode(s), true).unwrap(), s);
+        assert_eq!(encode("web-1.x_y~"), "web-1.x_y~");
+        assert_eq!(encode("a b"), "a%20b");
+    }
+
+    #[test]
+    fn error_bodies() {
+        let e = ClientError::from_body(StatusCode::NOT_FOUND, br#"{"error":"no such container: x","reason":"NotFound"}"#);
+        assert_eq!(e.to_string(), "no such container: x");
+        let e = ClientError::from_body(StatusCode::BAD_GATEWAY, b"oops");
+        assert_eq!(e.to_string(), "HTTP 502 Bad Gateway: oops");
+    }
+}

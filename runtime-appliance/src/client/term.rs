@@ -1,0 +1,151 @@
+//! The local terminal: raw mode, window size, a stdin reader, and the
+//! ctrl-p ctrl-q detach sequence.
+
+use std::io::{IsTerminal, Read};
+use std::os::fd::AsFd;
+
+use bytes::Bytes;
+use nix::sys::termios::{SetArg, Termios, cfmakeraw, tcgetattr, tcsetattr};
+
+/// ctrl-p, the first byte of the detach sequence.
+pub const CTRL_P: u8 = 0x10;
+/// ctrl-q, the second.
+pub const CTRL_Q: u8 = 0x11;
+
+/// Whether stdin is a terminal.
+pub fn stdin_is_tty() -> bool {
+    std::io::stdin().is_terminal()
+}
+
+/// Puts stdin's terminal in raw mode until dropped.
+pub struct RawMode {
+    saved: Termios,
+}
+
+impl RawMode {
+    pub fn enable() -> nix::Result<Self> {
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(stdin.as_fd())?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw)?;
+        Ok(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.saved);
+    }
+}
+
+nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::libc::winsize);
+
+/// The terminal's size as (columns, rows), from stdout or else stdin.
+pub fn window_size() -> Option<(u16, u16)> {
+    for fd in [1, 0] {
+        let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCGWINSZ writes a `winsize` into the pointer we pass,
+        // which points to a live, properly aligned `winsize`.
+        if unsafe { tiocgwinsz(fd, &mut ws) }.is_ok() && ws.ws_col > 0 && ws.ws_row > 0 {
+            return Some((ws.ws_col, ws.ws_row));
+        }
+    }
+    None
+}
+
+/// Reads stdin on a thread; the channel yields chunks and closes at EOF.
+pub fn spawn_stdin_reader() -> async_channel::Receiver<Bytes> {
+    let (tx, rx) = async_channel::bounded(64);
+    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.send_blocking(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading stdin failed");
+                    break;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the stdin reader; stdin is not forwarded");
+    }
+    rx
+}
+
+/// The ctrl-p ctrl-q detach sequence, as `docker attach` has it. A ctrl-p
+/// is held back until the next byte: ctrl-q detaches, anything else sends
+/// both. `flush` releases a held ctrl-p (after a timeout).
+#[derive(Debug, Default)]
+pub struct DetachKeys {
+    held: bool,
+}
+
+impl DetachKeys {
+    /// Feeds input; returns the bytes to send and whether to detach (the
+    /// bytes after the sequence are dropped then).
+    pub fn feed(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len() + 1);
+        for &b in input {
+            if self.held {
+                self.held = false;
+                if b == CTRL_Q {
+                    return (out, true);
+                }
+                out.push(CTRL_P);
+            }
+            if b == CTRL_P {
+                self.held = true;
+            } else {
+                out.push(b);
+            }
+        }
+        (out, false)
+    }
+
+    /// Whether a ctrl-p is held back.
+    pub fn holding(&self) -> bool {
+        self.held
+    }
+
+    /// Releases a held ctrl-p.
+    pub fn flush(&mut self) -> Option<u8> {
+        std::mem::take(&mut self.held).then_some(CTRL_P)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detach_sequence() {
+        let mut k = DetachKeys::default();
+        assert_eq!(k.feed(b"ls\r"), (b"ls\r".to_vec(), false));
+        assert_eq!(k.feed(&[b'a', CTRL_P, CTRL_Q, b'z']), (b"a".to_vec(), true));
+        let mut k = DetachKeys::default();
+        // ctrl-p then another key: both go through.
+        assert_eq!(k.feed(&[CTRL_P]), (vec![], false));
+        assert!(k.holding());
+        assert_eq!(k.feed(b"x"), (vec![CTRL_P, b'x'], false));
+        // ctrl-p ctrl-p: the first goes through, the second is held.
+        assert_eq!(k.feed(&[CTRL_P, CTRL_P]), (vec![CTRL_P], false));
+        assert_eq!(k.flush(), Some(CTRL_P));
+        assert_eq!(k.flush(), None);
+        // Split across reads.
+        assert_eq!(k.feed(&[CTRL_P]), (vec![], false));
+        assert_eq!(k.feed(&[CTRL_Q]), (vec![], true));
+        // ctrl-q alone is just a byte.
+        let mut k = DetachKeys::default();
+        assert_eq!(k.feed(&[CTRL_Q]), (vec![CTRL_Q], false));
+    }
+}

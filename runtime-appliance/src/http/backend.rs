@@ -1,0 +1,110 @@
+//! What the HTTP server needs from the appliance, as traits: `Appliance` and
+//! `Attachment` implement them, and the tests implement them with a scripted
+//! fake so the HTTP and WebSocket layers can be tested on their own.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::api_types::{AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
+use crate::api_types::ApiError;
+use crate::appliance::{Appliance, Attachment};
+
+/// A live stream of a container's output with its stdin, resize and offset.
+/// `next` must be cancel-safe: the server races it against client input.
+pub trait Session: Send + Sync + 'static {
+    /// The container (or exec) id.
+    fn id(&self) -> &str;
+    /// Whether the process has a terminal (no stderr then).
+    fn tty(&self) -> bool;
+    /// The output offset this session started at (after any gap).
+    fn start(&self) -> u64;
+    /// The output offset just past what `next` has returned.
+    fn offset(&self) -> u64;
+    fn next(&mut self) -> impl Future<Output = Option<Output>> + Send;
+    fn write_stdin(&self, data: Bytes) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn close_stdin(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn resize(&self, cols: u32, rows: u32) -> impl Future<Output = Result<(), ApiError>> + Send;
+}
+
+/// The appliance's operations.
+pub trait Backend: Clone + Send + Sync + 'static {
+    type Session: Session;
+    fn list(&self) -> impl Future<Output = Vec<ContainerView>> + Send;
+    fn get(&self, id: &str) -> impl Future<Output = Result<ContainerView, ApiError>> + Send;
+    fn wait(&self, id: &str, timeout: Duration) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send;
+    fn signal(&self, id: &str, signal: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
+    fn attach(
+        &self,
+        id: &str,
+        options: AttachOptions,
+    ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
+    fn exec(&self, id: &str, options: ExecOptions) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
+    fn logs(
+        &self,
+        id: &str,
+        from: u64,
+        follow: bool,
+    ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
+    fn metrics(&self) -> String;
+}
+
+impl Session for Attachment {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tty(&self) -> bool {
+        self.tty
+    }
+    fn start(&self) -> u64 {
+        self.start
+    }
+    fn offset(&self) -> u64 {
+        Attachment::offset(self)
+    }
+    fn next(&mut self) -> impl Future<Output = Option<Output>> + Send {
+        Attachment::next(self)
+    }
+    fn write_stdin(&self, data: Bytes) -> impl Future<Output = Result<(), ApiError>> + Send {
+        Attachment::write_stdin(self, data)
+    }
+    fn close_stdin(&self) -> impl Future<Output = Result<(), ApiError>> + Send {
+        Attachment::close_stdin(self)
+    }
+    fn resize(&self, cols: u32, rows: u32) -> impl Future<Output = Result<(), ApiError>> + Send {
+        Attachment::resize(self, cols, rows)
+    }
+}
+
+impl Backend for Appliance {
+    type Session = Attachment;
+    fn list(&self) -> impl Future<Output = Vec<ContainerView>> + Send {
+        Appliance::list(self)
+    }
+    fn get(&self, id: &str) -> impl Future<Output = Result<ContainerView, ApiError>> + Send {
+        Appliance::get(self, id)
+    }
+    fn wait(&self, id: &str, timeout: Duration) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send {
+        Appliance::wait(self, id, timeout)
+    }
+    fn signal(&self, id: &str, signal: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
+        Appliance::signal(self, id, signal)
+    }
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
+        Appliance::start(self, id)
+    }
+    fn attach(&self, id: &str, options: AttachOptions) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+        Appliance::attach(self, id, options)
+    }
+    fn exec(&self, id: &str, options: ExecOptions) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+        Appliance::exec(self, id, options)
+    }
+    fn logs(&self, id: &str, from: u64, follow: bool) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+        Appliance::logs(self, id, from, follow)
+    }
+    fn metrics(&self) -> String {
+        Appliance::metrics(self)
+    }
+}

@@ -1,0 +1,360 @@
+//! Routing and the request handlers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::stream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::backend::{Backend, Session};
+use super::query::{Query, parse_signal, percent_decode};
+use super::response::{Body, HttpError, PROMETHEUS, json, with_body};
+use super::{OFFSET_HEADER, State, ws};
+use crate::api_types::{AttachOptions, ExecOptions, ExitStatus, From, Output};
+
+/// How long attach, exec and wait wait for a container to appear by default.
+pub const DEFAULT_APPEAR_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// A matched route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Metrics,
+    List,
+    Get(String),
+    Wait(String),
+    Signal(String),
+    Start(String),
+    Attach(String),
+    Exec(String),
+    Logs(String),
+}
+
+impl Route {
+    /// The label used in `tetherd_http_requests_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Healthz => "healthz",
+            Self::Metrics => "metrics",
+            Self::List => "list",
+            Self::Get(_) => "get",
+            Self::Wait(_) => "wait",
+            Self::Signal(_) => "signal",
+            Self::Start(_) => "start",
+            Self::Attach(_) => "attach",
+            Self::Exec(_) => "exec",
+            Self::Logs(_) => "logs",
+        }
+    }
+
+    fn allowed(&self) -> &'static str {
+        match self {
+            Self::Signal(_) | Self::Start(_) => "POST",
+            _ => "GET",
+        }
+    }
+}
+
+/// Matches a method and path to a route (404 for no route, 405 for a wrong
+/// method, 400 for an undecodable container id).
+pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
+    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let segments: Vec<&str> = trimmed.strip_prefix('/').unwrap_or(trimmed).split('/').collect();
+    let id = |raw: &str| -> Result<String, HttpError> {
+        let id = percent_decode(raw, false).map_err(|e| HttpError::bad_request(format!("bad container id: {e}")))?;
+        if id.is_empty() {
+            return Err(HttpError::no_route(method.as_str(), path));
+        }
+        Ok(id)
+    };
+    let route = match segments.as_slice() {
+        ["healthz"] => Route::Healthz,
+        ["metrics"] => Route::Metrics,
+        ["v1", "containers"] => Route::List,
+        ["v1", "containers", raw] => Route::Get(id(raw)?),
+        ["v1", "containers", raw, action] => {
+            let id = id(raw)?;
+            match *action {
+                "wait" => Route::Wait(id),
+                "signal" => Route::Signal(id),
+                "start" => Route::Start(id),
+                "attach" => Route::Attach(id),
+                "exec" => Route::Exec(id),
+                "logs" => Route::Logs(id),
+                _ => return Err(HttpError::no_route(method.as_str(), path)),
+            }
+        }
+        _ => return Err(HttpError::no_route(method.as_str(), path)),
+    };
+    let allowed = route.allowed();
+    if method.as_str() != allowed {
+        return Err(HttpError::method_not_allowed(method.as_str(), path, allowed));
+    }
+    Ok(route)
+}
+
+/// Handles one request; never fails (errors become JSON error responses).
+pub async fn handle<B: Backend>(state: Arc<State<B>>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (label, result) = match route(&method, &path) {
+        Ok(r) => (r.label(), dispatch(&state, r, req).await),
+        Err(e) => ("unknown", Err(e)),
+    };
+    let resp = result.unwrap_or_else(|e| {
+        if e.status.is_server_error() {
+            tracing::warn!(%method, %path, status = e.status.as_u16(), error = %e.message, "API request failed");
+        } else {
+            tracing::debug!(%method, %path, status = e.status.as_u16(), error = %e.message, "API request refused");
+        }
+        e.into_response()
+    });
+    state.metrics.request(label, resp.status().as_u16());
+    resp
+}
+
+async fn dispatch<B: Backend>(
+    state: &Arc<State<B>>,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    let query = Query::parse(req.uri().query())?;
+    let backend = &state.backend;
+    match route {
+        Route::Healthz => {
+            query.check("/healthz", &[], &[])?;
+            Ok(with_body(StatusCode::OK, "text/plain; charset=utf-8", "ok"))
+        }
+        Route::Metrics => {
+            query.check("/metrics", &[], &[])?;
+            let mut text = backend.metrics();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&state.metrics.render());
+            Ok(with_body(StatusCode::OK, PROMETHEUS, text))
+        }
+        Route::List => {
+            query.check("list", &[], &[])?;
+            Ok(json(StatusCode::OK, &backend.list().await))
+        }
+        Route::Get(id) => {
+            query.check("get", &[], &[])?;
+            Ok(json(StatusCode::OK, &backend.get(&id).await?))
+        }
+        Route::Wait(id) => {
+            query.check("wait", &["timeout"], &[])?;
+            let timeout = query.duration("timeout", DEFAULT_APPEAR_TIMEOUT)?;
+            let exit = backend.wait(&id, timeout).await?;
+            Ok(json(StatusCode::OK, &WaitBody::new(&exit)))
+        }
+        Route::Signal(id) => {
+            query.check("signal", &["signal"], &[])?;
+            let raw = query
+                .get("signal")
+                .ok_or_else(|| HttpError::bad_request("missing query parameter \"signal\" (e.g. signal=TERM)"))?;
+            let signal = parse_signal(raw)?;
+            backend.signal(&id, &signal).await?;
+            Ok(json(StatusCode::OK, &serde_json::json!({ "id": id, "signal": signal })))
+        }
+        Route::Start(id) => {
+            query.check("start", &[], &[])?;
+            backend.start(&id).await?;
+            Ok(json(StatusCode::OK, &serde_json::json!({ "id": id, "started": true })))
+        }
+        Route::Attach(id) => attach(state, id, &query, req).await,
+        Route::Exec(id) => exec(state, id, &query, req).await,
+        Route::Logs(id) => logs(state, id, &query).await,
+    }
+}
+
+/// `{"exit_code": N}`, plus `signal` and `core_dumped` when killed by a signal.
+#[derive(Debug, Serialize)]
+struct WaitBody<'a> {
+    exit_code: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    core_dumped: Option<bool>,
+}
+
+impl<'a> WaitBody<'a> {
+    fn new(exit: &'a ExitStatus) -> Self {
+        let (signal, core_dumped) = match exit {
+            ExitStatus::Code(_) => (None, None),
+            ExitStatus::Signal { name, core_dumped } => (Some(name.as_str()), Some(*core_dumped)),
+        };
+        Self { exit_code: exit.code(), signal, core_dumped }
+    }
+}
+
+const ATTACH_PARAMS: &[&str] = &["stdin", "stdout", "stderr", "from", "timeout", "tty", "container"];
+
+async fn attach<B: Backend>(
+    state: &Arc<State<B>>,
+    id: String,
+    query: &Query,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    query.check("attach", ATTACH_PARAMS, &[])?;
+    // `tty` and `container` are accepted for kubectl compatibility and ignored:
+    // the container decides whether it has a terminal.
+    query.bool("tty", false)?;
+    let options = AttachOptions {
+        stdin: query.bool("stdin", false)?,
+        stdout: query.bool("stdout", true)?,
+        stderr: query.bool("stderr", true)?,
+        from: query.from("from", From::Offset(0))?,
+        timeout: query.duration("timeout", DEFAULT_APPEAR_TIMEOUT)?,
+    };
+    if !(options.stdin || options.stdout || options.stderr) {
+        return Err(HttpError::bad_request("attach needs at least one of stdin, stdout and stderr"));
+    }
+    let upgrade = ws::check_upgrade(&req)?;
+    let streams = ws::Streams { stdin: options.stdin, stdout: options.stdout, stderr: options.stderr };
+    let session = state.backend.attach(&id, options).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let resp = ws::switching_protocols(&upgrade, &session, false);
+    smol::spawn(ws::run(state.clone(), on_upgrade, upgrade.protocol, session, streams)).detach();
+    Ok(resp)
+}
+
+const EXEC_PARAMS: &[&str] =
+    &["command", "stdin", "stdout", "stderr", "tty", "timeout", "env", "width", "height", "container"];
+
+async fn exec<B: Backend>(
+    state: &Arc<State<B>>,
+    id: String,
+    query: &Query,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, HttpError> {
+    query.check("exec", EXEC_PARAMS, &["command", "env"])?;
+    let command: Vec<String> = query.all("command").into_iter().map(String::from).collect();
+    if command.is_empty() {
+        return Err(HttpError::bad_request("exec needs a command: command=ARG0&command=ARG1..."));
+    }
+    let tty = query.bool("tty", false)?;
+    let env = query
+        .all("env")
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(HttpError::bad_request(format!("query parameter env={kv:?} is not NAME=VALUE"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let size = match (query.opt_u32("width")?, query.opt_u32("height")?) {
+        (Some(w), Some(h)) => Some((w, h)),
+        (None, None) => None,
+        _ => return Err(HttpError::bad_request("give both width and height, or neither")),
+    };
+    let streams = ws::Streams {
+        stdin: query.bool("stdin", false)?,
+        stdout: query.bool("stdout", true)?,
+        stderr: query.bool("stderr", true)?,
+    };
+    let options = ExecOptions {
+        command,
+        tty,
+        stdin: streams.stdin,
+        size: size.filter(|_| tty),
+        env,
+        timeout: query.duration("timeout", DEFAULT_APPEAR_TIMEOUT)?,
+    };
+    let upgrade = ws::check_upgrade(&req)?;
+    let session = state.backend.exec(&id, options).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let resp = ws::switching_protocols(&upgrade, &session, true);
+    smol::spawn(ws::run(state.clone(), on_upgrade, upgrade.protocol, session, streams)).detach();
+    Ok(resp)
+}
+
+async fn logs<B: Backend>(state: &Arc<State<B>>, id: String, query: &Query) -> Result<Response<Body>, HttpError> {
+    query.check("logs", &["follow", "from"], &[])?;
+    let follow = query.bool("follow", false)?;
+    let from = query.u64("from", 0)?;
+    let session = state.backend.logs(&id, from, follow).await?;
+    let start = session.start();
+    let st = state.clone();
+    let chunks = stream::unfold(Some(session), move |session| {
+        let st = st.clone();
+        async move {
+            let mut session = session?;
+            loop {
+                match session.next().await {
+                    Some(Output::Stdout(b) | Output::Stderr(b)) if b.is_empty() => continue,
+                    Some(Output::Stdout(b) | Output::Stderr(b)) => return Some((Ok(Frame::data(b)), Some(session))),
+                    Some(Output::Gap(n)) => {
+                        tracing::info!(id = session.id(), bytes = n, "logs: output lost before the replay point");
+                        st.metrics.gap(n);
+                    }
+                    Some(Output::Exit(_)) => return None,
+                    None if follow => {
+                        let offset = session.offset();
+                        let err = std::io::Error::other(format!(
+                            "output of {} ended without an exit status at offset {offset}",
+                            session.id()
+                        ));
+                        return Some((Err(err), None));
+                    }
+                    None => return None,
+                }
+            }
+        }
+    });
+    let body: Body = BodyExt::boxed_unsync(StreamBody::new(chunks));
+    let mut resp = Response::new(body);
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(OFFSET_HEADER, HeaderValue::from(start));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match() {
+        let get = Method::GET;
+        let post = Method::POST;
+        assert_eq!(route(&get, "/healthz").unwrap(), Route::Healthz);
+        assert_eq!(route(&get, "/v1/containers").unwrap(), Route::List);
+        assert_eq!(route(&get, "/v1/containers/").unwrap(), Route::List);
+        assert_eq!(route(&get, "/v1/containers/web").unwrap(), Route::Get("web".into()));
+        assert_eq!(route(&get, "/v1/containers/a%2Fb/logs").unwrap(), Route::Logs("a/b".into()));
+        assert_eq!(route(&post, "/v1/containers/x/signal").unwrap(), Route::Signal("x".into()));
+        assert_eq!(route(&post, "/v1/containers/x/start").unwrap(), Route::Start("x".into()));
+        assert_eq!(route(&get, "/v1/containers/x/attach").unwrap(), Route::Attach("x".into()));
+        assert_eq!(route(&get, "/v1/containers/x/exec").unwrap(), Route::Exec("x".into()));
+        assert_eq!(route(&get, "/v1/containers/x/wait").unwrap(), Route::Wait("x".into()));
+    }
+
+    #[test]
+    fn bad_routes_say_why() {
+        let e = route(&Method::GET, "/v2/containers").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.reason), (404, "UnknownRoute"));
+        let e = route(&Method::GET, "/v1/containers/x/frobnicate").unwrap_err();
+        assert_eq!(e.status.as_u16(), 404);
+        let e = route(&Method::GET, "/v1/containers//logs").unwrap_err();
+        assert_eq!(e.status.as_u16(), 404);
+        let e = route(&Method::DELETE, "/v1/containers/x").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("GET")));
+        let e = route(&Method::GET, "/v1/containers/x/signal").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("POST")));
+        let e = route(&Method::GET, "/v1/containers/%ff/logs").unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+    }
+
+    #[test]
+    fn wait_body() {
+        let code = serde_json::to_string(&WaitBody::new(&ExitStatus::Code(3))).unwrap();
+        assert_eq!(code, r#"{"exit_code":3}"#);
+        let sig = ExitStatus::Signal { name: "KILL".into(), core_dumped: false };
+        let sig = serde_json::to_string(&WaitBody::new(&sig)).unwrap();
+        assert_eq!(sig, r#"{"exit_code":137,"signal":"KILL","core_dumped":false}"#);
+    }
+}

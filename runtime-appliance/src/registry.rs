@@ -1,0 +1,238 @@
+//! The appliance's shared state: the connection map (proto-core's pure
+//! `ConnectionMap`), each live link's command queue, the pinned guest keys, and
+//! what is remembered of exited containers after their link has gone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_channel::Sender;
+use event_listener::Event;
+use futures_lite::future;
+use proto_core::connmap::{ConnectionMap, Entry, MapEvent, WaiterId};
+use proto_core::tether::{self, ContainerInfo, Kind, State};
+use proto_core::{ClientConfig, HostKeyPolicy, PrivateKey, PublicKey};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use smol::Timer;
+use tracing::warn;
+
+use crate::api_types::{ApiError, ContainerView};
+use crate::guestlink::LinkCommand;
+
+/// A fresh RNG seeded by the OS.
+pub fn rng() -> Box<dyn rand_core::RngCore + Send> {
+    Box::new(ChaCha20Rng::from_entropy())
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub links_accepted: AtomicU64,
+    pub attaches: AtomicU64,
+    pub execs: AtomicU64,
+    pub reattaches: AtomicU64,
+    pub conflicts: AtomicU64,
+}
+
+#[derive(Default)]
+struct Registry {
+    map: ConnectionMap,
+    links: HashMap<u64, Sender<LinkCommand>>,
+    /// Exited containers whose link is gone: still listed, still waitable.
+    remembered: BTreeMap<String, ContainerInfo>,
+    /// Results for `ConnectionMap` waiters, filled as the map reports them.
+    ready: HashMap<WaiterId, Result<Entry, ()>>,
+}
+
+impl Registry {
+    fn drain_map_events(&mut self, counters: &Counters) {
+        while let Some(ev) = self.map.poll_event() {
+            match ev {
+                MapEvent::Ready { waiter, entry } => {
+                    self.ready.insert(waiter, Ok(entry));
+                }
+                MapEvent::TimedOut { waiter, .. } => {
+                    self.ready.insert(waiter, Err(()));
+                }
+                MapEvent::Conflict { id, serving, other } => {
+                    counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    warn!(container = %id, serving, other, "two live guest links claim this container; the newer serves it");
+                }
+            }
+        }
+    }
+}
+
+/// Everything the appliance's tasks share.
+pub struct Shared {
+    generations: AtomicU64,
+    state: Mutex<Registry>,
+    /// The map changed (links came or went, containers changed state).
+    pub changed: Event,
+    client: proto_core::Config,
+    /// Container id -> the guest host key pinned for it (none: any key).
+    known: Option<HashMap<String, PublicKey>>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    /// Shared state for an appliance with this key, trusting `known` guests
+    /// (or any guest when `None`).
+    pub fn new(key: PrivateKey, known: Option<HashMap<String, PublicKey>>) -> Self {
+        let host_keys = match &known {
+            Some(k) => HostKeyPolicy::Pinned(k.values().copied().collect()),
+            None => HostKeyPolicy::AcceptAny,
+        };
+        let mut client = proto_core::Config::client(ClientConfig { user: "tetherd".into(), key: Some(key), host_keys });
+        tether::enable_appliance(&mut client);
+        client.keepalive_interval = Some(Duration::from_secs(5));
+        client.keepalive_max = 2;
+        client.max_packet = 64 * 1024;
+        Self {
+            generations: AtomicU64::new(0),
+            state: Mutex::new(Registry::default()),
+            changed: Event::new(),
+            client,
+            known,
+            counters: Counters::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new link's generation number.
+    pub fn next_generation(&self) -> u64 {
+        self.counters.links_accepted.fetch_add(1, Ordering::Relaxed);
+        self.generations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The SSH client configuration for guest links.
+    pub fn client_config(&self) -> proto_core::Config {
+        self.client.clone()
+    }
+
+    /// A link is ready to take commands.
+    pub fn link_up(&self, generation: u64, commands: Sender<LinkCommand>) {
+        self.lock().links.insert(generation, commands);
+    }
+
+    /// A link is gone: its claims go, exited containers are remembered.
+    pub fn link_gone(&self, generation: u64) {
+        let mut r = self.lock();
+        r.links.remove(&generation);
+        let exited: Vec<ContainerInfo> = r
+            .map
+            .list()
+            .into_iter()
+            .filter(|e| e.generation == generation && e.info.state == State::Exited)
+            .map(|e| e.info)
+            .collect();
+        for info in exited {
+            r.remembered.insert(info.id.clone(), info);
+        }
+        r.map.remove_connection(generation);
+        r.drain_map_events(&self.counters);
+        drop(r);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// A link's full container list (a reply or a push).
+    pub fn update(&self, generation: u64, host_key: Option<PublicKey>, list: Vec<ContainerInfo>) {
+        let list: Vec<ContainerInfo> = match (&self.known, host_key) {
+            (Some(known), Some(key)) => list
+                .into_iter()
+                .filter(|c| {
+                    let ok = c.kind == Kind::Exec || known.get(&c.id) == Some(&key);
+                    if !ok {
+                        warn!(link = generation, container = %c.id, "guest claims a container pinned to another host key; ignored");
+                    }
+                    ok
+                })
+                .collect(),
+            _ => list,
+        };
+        let mut r = self.lock();
+        for c in &list {
+            r.remembered.remove(&c.id);
+        }
+        r.map.update(generation, list);
+        r.drain_map_events(&self.counters);
+        drop(r);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// What is known of `id`: live, or remembered after its link went.
+    pub fn info(&self, id: &str) -> Option<(ContainerInfo, Option<u64>)> {
+        let r = self.lock();
+        match r.map.get(id) {
+            Some(e) => Some((e.info, Some(e.generation))),
+            None => r.remembered.get(id).map(|i| (i.clone(), None)),
+        }
+    }
+
+    /// Every container, live and remembered, sorted by id.
+    pub fn views(&self) -> Vec<ContainerView> {
+        let r = self.lock();
+        let mut out: BTreeMap<String, ContainerView> =
+            r.remembered.values().map(|i| (i.id.clone(), ContainerView::new(i, None))).collect();
+        for e in r.map.list() {
+            out.insert(e.info.id.clone(), ContainerView::new(&e.info, Some(e.generation)));
+        }
+        out.into_values().collect()
+    }
+
+    /// Live links.
+    pub fn link_count(&self) -> usize {
+        self.lock().links.len()
+    }
+
+    /// Waits up to `timeout` for `id` to be served by a live link.
+    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
+        let deadline = Instant::now() + timeout;
+        let waiter = {
+            let mut r = self.lock();
+            match r.map.wait(id, deadline) {
+                Ok(entry) => match r.links.get(&entry.generation) {
+                    Some(link) => return Ok((entry.clone(), link.clone())),
+                    None => return Err(ApiError::LinkDown(format!("the link serving {id} is closing"))),
+                },
+                Err(w) => w,
+            }
+        };
+        struct Cancel<'a>(&'a Shared, WaiterId);
+        impl Drop for Cancel<'_> {
+            fn drop(&mut self) {
+                let mut r = self.0.lock();
+                r.map.cancel(self.1);
+                r.ready.remove(&self.1);
+            }
+        }
+        let _cancel = Cancel(self, waiter);
+        loop {
+            let listener = self.changed.listen();
+            {
+                let mut r = self.lock();
+                r.map.handle_timeout(Instant::now());
+                r.drain_map_events(&self.counters);
+                match r.ready.remove(&waiter) {
+                    Some(Ok(entry)) => {
+                        if let Some(link) = r.links.get(&entry.generation) {
+                            return Ok((entry, link.clone()));
+                        }
+                        return Err(ApiError::LinkDown(format!("the link serving {id} is closing")));
+                    }
+                    Some(Err(())) => return Err(ApiError::Timeout { id: id.to_owned(), waited: timeout }),
+                    None => {}
+                }
+            }
+            future::or(listener, async {
+                Timer::at(deadline).await;
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The server commands: `serve`, `keygen`, `guest-config` and `demo`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, ExitCode, Stdio};
+
+use proto_core::{PrivateKey, PublicKey};
+use rand_core::OsRng;
+use smol::Async;
+use tracing::info;
+
+use crate::appliance::Appliance;
+use crate::cli::{ApiArgs, AttachArgs, Command, DemoArgs, GuestConfigArgs, KeygenArgs, ServeArgs};
+
+/// Runs a server command.
+pub fn run(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Serve(args) => serve(args),
+        Command::Keygen(args) => keygen(&args),
+        Command::GuestConfig(args) => guest_config(&args),
+        Command::Demo(args) => return demo(args),
+        _ => Err("not a server command".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tetherd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read_key(path: &Path) -> Result<PrivateKey, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("--key {}: {e}", path.display()))?;
+    PrivateKey::from_openssh(&text).map_err(|e| format!("--key {}: {e}", path.display()))
+}
+
+/// Parses a known-guests file: `ID ssh-ed25519 AAAA... [comment]` per line.
+pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, String> {
+    let mut known = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (id, key) = line.split_once(char::is_whitespace).ok_or_else(|| format!("line {}: expected `ID ssh-ed25519 AAAA...`", n + 1))?;
+        let key = PublicKey::from_openssh(key.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
+        known.insert(id.to_owned(), key);
+    }
+    Ok(known)
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let key = read_key(&args.key)?;
+    let known = match (&args.known_guests, args.accept_any_host_key) {
+        (Some(path), _) => {
+            let text = fs::read_to_string(path).map_err(|e| format!("--known-guests {}: {e}", path.display()))?;
+            Some(parse_known_guests(&text).map_err(|e| format!("--known-guests {}: {e}", path.display()))?)
+        }
+        (None, true) => {
+            tracing::warn!("--accept-any-host-key: any guest host key is trusted (development only)");
+            None
+        }
+        (None, false) => return Err("give --known-guests PATH (or --accept-any-host-key for development)".into()),
+    };
+    let appliance = Appliance::new(key, known);
+    let bind = |addr: SocketAddr, what: &str| Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"));
+    let guests = bind(args.listen, "--listen")?;
+    info!("guest links (link sync on) on {}", args.listen);
+    let direct = args.listen_direct.map(|a| bind(a, "--listen-direct")).transpose()?;
+    let api = bind(args.api, "--api")?;
+    info!("HTTP API on http://{}", args.api);
+    smol::block_on(async {
+        let a = appliance.clone();
+        smol::spawn(async move { a.listen(guests, true).await }).detach();
+        if let Some(direct) = direct {
+            info!("guest links (direct) on {}", direct.get_ref().local_addr().map(|a| a.to_string()).unwrap_or_default());
+            let a = appliance.clone();
+            smol::spawn(async move { a.listen(direct, false).await }).detach();
+        }
+        crate::http::serve_api(api, appliance).await;
+    });
+    Ok(())
+}
+
+/// Writes a file only the owner can read.
+fn write_private(path: &Path, contents: &str) -> Result<(), String> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(contents.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn pub_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+fn keygen(args: &KeygenArgs) -> Result<(), String> {
+    if args.out.exists() {
+        return Err(format!("{} exists; remove it first", args.out.display()));
+    }
+    let key = PrivateKey::generate(&mut OsRng);
+    write_private(&args.out, &key.to_openssh("tetherd"))?;
+    let public = format!("{} tetherd\n", key.public().to_openssh());
+    fs::write(pub_path(&args.out), public).map_err(|e| format!("{}: {e}", pub_path(&args.out).display()))?;
+    println!("{} {}", args.out.display(), key.public().fingerprint());
+    Ok(())
+}
+
+/// A guest config with a fresh host key and one primary session.
+pub fn guest_config_json(id: &str, appliance: &PublicKey, host_key: &PrivateKey, link: &str, tty: bool, cmd: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "host_key": host_key.to_openssh(id),
+        "authorized_keys": [appliance.to_openssh()],
+        "link": link,
+        "sessions": [{ "id": id, "cmd": cmd, "tty": tty }],
+    })
+}
+
+fn guest_config(args: &GuestConfigArgs) -> Result<(), String> {
+    let text = fs::read_to_string(&args.key).map_err(|e| format!("--key {}: {e}", args.key.display()))?;
+    let appliance = PublicKey::from_openssh(text.lines().next().unwrap_or("")).map_err(|e| format!("--key {}: {e}", args.key.display()))?;
+    args.link.parse::<LinkCheck>().map_err(|e| format!("--link: {e}"))?;
+    let host_key = PrivateKey::generate(&mut OsRng);
+    let config = guest_config_json(&args.id, &appliance, &host_key, &args.link, args.tty, &args.cmd);
+    write_private(&args.out, &format!("{:#}\n", config))?;
+    if let Some(known) = &args.known_guests {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(known)
+            .map_err(|e| format!("--known-guests {}: {e}", known.display()))?;
+        writeln!(f, "{} {}", args.id, host_key.public().to_openssh()).map_err(|e| format!("--known-guests {}: {e}", known.display()))?;
+    }
+    println!("{} (guest host key {})", args.out.display(), host_key.public().fingerprint());
+    Ok(())
+}
+
+/// A light check of a link SPEC's scheme, so a typo fails here rather than in the guest.
+struct LinkCheck;
+
+impl std::str::FromStr for LinkCheck {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let scheme = s.split(':').next().unwrap_or("");
+        match scheme {
+            "serial" | "tcp" | "tcp-listen" | "vsock" | "vsock-listen" | "unix" => Ok(LinkCheck),
+            _ => Err(format!("{s:?}: unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)")),
+        }
+    }
+}
+
+/// The `tether` binary next to this one.
+fn tether_binary() -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let path = me.with_file_name("tether");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} not found: build it with `cargo build --release -p runtime-guest` (scripts/demo does)", path.display()))
+    }
+}
+
+/// The demo: an appliance on loopback, a local `tether` child linked to it
+/// over TCP with link sync, a shell in it, and this terminal attached.
+fn demo(args: DemoArgs) -> ExitCode {
+    match demo_inner(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tetherd demo: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
+    let tether = tether_binary()?;
+    let dir = tempfile::Builder::new().prefix("tether-demo").tempdir().map_err(|e| e.to_string())?;
+    let appliance_key = PrivateKey::generate(&mut OsRng);
+    let host_key = PrivateKey::generate(&mut OsRng);
+    let id = "demo";
+    let appliance = Appliance::new(appliance_key.clone(), Some(HashMap::from([(id.to_owned(), *host_key.public())])));
+    let guests = appliance.spawn_listener("127.0.0.1:0".parse().expect("address"), true).map_err(|e| e.to_string())?;
+    let api = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).map_err(|e| e.to_string())?;
+    let api_addr = api.get_ref().local_addr().map_err(|e| e.to_string())?;
+    let a = appliance.clone();
+    smol::spawn(async move { crate::http::serve_api(api, a).await }).detach();
+
+    let shell = std::env::var("SHELL").ok().filter(|s| Path::new(s).exists()).unwrap_or_else(|| "/bin/sh".into());
+    let cmd = if args.cmd.is_empty() { vec![shell] } else { args.cmd.clone() };
+    let interactive = crate::client::term::stdin_is_tty();
+    let config = guest_config_json(id, appliance_key.public(), &host_key, &format!("tcp:{guests}"), interactive, &cmd);
+    let config_path = dir.path().join("config.json");
+    write_private(&config_path, &config.to_string())?;
+    let log_path = dir.path().join("tether.log");
+    let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let mut child = Process::new(&tether)
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", tether.display()))?;
+    if interactive {
+        eprintln!("tether demo: a shell in a local tether, linked over loopback with link sync. Detach with ctrl-p ctrl-q.\r");
+    }
+    let code = crate::client::run(Command::Attach(AttachArgs {
+        api: ApiArgs { api: format!("http://{api_addr}") },
+        id: id.into(),
+        from: "0".into(),
+        no_stdin: false,
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    if interactive {
+        let _ = fs::copy(&log_path, std::env::temp_dir().join("tether-demo.log"));
+        eprintln!("tether's log: {}", std::env::temp_dir().join("tether-demo.log").display());
+    }
+    Ok(code)
+}

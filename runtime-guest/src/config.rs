@@ -1,0 +1,409 @@
+//! The guest configuration: JSON, documented field by field in docs/CONFIG.md.
+//! Unknown fields are errors, and every error names the field it is about
+//! (`sessions[0].overflow: unknown variant ...`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto_core::outlog::Overflow;
+use proto_core::{PrivateKey, PublicKey};
+use serde::Deserialize;
+
+use crate::linkspec::LinkSpec;
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {message}")]
+pub struct ConfigError {
+    /// The field, e.g. `sessions[0].cmd`; or the file for I/O errors.
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { path: path.into(), message: message.into() }
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub id: String,
+    pub host_key: String,
+    #[serde(default)]
+    pub authorized_keys: Vec<String>,
+    #[serde(default)]
+    pub allow_none_auth: bool,
+    pub sessions: Vec<RawSession>,
+    #[serde(default)]
+    pub link: Option<String>,
+    #[serde(default)]
+    pub shell: Option<String>,
+    #[serde(default)]
+    pub exit_linger: Option<String>,
+    #[serde(default)]
+    pub keepalive: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub domainname: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<HostEntry>,
+    #[serde(default)]
+    pub dns: Option<Dns>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    #[serde(default)]
+    pub networks: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub secrets: Vec<serde_json::Value>,
+}
+
+/// One session as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSession {
+    pub id: String,
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default = "yes")]
+    pub stdin: bool,
+    #[serde(default)]
+    pub start_gated: bool,
+    #[serde(default)]
+    pub start_gate_timeout: Option<String>,
+    #[serde(default)]
+    pub start_gate_expiry: GateExpiry,
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    #[serde(default)]
+    pub output_buffer: Option<usize>,
+    #[serde(default)]
+    pub overflow: OverflowName,
+    #[serde(default)]
+    pub tty_size: Option<[u16; 2]>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `/etc/hosts` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    pub ip: String,
+    pub names: Vec<String>,
+}
+
+/// `resolv.conf` contents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default)]
+    pub search: Vec<String>,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// A mount.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    pub source: String,
+    pub target: PathBuf,
+    pub fstype: String,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+/// What a start-gated session does when its gate times out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateExpiry {
+    /// Start anyway (default).
+    #[default]
+    Start,
+    /// Do not start: the session exits with status 125.
+    Fail,
+}
+
+/// The overflow policy as written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverflowName {
+    #[default]
+    DropOldest,
+    Block,
+}
+
+/// A validated session.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    pub id: String,
+    pub cmd: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub user: Option<String>,
+    pub tty: bool,
+    pub stdin: bool,
+    pub start_gate: Option<(Duration, GateExpiry)>,
+    pub stop_signal: nix::sys::signal::Signal,
+    pub output_buffer: usize,
+    pub overflow: Overflow,
+    pub tty_size: (u16, u16),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: String,
+    pub host_key: PrivateKey,
+    pub authorized_keys: Vec<PublicKey>,
+    pub allow_none_auth: bool,
+    pub sessions: Vec<SessionSpec>,
+    pub link: Option<LinkSpec>,
+    pub shell: String,
+    pub exit_linger: Duration,
+    pub keepalive: Duration,
+    pub raw_os: OsConfig,
+}
+
+/// OS configuration fields (applied only when running as PID 1).
+#[derive(Debug, Clone, Default)]
+pub struct OsConfig {
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub hosts: Vec<HostEntry>,
+    pub dns: Option<Dns>,
+    pub mounts: Vec<Mount>,
+    pub networks: usize,
+    pub secrets: usize,
+}
+
+impl OsConfig {
+    /// Whether the config asks for any OS configuration.
+    pub fn is_empty(&self) -> bool {
+        self.hostname.is_none()
+            && self.domainname.is_none()
+            && self.hosts.is_empty()
+            && self.dns.is_none()
+            && self.mounts.is_empty()
+            && self.networks == 0
+            && self.secrets == 0
+    }
+}
+
+/// Default output log capacity per session.
+pub const DEFAULT_OUTPUT_BUFFER: usize = 1 << 20;
+
+fn duration(path: &str, value: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s).map_err(|e| err(path, format!("not a duration like \"30s\": {e}"))),
+    }
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`) or number.
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let name = if s.starts_with("SIG") { s.to_owned() } else { format!("SIG{s}") };
+    nix::sys::signal::Signal::from_str(&name.to_ascii_uppercase()).ok()
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e.to_string()))?;
+        Self::parse(&text, path.parent())
+    }
+
+    /// Parses and validates config text; relative key paths resolve against `base`.
+    pub fn parse(text: &str, base: Option<&Path>) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            err(if path == "." { "(top level)".into() } else { path }, e.inner().to_string())
+        })?;
+        Self::validate(raw, base)
+    }
+
+    fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Self, ConfigError> {
+        if raw.id.is_empty() {
+            return Err(err("id", "must not be empty"));
+        }
+        let key_text = if raw.host_key.trim_start().starts_with("-----BEGIN") {
+            raw.host_key.clone()
+        } else {
+            let p = base.map(|b| b.join(&raw.host_key)).unwrap_or_else(|| PathBuf::from(&raw.host_key));
+            std::fs::read_to_string(&p).map_err(|e| err("host_key", format!("cannot read {}: {e}", p.display())))?
+        };
+        let host_key = PrivateKey::from_openssh(&key_text).map_err(|e| err("host_key", e.to_string()))?;
+        let authorized_keys = raw
+            .authorized_keys
+            .iter()
+            .enumerate()
+            .map(|(i, line)| PublicKey::from_openssh(line).map_err(|e| err(format!("authorized_keys[{i}]"), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if authorized_keys.is_empty() && !raw.allow_none_auth {
+            return Err(err("authorized_keys", "no keys: the appliance could never authenticate (set allow_none_auth for development)"));
+        }
+        if raw.sessions.is_empty() {
+            return Err(err("sessions", "at least one session (the primary, whose id is the container id) is required"));
+        }
+        let mut sessions = Vec::new();
+        for (i, s) in raw.sessions.into_iter().enumerate() {
+            let at = |f: &str| format!("sessions[{i}].{f}");
+            if s.id.is_empty() || s.id.contains(['/', ' ']) {
+                return Err(err(at("id"), "must be non-empty, without spaces or slashes"));
+            }
+            if sessions.iter().any(|x: &SessionSpec| x.id == s.id) {
+                return Err(err(at("id"), format!("duplicate session id {:?}", s.id)));
+            }
+            if s.cmd.is_empty() || s.cmd[0].is_empty() {
+                return Err(err(at("cmd"), "must name a program"));
+            }
+            let stop_signal = match &s.stop_signal {
+                None => nix::sys::signal::Signal::SIGTERM,
+                Some(name) => parse_signal(name).ok_or_else(|| err(at("stop_signal"), format!("unknown signal {name:?}")))?,
+            };
+            let start_gate = if s.start_gated {
+                Some((duration(&at("start_gate_timeout"), &s.start_gate_timeout, Duration::from_secs(30))?, s.start_gate_expiry))
+            } else {
+                if s.start_gate_timeout.is_some() {
+                    return Err(err(at("start_gate_timeout"), "set only with start_gated = true"));
+                }
+                None
+            };
+            let output_buffer = s.output_buffer.unwrap_or(DEFAULT_OUTPUT_BUFFER);
+            if output_buffer == 0 {
+                return Err(err(at("output_buffer"), "must be at least 1 byte"));
+            }
+            let tty_size = s.tty_size.map(|[c, r]| (c, r)).unwrap_or((80, 24));
+            if tty_size.0 == 0 || tty_size.1 == 0 {
+                return Err(err(at("tty_size"), "columns and rows must be positive"));
+            }
+            for k in s.env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(err(at(&format!("env.{k}")), "not a valid variable name"));
+                }
+            }
+            sessions.push(SessionSpec {
+                id: s.id,
+                cmd: s.cmd,
+                env: s.env,
+                cwd: s.cwd,
+                user: s.user,
+                tty: s.tty,
+                stdin: s.stdin,
+                start_gate,
+                stop_signal,
+                output_buffer,
+                overflow: match s.overflow {
+                    OverflowName::DropOldest => Overflow::DropOldest,
+                    OverflowName::Block => Overflow::Block,
+                },
+                tty_size,
+            });
+        }
+        if !sessions.iter().any(|s| s.id == raw.id) {
+            return Err(err("sessions", format!("no session has the container id {:?}: that session is the primary", raw.id)));
+        }
+        let link = match &raw.link {
+            None => None,
+            Some(spec) => Some(spec.parse::<LinkSpec>().map_err(|e| err("link", e))?),
+        };
+        Ok(Config {
+            id: raw.id,
+            host_key,
+            authorized_keys,
+            allow_none_auth: raw.allow_none_auth,
+            sessions,
+            link,
+            shell: raw.shell.unwrap_or_else(|| "/bin/sh".into()),
+            exit_linger: duration("exit_linger", &raw.exit_linger, Duration::from_secs(30))?,
+            keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(5))?,
+            raw_os: OsConfig {
+                hostname: raw.hostname,
+                domainname: raw.domainname,
+                hosts: raw.hosts,
+                dns: raw.dns,
+                mounts: raw.mounts,
+                networks: raw.networks.len(),
+                secrets: raw.secrets.len(),
+            },
+        })
+    }
+
+    /// The primary session's spec.
+    pub fn primary(&self) -> &SessionSpec {
+        self.sessions.iter().find(|s| s.id == self.id).expect("validated")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> String {
+        PrivateKey::from_seed([4; 32]).to_openssh("t")
+    }
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "id": "c1",
+            "host_key": key(),
+            "authorized_keys": [PrivateKey::from_seed([5; 32]).public().to_openssh()],
+            "sessions": [{"id": "c1", "cmd": ["/bin/sh"]}],
+        })
+    }
+
+    fn parse(v: serde_json::Value) -> Result<Config, ConfigError> {
+        Config::parse(&v.to_string(), None)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let c = parse(base()).unwrap();
+        let s = c.primary();
+        assert_eq!((s.stdin, s.tty, s.output_buffer, s.overflow), (true, false, 1 << 20, Overflow::DropOldest));
+        assert_eq!(c.shell, "/bin/sh");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (serde_json::json!({"bogus": 1}), "(top level)"),
+            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "colour": "red"}]}), "sessions[0]"),
+            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "overflow": "sideways"}]}), "sessions[0].overflow"),
+            (serde_json::json!({"sessions": [{"id": "c1", "cmd": []}]}), "sessions[0].cmd"),
+            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "stop_signal": "NOPE"}]}), "sessions[0].stop_signal"),
+            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "start_gated": true, "start_gate_timeout": "soon"}]}), "sessions[0].start_gate_timeout"),
+            (serde_json::json!({"sessions": [{"id": "other", "cmd": ["x"]}]}), "sessions"),
+            (serde_json::json!({"host_key": "/nonexistent/key"}), "host_key"),
+            (serde_json::json!({"authorized_keys": ["ssh-rsa AAAA"]}), "authorized_keys[0]"),
+            (serde_json::json!({"link": "carrier-pigeon:1"}), "link"),
+        ];
+        for (patch, field) in cases {
+            let mut v = base();
+            for (k, val) in patch.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            let e = parse(v).unwrap_err();
+            assert!(e.path.starts_with(field), "expected {field}, got {e}");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Link SPECs (`serial:/dev/ttyS0`, `tcp:HOST:PORT`, `tcp-listen:ADDR:PORT`,
+//! `vsock:CID:PORT`, `vsock-listen:PORT`, `unix:PATH`, each with an optional
+//! `,sync=on|off`) and the byte streams they open.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use smol::Async;
+
+/// Where a link goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A serial device whose other end is a hypervisor network serial port.
+    Serial(PathBuf),
+    /// Connect over TCP (and retry with backoff).
+    Tcp(String),
+    /// Listen on TCP and serve one appliance at a time.
+    TcpListen(SocketAddr),
+    /// Connect over vsock.
+    Vsock { cid: u32, port: u32 },
+    /// Listen on vsock.
+    VsockListen { port: u32 },
+    /// Connect to a unix socket.
+    Unix(PathBuf),
+}
+
+/// A parsed link SPEC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub endpoint: Endpoint,
+    /// Run link sync before SSH (default on for `serial:` and `tcp:`).
+    pub sync: bool,
+}
+
+impl FromStr for LinkSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("link {spec:?}: {why}");
+        let (main, opts) = match spec.split_once(',') {
+            Some((m, o)) => (m, Some(o)),
+            None => (spec, None),
+        };
+        let (scheme, rest) = main.split_once(':').ok_or_else(|| bad("expected SCHEME:ADDRESS"))?;
+        let port = |s: &str| s.parse::<u32>().map_err(|_| bad("port is not a number"));
+        let endpoint = match scheme {
+            "serial" if !rest.is_empty() => Endpoint::Serial(rest.into()),
+            "tcp" => {
+                let (host, p) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+                if host.is_empty() || p.parse::<u16>().is_err() {
+                    return Err(bad("expected tcp:HOST:PORT"));
+                }
+                Endpoint::Tcp(rest.into())
+            }
+            "tcp-listen" => Endpoint::TcpListen(rest.parse().map_err(|_| bad("expected tcp-listen:ADDR:PORT"))?),
+            "vsock" => {
+                let (cid, p) = rest.split_once(':').ok_or_else(|| bad("expected vsock:CID:PORT"))?;
+                Endpoint::Vsock { cid: cid.parse().map_err(|_| bad("CID is not a number"))?, port: port(p)? }
+            }
+            "vsock-listen" => Endpoint::VsockListen { port: port(rest)? },
+            "unix" if !rest.is_empty() => Endpoint::Unix(rest.into()),
+            _ => return Err(bad("unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)")),
+        };
+        let mut sync = matches!(endpoint, Endpoint::Serial(_) | Endpoint::Tcp(_));
+        if let Some(opts) = opts {
+            for opt in opts.split(',') {
+                match opt {
+                    "sync=on" => sync = true,
+                    "sync=off" => sync = false,
+                    other => return Err(bad(&format!("unknown option {other:?} (sync=on|off)"))),
+                }
+            }
+        }
+        Ok(LinkSpec { endpoint, sync })
+    }
+}
+
+impl fmt::Display for LinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.endpoint {
+            Endpoint::Serial(p) => write!(f, "serial:{}", p.display())?,
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}")?,
+            Endpoint::TcpListen(a) => write!(f, "tcp-listen:{a}")?,
+            Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}")?,
+            Endpoint::VsockListen { port } => write!(f, "vsock-listen:{port}")?,
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display())?,
+        }
+        write!(f, ",sync={}", if self.sync { "on" } else { "off" })
+    }
+}
+
+/// An open link: a byte stream that can be read and written at the same time
+/// (through shared references, so the I/O loop never blocks one on the other).
+pub enum LinkStream {
+    Tcp(Async<TcpStream>),
+    Unix(Async<UnixStream>),
+    /// Serial devices and vsock sockets.
+    Fd(Async<File>),
+}
+
+impl LinkStream {
+    /// Reads some bytes.
+    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => (&mut &*s).read(buf).await,
+            Self::Unix(s) => (&mut &*s).read(buf).await,
+            Self::Fd(s) => (&mut &*s).read(buf).await,
+        }
+    }
+
+    /// Writes some bytes.
+    pub async fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => (&mut &*s).write(buf).await,
+            Self::Unix(s) => (&mut &*s).write(buf).await,
+            Self::Fd(s) => (&mut &*s).write(buf).await,
+        }
+    }
+
+    /// Writes all of `buf`.
+    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.write(buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+}
+
+/// Something that yields links: a connector that dials, or a listener.
+pub enum Dialer {
+    Connect(LinkSpec),
+    TcpListener(Async<TcpListener>),
+    VsockListener(Async<File>),
+}
+
+impl Dialer {
+    /// Prepares to open links (binds listeners now, so errors surface early).
+    pub fn new(spec: &LinkSpec) -> io::Result<Self> {
+        Ok(match &spec.endpoint {
+            Endpoint::TcpListen(addr) => Dialer::TcpListener(Async::<TcpListener>::bind(*addr)?),
+            Endpoint::VsockListen { port } => Dialer::VsockListener(Async::new(File::from(vsock::listen(*port)?))?),
+            _ => Dialer::Connect(spec.clone()),
+        })
+    }
+
+    /// The local address of a TCP listener (for tests that listen on port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Dialer::TcpListener(l) => l.get_ref().local_addr().ok(),
+            _ => None,
+        }
+    }
+
+    /// Opens the next link: connects, opens the device, or accepts.
+    pub async fn open(&self) -> io::Result<LinkStream> {
+        match self {
+            Dialer::TcpListener(l) => {
+                let (s, _) = l.accept().await?;
+                s.get_ref().set_nodelay(true)?;
+                Ok(LinkStream::Tcp(s))
+            }
+            Dialer::VsockListener(l) => {
+                l.readable().await?;
+                let fd = vsock::accept(l.get_ref())?;
+                Ok(LinkStream::Fd(Async::new(File::from(fd))?))
+            }
+            Dialer::Connect(spec) => match &spec.endpoint {
+                Endpoint::Serial(path) => Ok(LinkStream::Fd(Async::new(serial::open(path)?)?)),
+                Endpoint::Tcp(addr) => {
+                    let addrs: Vec<SocketAddr> = smol::net::resolve(addr.as_str()).await?;
+                    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"));
+                    for a in addrs {
+                        match Async::<TcpStream>::connect(a).await {
+                            Ok(s) => {
+                                s.get_ref().set_nodelay(true)?;
+                                return Ok(LinkStream::Tcp(s));
+                            }
+                            Err(e) => last = e,
+                        }
+                    }
+                    Err(last)
+                }
+                Endpoint::Unix(path) => Ok(LinkStream::Unix(Async::<UnixStream>::connect(path).await?)),
+                Endpoint::Vsock { cid, port } => {
+                    let fd = vsock::connect(*cid, *port)?;
+                    Ok(LinkStream::Fd(Async::new(File::from(fd))?))
+                }
+                Endpoint::TcpListen(_) | Endpoint::VsockListen { .. } => unreachable!("listeners are built in new"),
+            },
+        }
+    }
+}
+
+/// Serial devices: raw mode at 115200 baud, like VIC's tether.
+mod serial {
+    use super::*;
+    use nix::sys::termios::{self, BaudRate, SetArg};
+
+    pub fn open(path: &std::path::Path) -> io::Result<File> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_noctty()
+            .open(path)?;
+        if let Ok(mut t) = termios::tcgetattr(&file) {
+            termios::cfmakeraw(&mut t);
+            let _ = termios::cfsetspeed(&mut t, BaudRate::B115200);
+            termios::tcsetattr(&file, SetArg::TCSANOW, &t).map_err(io::Error::from)?;
+        }
+        Ok(file)
+    }
+
+    trait NoCtty {
+        fn custom_flags_noctty(&mut self) -> &mut Self;
+    }
+
+    impl NoCtty for std::fs::OpenOptions {
+        fn custom_flags_noctty(&mut self) -> &mut Self {
+            use std::os::unix::fs::OpenOptionsExt;
+            self.custom_flags(nix::libc::O_NOCTTY)
+        }
+    }
+}
+
+/// vsock sockets through nix.
+mod vsock {
+    use super::*;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, VsockAddr};
+
+    fn socket() -> io::Result<OwnedFd> {
+        socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io::Error::from)
+    }
+
+    pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+        let fd = socket()?;
+        socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(cid, port)).map_err(io::Error::from)?;
+        Ok(fd)
+    }
+
+    pub fn listen(port: u32) -> io::Result<OwnedFd> {
+        let fd = socket()?;
+        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port))
+            .map_err(io::Error::from)?;
+        socket::listen(&fd, socket::Backlog::new(4).map_err(io::Error::from)?).map_err(io::Error::from)?;
+        Ok(fd)
+    }
+
+    pub fn accept(listener: &File) -> io::Result<OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)?;
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_sync_defaults_and_options() {
+        let s: LinkSpec = "serial:/dev/ttyS0".parse().unwrap();
+        assert_eq!(s, LinkSpec { endpoint: Endpoint::Serial("/dev/ttyS0".into()), sync: true });
+        let t: LinkSpec = "tcp:127.0.0.1:2377,sync=off".parse().unwrap();
+        assert!(!t.sync);
+        let l: LinkSpec = "tcp-listen:127.0.0.1:0".parse().unwrap();
+        assert!(!l.sync);
+        assert_eq!("vsock:3:1024".parse::<LinkSpec>().unwrap().endpoint, Endpoint::Vsock { cid: 3, port: 1024 });
+        assert_eq!("unix:/run/x.sock,sync=on".parse::<LinkSpec>().unwrap().to_string(), "unix:/run/x.sock,sync=on");
+        for bad in ["nope", "tcp:host", "tcp::1", "tcp-listen:here", "vsock:x:1", "serial:", "tcp:h:1,sync=maybe"] {
+            assert!(bad.parse::<LinkSpec>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Serving the appliance over one link: link sync (if the link needs it), then
+//! an SSH server connection whose channels attach to sessions (`attach@tether`)
+//! or start execs (standard `session` channels).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::future;
+use proto_core::event::{EXTENDED_STDERR, open_failure};
+use proto_core::link::Responder;
+use proto_core::outlog::{Overflow, Read, Stream};
+use proto_core::tether::{self, AttachRequest, ContainerInfo, State};
+use proto_core::{ChannelId, ChannelRequest, Connection, Event, PtyRequest, ServerConfig};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use smol::Timer;
+use tracing::{debug, info, warn};
+
+use crate::config::parse_signal;
+use crate::guest::Guest;
+use crate::linkspec::{Dialer, LinkSpec, LinkStream};
+use crate::session::Credit;
+
+/// Most ciphertext taken from the connection and not yet written: beyond this
+/// the connection's own send buffer pushes back on channel output.
+const MAX_PENDING_WRITE: usize = 256 * 1024;
+/// Most output pulled from a log per channel per round.
+const READ_CHUNK: usize = 256 * 1024;
+
+fn rng() -> Box<dyn rand_core::RngCore + Send> {
+    Box::new(ChaCha20Rng::from_entropy())
+}
+
+/// Opens links forever, serving each until it drops, with backoff in between.
+pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
+    let mut backoff = Duration::from_millis(100);
+    let dialer = loop {
+        match Dialer::new(&spec) {
+            Ok(d) => break d,
+            Err(e) => {
+                warn!("link {spec}: {e}; retrying in {backoff:?}");
+                Timer::after(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    if let Some(addr) = dialer.local_addr() {
+        info!("link {spec}: listening on {addr}");
+    }
+    loop {
+        match dialer.open().await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(100);
+                let generation = guest.next_link();
+                info!(link = generation, "link {spec} open");
+                match serve(&guest, &stream, spec.sync, generation).await {
+                    Ok(()) => info!(link = generation, "link closed"),
+                    Err(e) => warn!(link = generation, "link ended: {e}"),
+                }
+            }
+            Err(e) => warn!("link {spec}: {e}; retrying in {backoff:?}"),
+        }
+        if matches!(dialer, Dialer::Connect(_)) {
+            Timer::after(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Runs link sync as the guest; returns the bytes that followed READY.
+async fn sync(stream: &LinkStream) -> io::Result<Vec<u8>> {
+    let mut responder = Responder::new(rng());
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let used = responder.handle_input(&buf[..n]);
+        if let Some(out) = responder.poll_transmit() {
+            stream.write_all(&out).await?;
+        }
+        if responder.is_synced() {
+            return Ok(buf[used..n].to_vec());
+        }
+    }
+}
+
+fn server_config(guest: &Guest) -> proto_core::Config {
+    let c = &guest.config;
+    let mut server = ServerConfig::new(c.host_key.clone(), c.authorized_keys.clone());
+    server.allow_none = c.allow_none_auth;
+    let mut config = proto_core::Config::server(server);
+    tether::enable_guest(&mut config);
+    config.keepalive_interval = Some(c.keepalive);
+    config.keepalive_max = 2;
+    config
+}
+
+/// What a channel is for.
+enum Role {
+    /// A `session` channel before its `exec` or `shell`.
+    Setup { pty: Option<PtyRequest>, env: Vec<(String, String)> },
+    /// Attached to a session's stdio.
+    Attached(Attached),
+}
+
+struct Attached {
+    session: String,
+    cursor: u64,
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    done: bool,
+}
+
+/// One SSH connection's state beyond the `Connection` itself.
+struct Link {
+    guest: Rc<Guest>,
+    generation: u64,
+    roles: BTreeMap<ChannelId, Role>,
+    pushed: Option<Vec<(String, State, u32)>>,
+}
+
+async fn serve(guest: &Rc<Guest>, stream: &LinkStream, sync_first: bool, generation: u64) -> io::Result<()> {
+    let leftover = if sync_first { sync(stream).await? } else { Vec::new() };
+    debug!(link = generation, "link sync done");
+    let mut conn = Connection::new(server_config(guest), Instant::now(), rng());
+    let mut link = Link { guest: guest.clone(), generation, roles: BTreeMap::new(), pushed: None };
+    if !leftover.is_empty() {
+        conn.handle_input(Instant::now(), &leftover).map_err(io::Error::other)?;
+    }
+    let mut pending: Vec<Bytes> = Vec::new();
+    let mut pending_len = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    enum Wake {
+        Read(io::Result<usize>),
+        Wrote(io::Result<usize>),
+        Changed,
+        Timer,
+    }
+    loop {
+        let listener = guest.changed.listen();
+        link.handle_events(&mut conn);
+        link.pump(&mut conn);
+        while pending_len < MAX_PENDING_WRITE {
+            let Some(out) = conn.poll_transmit() else { break };
+            pending_len += out.len();
+            pending.push(out);
+        }
+        if conn.is_closed() && pending.is_empty() {
+            return match conn.close_reason() {
+                Some(e) if !is_orderly(e) => Err(io::Error::other(e.to_string())),
+                _ => Ok(()),
+            };
+        }
+        let timeout = conn.poll_timeout();
+        let wake = {
+            let read = async { Wake::Read(stream.read(&mut buf).await) };
+            let write = async {
+                match pending.first() {
+                    Some(front) => Wake::Wrote(stream.write(front).await),
+                    None => future::pending().await,
+                }
+            };
+            let changed = async {
+                listener.await;
+                Wake::Changed
+            };
+            let timer = async {
+                match timeout {
+                    Some(t) => {
+                        Timer::at(t).await;
+                        Wake::Timer
+                    }
+                    None => future::pending().await,
+                }
+            };
+            future::or(write, future::or(read, future::or(changed, timer))).await
+        };
+        match wake {
+            Wake::Read(Ok(0)) => return Ok(()),
+            Wake::Read(Ok(n)) => {
+                if let Err(e) = conn.handle_input(Instant::now(), &buf[..n]) {
+                    link.handle_events(&mut conn);
+                    flush_best_effort(stream, &mut conn, &mut pending).await;
+                    return if is_orderly(&e) { Ok(()) } else { Err(io::Error::other(e.to_string())) };
+                }
+            }
+            Wake::Read(Err(e)) => return Err(e),
+            Wake::Wrote(Ok(n)) => {
+                pending_len -= n;
+                let front = &mut pending[0];
+                if n == front.len() {
+                    pending.remove(0);
+                } else {
+                    *front = front.slice(n..);
+                }
+            }
+            Wake::Wrote(Err(e)) => return Err(e),
+            Wake::Changed => {}
+            Wake::Timer => {
+                if let Err(e) = conn.handle_timeout(Instant::now()) {
+                    flush_best_effort(stream, &mut conn, &mut pending).await;
+                    return Err(io::Error::other(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Whether a connection ended the way connections normally end.
+fn is_orderly(e: &proto_core::Error) -> bool {
+    matches!(
+        e,
+        proto_core::Error::Closed
+            | proto_core::Error::PeerDisconnected { reason: proto_core::DisconnectReason::ByApplication, .. }
+    )
+}
+
+/// Writes what is pending (a DISCONNECT, typically), giving up after a moment.
+async fn flush_best_effort(stream: &LinkStream, conn: &mut Connection, pending: &mut Vec<Bytes>) {
+    while let Some(out) = conn.poll_transmit() {
+        pending.push(out);
+    }
+    let all: Vec<u8> = pending.concat();
+    let _ = future::or(async { stream.write_all(&all).await }, async {
+        Timer::after(Duration::from_secs(1)).await;
+        Ok(())
+    })
+    .await;
+}
+
+fn encode<F: FnOnce(&mut BytesMut)>(f: F) -> Bytes {
+    let mut b = BytesMut::new();
+    f(&mut b);
+    b.freeze()
+}
+
+impl Link {
+    fn handle_events(&mut self, conn: &mut Connection) {
+        while let Some(event) = conn.poll_event() {
+            if let Err(e) = self.handle_event(conn, event) {
+                debug!(link = self.generation, "command refused: {e}");
+            }
+        }
+    }
+
+    fn handle_event(&mut self, conn: &mut Connection, event: Event) -> proto_core::Result<()> {
+        match event {
+            Event::Authenticated(who) => {
+                info!(link = self.generation, user = %who.user, key = ?who.key, "appliance authenticated");
+            }
+            Event::ChannelOpen { channel, channel_type, data } => match channel_type.as_str() {
+                "session" => {
+                    conn.accept_channel(channel)?;
+                    self.roles.insert(channel, Role::Setup { pty: None, env: Vec::new() });
+                }
+                tether::ATTACH => self.open_attach(conn, channel, &data)?,
+                _ => conn.reject_channel(channel, open_failure::UNKNOWN_CHANNEL_TYPE, "unknown channel type")?,
+            },
+            Event::ChannelRequest { channel, request, want_reply } => {
+                let ok = self.channel_request(conn, channel, request);
+                if want_reply {
+                    conn.channel_reply(channel, ok)?;
+                }
+            }
+            Event::ChannelData { channel, data, .. } => {
+                let len = data.len();
+                match self.roles.get(&channel) {
+                    Some(Role::Attached(a)) if a.stdin => {
+                        let credit = Credit { link: self.generation, channel };
+                        self.guest.write_stdin(&a.session, data, credit);
+                    }
+                    _ => conn.channel_consume(channel, len)?,
+                }
+            }
+            Event::ChannelEof { channel } => {
+                if let Some(Role::Attached(a)) = self.roles.get(&channel)
+                    && a.stdin
+                {
+                    self.guest.close_stdin(&a.session);
+                }
+            }
+            Event::ChannelClosed { channel } => {
+                self.roles.remove(&channel);
+            }
+            Event::GlobalRequest { name, want_reply, .. } => {
+                if name == tether::CONTAINER_IDS && want_reply {
+                    let list = self.guest.container_list();
+                    self.pushed = Some(summary(&list));
+                    conn.global_reply(true, encode(|b| tether::encode_container_ids(&list, b)))?;
+                } else if want_reply {
+                    conn.global_reply(false, Bytes::new())?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn open_attach(&mut self, conn: &mut Connection, channel: ChannelId, data: &[u8]) -> proto_core::Result<()> {
+        let req = match AttachRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &format!("bad attach request: {e}")),
+        };
+        let Some((start, end)) = self.guest.with(&req.id, |s| (s.log.start(), s.log.end())) else {
+            return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &format!("unknown session {}", req.id));
+        };
+        let from = if req.from == tether::LIVE { end } else { req.from };
+        if from > end {
+            let why = format!("offset {from} is beyond the end of output ({end})");
+            return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &why);
+        }
+        conn.accept_channel(channel)?;
+        let mut cursor = from;
+        if from < start {
+            let gap = encode(|b| tether::encode_output_gap(start - from, b));
+            conn.channel_request(channel, &ChannelRequest::Other { name: tether::OUTPUT_GAP.into(), data: gap }, false)?;
+            cursor = start;
+        }
+        debug!(link = self.generation, session = %req.id, from, "attached");
+        self.roles.insert(
+            channel,
+            Role::Attached(Attached { session: req.id, cursor, stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, done: false }),
+        );
+        Ok(())
+    }
+
+    /// Handles a channel request; returns the reply.
+    fn channel_request(&mut self, conn: &mut Connection, channel: ChannelId, request: ChannelRequest) -> bool {
+        let guest = self.guest.clone();
+        match self.roles.get_mut(&channel) {
+            Some(Role::Setup { pty, env }) => match request {
+                ChannelRequest::Pty(p) => {
+                    *pty = Some(p);
+                    true
+                }
+                ChannelRequest::Env { name, value } => {
+                    env.push((name, String::from_utf8_lossy(&value).into_owned()));
+                    true
+                }
+                ChannelRequest::WindowChange { cols, rows, .. } => {
+                    if let Some(p) = pty {
+                        p.cols = cols;
+                        p.rows = rows;
+                    }
+                    true
+                }
+                ChannelRequest::Exec { .. } | ChannelRequest::Shell => {
+                    let cmd = match &request {
+                        ChannelRequest::Exec { command } => {
+                            vec![guest.config.shell.clone(), "-c".into(), String::from_utf8_lossy(command).into_owned()]
+                        }
+                        _ => vec![guest.config.shell.clone()],
+                    };
+                    let size = pty.as_ref().map(|p| (p.cols.clamp(1, 65535) as u16, p.rows.clamp(1, 65535) as u16));
+                    let mut env = std::mem::take(env);
+                    if let Some(p) = pty.as_ref().filter(|p| !p.term.is_empty()) {
+                        env.push(("TERM".into(), p.term.clone()));
+                    }
+                    let id = guest.add_exec(cmd, size, env);
+                    let data = encode(|b| tether::encode_exec_id(&id, b));
+                    let _ = conn.channel_request(channel, &ChannelRequest::Other { name: tether::EXEC_ID.into(), data }, false);
+                    self.roles.insert(
+                        channel,
+                        Role::Attached(Attached { session: id, cursor: 0, stdin: true, stdout: true, stderr: true, done: false }),
+                    );
+                    true
+                }
+                _ => false,
+            },
+            Some(Role::Attached(a)) => match request {
+                ChannelRequest::WindowChange { cols, rows, .. } => guest.resize(&a.session, cols, rows).is_ok(),
+                ChannelRequest::Signal { name } => match parse_signal(&name) {
+                    Some(sig) => guest.signal(&a.session, sig).is_ok(),
+                    None => false,
+                },
+                ChannelRequest::Other { name, .. } if name == tether::START => guest.release_gate(&a.session),
+                _ => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Moves output from logs into channels, finishes channels of exited
+    /// sessions, returns stdin credits and pushes container-list changes.
+    fn pump(&mut self, conn: &mut Connection) {
+        let guest = self.guest.clone();
+        let mut lowest: BTreeMap<String, u64> = BTreeMap::new();
+        for (&channel, role) in self.roles.iter_mut() {
+            let Role::Attached(a) = role else { continue };
+            if a.done || !(a.stdout || a.stderr) {
+                continue;
+            }
+            guest.with(&a.session, |s| {
+                loop {
+                    let window = conn.send_window(channel).unwrap_or(0) as usize;
+                    if window == 0 {
+                        break;
+                    }
+                    match s.log.read(a.cursor, window.min(READ_CHUNK)) {
+                        Read::Gap { lost, resume } => {
+                            let gap = encode(|b| tether::encode_output_gap(lost, b));
+                            let req = ChannelRequest::Other { name: tether::OUTPUT_GAP.into(), data: gap };
+                            let _ = conn.channel_request(channel, &req, false);
+                            a.cursor = resume;
+                        }
+                        Read::Data { stream, data, next } => {
+                            let (wanted, ext) = match stream {
+                                Stream::Stdout => (a.stdout, None),
+                                Stream::Stderr => (a.stderr, Some(EXTENDED_STDERR)),
+                            };
+                            if !wanted {
+                                a.cursor = next;
+                                continue;
+                            }
+                            let sent = conn.channel_send(channel, ext, &data).unwrap_or(0);
+                            a.cursor += sent as u64;
+                            if sent < data.len() {
+                                break;
+                            }
+                        }
+                        Read::End => {
+                            if let Some(exit) = &s.exit {
+                                let req = match &exit.signal {
+                                    Some((name, core)) => ChannelRequest::ExitSignal { name: name.clone(), core_dumped: *core, message: String::new() },
+                                    None => ChannelRequest::ExitStatus { code: exit.code },
+                                };
+                                let _ = conn.channel_request(channel, &req, false);
+                                let _ = conn.channel_eof(channel);
+                                let _ = conn.channel_close(channel);
+                            }
+                            a.done = true;
+                            break;
+                        }
+                        Read::Pending | Read::Beyond { .. } => break,
+                    }
+                }
+                if s.log.overflow() == Overflow::Block {
+                    let low = lowest.entry(a.session.clone()).or_insert(u64::MAX);
+                    *low = (*low).min(a.cursor);
+                }
+            });
+        }
+        for (id, upto) in lowest {
+            guest.with(&id, |s| {
+                s.log.release(upto);
+                s.space.notify(usize::MAX);
+            });
+        }
+        for (credit, n) in guest.take_credits() {
+            if credit.link == self.generation {
+                let _ = conn.channel_consume(credit.channel, n);
+            }
+        }
+        if conn.is_authenticated() {
+            let list = guest.container_list();
+            let now = summary(&list);
+            if self.pushed.as_ref() != Some(&now) {
+                let data = encode(|b| tether::encode_container_ids(&list, b));
+                if conn.global_request(tether::CONTAINER_IDS, &data, false).is_ok() {
+                    self.pushed = Some(now);
+                }
+            }
+            self.note_exit_reported();
+        }
+    }
+
+    /// Tells the guest once the primary's exit has reached the appliance: pushed,
+    /// and every attachment to it finished.
+    fn note_exit_reported(&self) {
+        let primary = &self.guest.config.id;
+        let pushed_exit = self.pushed.as_ref().is_some_and(|p| p.iter().any(|(id, st, _)| id == primary && *st == State::Exited));
+        let open = self.roles.values().any(|r| matches!(r, Role::Attached(a) if &a.session == primary && !a.done && (a.stdout || a.stderr)));
+        if pushed_exit && !open {
+            self.guest.exit_reported.set(true);
+        }
+    }
+}
+
+/// The parts of a container list whose change is worth a push (not output_end,
+/// which moves with every byte).
+fn summary(list: &[ContainerInfo]) -> Vec<(String, State, u32)> {
+    list.iter().map(|c| (c.id.clone(), c.state, c.exit_status)).collect()
+}
