@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod driver;
+pub mod fixtures;
 pub mod harness;
 pub mod peers;
 pub mod process;
