@@ -154,7 +154,7 @@ struct ProxyState {
     conns: Vec<(TcpStream, TcpStream)>,
     stalled: bool,
     inject: HashMap<bool, Vec<u8>>,
-    /// Flip bit 0x10 of the byte at this stream offset (per connection) once.
+    /// Flip bit 0x10 of the byte this many bytes ahead in this direction, once.
     flip: Option<(Dir, u64)>,
     accepted: u32,
 }
@@ -227,9 +227,9 @@ impl Proxy {
             .extend_from_slice(bytes);
     }
 
-    /// Flips a bit of the byte at `offset` of the next connection's `dir` stream.
-    pub fn flip_at(&self, dir: Dir, offset: u64) {
-        self.state.lock().unwrap().flip = Some((dir, offset));
+    /// Flips a bit of the byte `ahead` bytes from now in direction `dir`.
+    pub fn flip_after(&self, dir: Dir, ahead: u64) {
+        self.state.lock().unwrap().flip = Some((dir, ahead));
     }
 
     /// Connections accepted so far.
@@ -240,7 +240,6 @@ impl Proxy {
 
 fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, state: Arc<Mutex<ProxyState>>) {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut offset = 0u64;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -256,15 +255,17 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, state: Arc<Mutex<Proxy
         let mut chunk = buf[..n].to_vec();
         {
             let mut s = state.lock().unwrap();
-            if let Some((d, at)) = s.flip
-                && d == dir
-                && (offset..offset + n as u64).contains(&at)
+            if let Some((d, ahead)) = &mut s.flip
+                && *d == dir
             {
-                chunk[(at - offset) as usize] ^= 0x10;
-                s.flip = None;
+                if (*ahead as usize) < n {
+                    chunk[*ahead as usize] ^= 0x10;
+                    s.flip = None;
+                } else {
+                    *ahead -= n as u64;
+                }
             }
         }
-        offset += n as u64;
         out.extend_from_slice(&chunk);
         if to.write_all(&out).is_err() {
             break;

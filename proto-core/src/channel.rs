@@ -81,6 +81,8 @@ pub struct Channel {
     pub remote_id: u32,
     /// Bytes the peer will still accept.
     pub send_window: u32,
+    /// The window the peer opened the channel with.
+    pub send_window_initial: u32,
     /// Largest data payload the peer accepts per packet.
     pub send_max_packet: u32,
     /// Bytes we will still accept.
@@ -110,6 +112,7 @@ impl Channel {
             state,
             remote_id: 0,
             send_window: 0,
+            send_window_initial: 0,
             send_max_packet: 0,
             recv_window: window,
             recv_window_size: window,
@@ -127,6 +130,7 @@ impl Channel {
     pub fn set_remote(&mut self, remote_id: u32, window: u32, max_packet: u32) {
         self.remote_id = remote_id;
         self.send_window = window;
+        self.send_window_initial = window;
         self.send_max_packet = max_packet.clamp(1, SEND_PACKET_CAP);
     }
 
@@ -151,6 +155,13 @@ impl Channel {
         } else {
             None
         }
+    }
+
+    /// Bytes sent that the peer has not yet returned to the window: data it may
+    /// not have received, or not yet used. A peer that returns window only for
+    /// what it consumed (as tetherd does) thereby acknowledges delivery.
+    pub fn unacknowledged(&self) -> u32 {
+        self.send_window_initial.saturating_sub(self.send_window)
     }
 
     /// The peer opened its window further. Saturates at 2^32-1 (RFC 4254 5.2).

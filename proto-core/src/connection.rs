@@ -192,6 +192,12 @@ impl Connection {
         self.channels.get(channel).map(|c| c.send_window)
     }
 
+    /// Bytes sent on `channel` that the peer has not yet given back as window
+    /// (see `Channel::unacknowledged`).
+    pub fn unacknowledged(&self, channel: ChannelId) -> Option<u32> {
+        self.channels.get(channel).map(|c| c.unacknowledged())
+    }
+
     /// Open channels.
     pub fn channel_count(&self) -> usize {
         self.channels.len()

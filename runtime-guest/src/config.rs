@@ -22,7 +22,10 @@ pub struct ConfigError {
 }
 
 fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { path: path.into(), message: message.into() }
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// The file as written.
@@ -207,10 +210,15 @@ impl OsConfig {
 /// Default output log capacity per session.
 pub const DEFAULT_OUTPUT_BUFFER: usize = 1 << 20;
 
-fn duration(path: &str, value: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    path: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(s) => humantime::parse_duration(s).map_err(|e| err(path, format!("not a duration like \"30s\": {e}"))),
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| err(path, format!("not a duration like \"30s\": {e}"))),
     }
 }
 
@@ -220,14 +228,19 @@ pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
     if let Ok(n) = s.parse::<i32>() {
         return nix::sys::signal::Signal::try_from(n).ok();
     }
-    let name = if s.starts_with("SIG") { s.to_owned() } else { format!("SIG{s}") };
+    let name = if s.starts_with("SIG") {
+        s.to_owned()
+    } else {
+        format!("SIG{s}")
+    };
     nix::sys::signal::Signal::from_str(&name.to_ascii_uppercase()).ok()
 }
 
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), e.to_string()))?;
         Self::parse(&text, path.parent())
     }
 
@@ -236,7 +249,14 @@ impl Config {
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            err(if path == "." { "(top level)".into() } else { path }, e.inner().to_string())
+            err(
+                if path == "." {
+                    "(top level)".into()
+                } else {
+                    path
+                },
+                e.inner().to_string(),
+            )
         })?;
         Self::validate(raw, base)
     }
@@ -248,27 +268,43 @@ impl Config {
         let key_text = if raw.host_key.trim_start().starts_with("-----BEGIN") {
             raw.host_key.clone()
         } else {
-            let p = base.map(|b| b.join(&raw.host_key)).unwrap_or_else(|| PathBuf::from(&raw.host_key));
-            std::fs::read_to_string(&p).map_err(|e| err("host_key", format!("cannot read {}: {e}", p.display())))?
+            let p = base
+                .map(|b| b.join(&raw.host_key))
+                .unwrap_or_else(|| PathBuf::from(&raw.host_key));
+            std::fs::read_to_string(&p)
+                .map_err(|e| err("host_key", format!("cannot read {}: {e}", p.display())))?
         };
-        let host_key = PrivateKey::from_openssh(&key_text).map_err(|e| err("host_key", e.to_string()))?;
+        let host_key =
+            PrivateKey::from_openssh(&key_text).map_err(|e| err("host_key", e.to_string()))?;
         let authorized_keys = raw
             .authorized_keys
             .iter()
             .enumerate()
-            .map(|(i, line)| PublicKey::from_openssh(line).map_err(|e| err(format!("authorized_keys[{i}]"), e.to_string())))
+            .map(|(i, line)| {
+                PublicKey::from_openssh(line)
+                    .map_err(|e| err(format!("authorized_keys[{i}]"), e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if authorized_keys.is_empty() && !raw.allow_none_auth {
-            return Err(err("authorized_keys", "no keys: the appliance could never authenticate (set allow_none_auth for development)"));
+            return Err(err(
+                "authorized_keys",
+                "no keys: the appliance could never authenticate (set allow_none_auth for development)",
+            ));
         }
         if raw.sessions.is_empty() {
-            return Err(err("sessions", "at least one session (the primary, whose id is the container id) is required"));
+            return Err(err(
+                "sessions",
+                "at least one session (the primary, whose id is the container id) is required",
+            ));
         }
         let mut sessions = Vec::new();
         for (i, s) in raw.sessions.into_iter().enumerate() {
             let at = |f: &str| format!("sessions[{i}].{f}");
             if s.id.is_empty() || s.id.contains(['/', ' ']) {
-                return Err(err(at("id"), "must be non-empty, without spaces or slashes"));
+                return Err(err(
+                    at("id"),
+                    "must be non-empty, without spaces or slashes",
+                ));
             }
             if sessions.iter().any(|x: &SessionSpec| x.id == s.id) {
                 return Err(err(at("id"), format!("duplicate session id {:?}", s.id)));
@@ -278,13 +314,24 @@ impl Config {
             }
             let stop_signal = match &s.stop_signal {
                 None => nix::sys::signal::Signal::SIGTERM,
-                Some(name) => parse_signal(name).ok_or_else(|| err(at("stop_signal"), format!("unknown signal {name:?}")))?,
+                Some(name) => parse_signal(name)
+                    .ok_or_else(|| err(at("stop_signal"), format!("unknown signal {name:?}")))?,
             };
             let start_gate = if s.start_gated {
-                Some((duration(&at("start_gate_timeout"), &s.start_gate_timeout, Duration::from_secs(30))?, s.start_gate_expiry))
+                Some((
+                    duration(
+                        &at("start_gate_timeout"),
+                        &s.start_gate_timeout,
+                        Duration::from_secs(30),
+                    )?,
+                    s.start_gate_expiry,
+                ))
             } else {
                 if s.start_gate_timeout.is_some() {
-                    return Err(err(at("start_gate_timeout"), "set only with start_gated = true"));
+                    return Err(err(
+                        at("start_gate_timeout"),
+                        "set only with start_gated = true",
+                    ));
                 }
                 None
             };
@@ -320,7 +367,13 @@ impl Config {
             });
         }
         if !sessions.iter().any(|s| s.id == raw.id) {
-            return Err(err("sessions", format!("no session has the container id {:?}: that session is the primary", raw.id)));
+            return Err(err(
+                "sessions",
+                format!(
+                    "no session has the container id {:?}: that session is the primary",
+                    raw.id
+                ),
+            ));
         }
         let link = match &raw.link {
             None => None,
@@ -350,7 +403,10 @@ impl Config {
 
     /// The primary session's spec.
     pub fn primary(&self) -> &SessionSpec {
-        self.sessions.iter().find(|s| s.id == self.id).expect("validated")
+        self.sessions
+            .iter()
+            .find(|s| s.id == self.id)
+            .expect("validated")
     }
 }
 
@@ -379,7 +435,10 @@ mod tests {
     fn a_minimal_config_gets_defaults() {
         let c = parse(base()).unwrap();
         let s = c.primary();
-        assert_eq!((s.stdin, s.tty, s.output_buffer, s.overflow), (true, false, 1 << 20, Overflow::DropOldest));
+        assert_eq!(
+            (s.stdin, s.tty, s.output_buffer, s.overflow),
+            (true, false, 1 << 20, Overflow::DropOldest)
+        );
         assert_eq!(c.shell, "/bin/sh");
     }
 
@@ -387,14 +446,38 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (serde_json::json!({"bogus": 1}), "(top level)"),
-            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "colour": "red"}]}), "sessions[0]"),
-            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "overflow": "sideways"}]}), "sessions[0].overflow"),
-            (serde_json::json!({"sessions": [{"id": "c1", "cmd": []}]}), "sessions[0].cmd"),
-            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "stop_signal": "NOPE"}]}), "sessions[0].stop_signal"),
-            (serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "start_gated": true, "start_gate_timeout": "soon"}]}), "sessions[0].start_gate_timeout"),
-            (serde_json::json!({"sessions": [{"id": "other", "cmd": ["x"]}]}), "sessions"),
-            (serde_json::json!({"host_key": "/nonexistent/key"}), "host_key"),
-            (serde_json::json!({"authorized_keys": ["ssh-rsa AAAA"]}), "authorized_keys[0]"),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "colour": "red"}]}),
+                "sessions[0]",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "overflow": "sideways"}]}),
+                "sessions[0].overflow",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": []}]}),
+                "sessions[0].cmd",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "stop_signal": "NOPE"}]}),
+                "sessions[0].stop_signal",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "start_gated": true, "start_gate_timeout": "soon"}]}),
+                "sessions[0].start_gate_timeout",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "other", "cmd": ["x"]}]}),
+                "sessions",
+            ),
+            (
+                serde_json::json!({"host_key": "/nonexistent/key"}),
+                "host_key",
+            ),
+            (
+                serde_json::json!({"authorized_keys": ["ssh-rsa AAAA"]}),
+                "authorized_keys[0]",
+            ),
             (serde_json::json!({"link": "carrier-pigeon:1"}), "link"),
         ];
         for (patch, field) in cases {

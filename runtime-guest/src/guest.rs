@@ -55,7 +55,11 @@ impl Guest {
             .sessions
             .iter()
             .map(|s| {
-                let kind = if s.id == config.id { Kind::Primary } else { Kind::Exec };
+                let kind = if s.id == config.id {
+                    Kind::Primary
+                } else {
+                    Kind::Exec
+                };
                 (s.id.clone(), Session::new(s.clone(), kind))
             })
             .collect();
@@ -106,8 +110,12 @@ impl Guest {
     /// Starts every configured session that is not start-gated, and arms the
     /// gates of the others.
     pub fn start_configured(self: &Rc<Self>) {
-        let ids: Vec<(String, Option<(Duration, GateExpiry)>)> =
-            self.config.sessions.iter().map(|s| (s.id.clone(), s.start_gate)).collect();
+        let ids: Vec<(String, Option<(Duration, GateExpiry)>)> = self
+            .config
+            .sessions
+            .iter()
+            .map(|s| (s.id.clone(), s.start_gate))
+            .collect();
         for (id, gate) in ids {
             match gate {
                 None => self.start(&id),
@@ -141,7 +149,8 @@ impl Guest {
 
     fn fail(&self, id: &str, code: u32, why: &str) {
         self.with(id, |s| {
-            s.log.push(Stream::Stderr, format!("tether: {why}\n").as_bytes());
+            s.log
+                .push(Stream::Stderr, format!("tether: {why}\n").as_bytes());
             s.exit = Some(ExitInfo::code(code));
             s.outputs_open = 0;
             s.settle();
@@ -151,7 +160,9 @@ impl Guest {
 
     /// Starts session `id`'s process; a failure to start becomes its exit.
     pub fn start(self: &Rc<Self>, id: &str) {
-        let Some(spec) = self.with(id, |s| s.spec.clone()) else { return };
+        let Some(spec) = self.with(id, |s| s.spec.clone()) else {
+            return;
+        };
         let tty = spec.tty.then_some(spec.tty_size);
         let spawned = process::spawn(&SpawnSpec {
             cmd: &spec.cmd,
@@ -209,7 +220,10 @@ impl Guest {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let room = loop {
-                let Some((room, space)) = self.with(id, |s| (s.log.space(), s.space.clone())) else { return Ok(()) };
+                let Some((room, space)) = self.with(id, |s| (s.log.space(), s.space.clone()))
+                else {
+                    return Ok(());
+                };
                 if room > 0 {
                     break room;
                 }
@@ -237,9 +251,15 @@ impl Guest {
         let id = id.to_owned();
         self.ex
             .spawn(async move {
-                let Ok(mut file) = Async::new(File::from(fd)) else { return };
+                let Ok(mut file) = Async::new(File::from(fd)) else {
+                    return;
+                };
                 loop {
-                    let Some((item, ready)) = guest.with(&id, |s| (s.stdin.pop_front(), s.stdin_ready.clone())) else { return };
+                    let Some((item, ready)) =
+                        guest.with(&id, |s| (s.stdin.pop_front(), s.stdin_ready.clone()))
+                    else {
+                        return;
+                    };
                     match item {
                         Some(StdinItem::Data { data, credit }) => {
                             // A process that stopped reading (or exited) loses the
@@ -255,7 +275,10 @@ impl Guest {
                             None => return, // dropping the pipe closes it
                         },
                         None => {
-                            if guest.with(&id, |s| s.state == State::Exited).unwrap_or(true) {
+                            if guest
+                                .with(&id, |s| s.state == State::Exited)
+                                .unwrap_or(true)
+                            {
                                 return;
                             }
                             let listener = ready.listen();
@@ -305,10 +328,15 @@ impl Guest {
 
     /// Sends a signal to session `id`'s process group.
     pub fn signal(&self, id: &str, signal: Signal) -> std::io::Result<()> {
-        let pid = self.with(id, |s| s.pid.filter(|_| s.exit.is_none())).flatten();
+        let pid = self
+            .with(id, |s| s.pid.filter(|_| s.exit.is_none()))
+            .flatten();
         match pid {
             Some(pid) => process::signal_group(pid, signal),
-            None => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the session is not running")),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the session is not running",
+            )),
         }
     }
 
@@ -316,14 +344,26 @@ impl Guest {
     pub fn resize(&self, id: &str, cols: u32, rows: u32) -> std::io::Result<()> {
         let pty = self.with(id, |s| s.pty.clone()).flatten();
         match pty {
-            Some(pty) => process::resize(&pty, cols.min(u16::MAX as u32) as u16, rows.min(u16::MAX as u32) as u16),
-            None => Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the session has no terminal")),
+            Some(pty) => process::resize(
+                &pty,
+                cols.min(u16::MAX as u32) as u16,
+                rows.min(u16::MAX as u32) as u16,
+            ),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the session has no terminal",
+            )),
         }
     }
 
     /// Records a process exit reported by the reaper.
     pub fn on_exit(self: &Rc<Self>, pid: Pid, exit: ExitInfo) {
-        let id = self.sessions.borrow().values().find(|s| s.pid == Some(pid) && s.exit.is_none()).map(|s| s.spec.id.clone());
+        let id = self
+            .sessions
+            .borrow()
+            .values()
+            .find(|s| s.pid == Some(pid) && s.exit.is_none())
+            .map(|s| s.spec.id.clone());
         let Some(id) = id else { return }; // an orphan we reaped as subreaper
         info!(session = %id, code = exit.code, "exited");
         let settled = self.with(&id, |s| {
@@ -351,7 +391,12 @@ impl Guest {
     }
 
     /// Creates and starts an exec session; returns its id.
-    pub fn add_exec(self: &Rc<Self>, cmd: Vec<String>, tty: Option<(u16, u16)>, env: Vec<(String, String)>) -> String {
+    pub fn add_exec(
+        self: &Rc<Self>,
+        cmd: Vec<String>,
+        tty: Option<(u16, u16)>,
+        env: Vec<(String, String)>,
+    ) -> String {
         let n = self.exec_seq.get() + 1;
         self.exec_seq.set(n);
         let primary = self.config.primary();
@@ -368,14 +413,23 @@ impl Guest {
             ..primary.clone()
         };
         spec.env.extend(env);
-        self.sessions.borrow_mut().insert(id.clone(), Session::new(spec, Kind::Exec));
+        self.sessions
+            .borrow_mut()
+            .insert(id.clone(), Session::new(spec, Kind::Exec));
         self.start(&id);
         id
     }
 
     /// The primary session's exit, once it has exited.
     pub fn primary_exit(&self) -> Option<ExitInfo> {
-        self.with(&self.config.id, |s| if s.state == State::Exited { s.exit.clone() } else { None }).flatten()
+        self.with(&self.config.id, |s| {
+            if s.state == State::Exited {
+                s.exit.clone()
+            } else {
+                None
+            }
+        })
+        .flatten()
     }
 
     /// Kills every process still running (the container is stopping).

@@ -58,7 +58,10 @@ pub fn run(config: Config) -> u32 {
             }
             listener.await;
         };
-        info!(code = exit.code, "primary session exited; waiting up to {linger:?} for the appliance to hear of it");
+        info!(
+            code = exit.code,
+            "primary session exited; waiting up to {linger:?} for the appliance to hear of it"
+        );
         let deadline = Instant::now() + linger;
         while !guest.exit_reported.get() && Instant::now() < deadline {
             let listener = guest.changed.listen();
@@ -75,7 +78,9 @@ pub fn run(config: Config) -> u32 {
 /// Forwards the signals a container runtime sends to its init to the primary.
 async fn forward_signals(guest: Rc<Guest>) {
     use async_signal::Signal as S;
-    let Ok(mut signals) = async_signal::Signals::new([S::Term, S::Int, S::Hup, S::Quit, S::Usr1, S::Usr2]) else {
+    let Ok(mut signals) =
+        async_signal::Signals::new([S::Term, S::Int, S::Hup, S::Quit, S::Usr1, S::Usr2])
+    else {
         warn!("cannot handle signals; they will not be forwarded");
         return;
     };

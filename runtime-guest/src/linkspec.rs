@@ -48,25 +48,41 @@ impl FromStr for LinkSpec {
             Some((m, o)) => (m, Some(o)),
             None => (spec, None),
         };
-        let (scheme, rest) = main.split_once(':').ok_or_else(|| bad("expected SCHEME:ADDRESS"))?;
+        let (scheme, rest) = main
+            .split_once(':')
+            .ok_or_else(|| bad("expected SCHEME:ADDRESS"))?;
         let port = |s: &str| s.parse::<u32>().map_err(|_| bad("port is not a number"));
         let endpoint = match scheme {
             "serial" if !rest.is_empty() => Endpoint::Serial(rest.into()),
             "tcp" => {
-                let (host, p) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+                let (host, p) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
                 if host.is_empty() || p.parse::<u16>().is_err() {
                     return Err(bad("expected tcp:HOST:PORT"));
                 }
                 Endpoint::Tcp(rest.into())
             }
-            "tcp-listen" => Endpoint::TcpListen(rest.parse().map_err(|_| bad("expected tcp-listen:ADDR:PORT"))?),
+            "tcp-listen" => Endpoint::TcpListen(
+                rest.parse()
+                    .map_err(|_| bad("expected tcp-listen:ADDR:PORT"))?,
+            ),
             "vsock" => {
-                let (cid, p) = rest.split_once(':').ok_or_else(|| bad("expected vsock:CID:PORT"))?;
-                Endpoint::Vsock { cid: cid.parse().map_err(|_| bad("CID is not a number"))?, port: port(p)? }
+                let (cid, p) = rest
+                    .split_once(':')
+                    .ok_or_else(|| bad("expected vsock:CID:PORT"))?;
+                Endpoint::Vsock {
+                    cid: cid.parse().map_err(|_| bad("CID is not a number"))?,
+                    port: port(p)?,
+                }
             }
             "vsock-listen" => Endpoint::VsockListen { port: port(rest)? },
             "unix" if !rest.is_empty() => Endpoint::Unix(rest.into()),
-            _ => return Err(bad("unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)")),
+            _ => {
+                return Err(bad(
+                    "unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)",
+                ));
+            }
         };
         let mut sync = matches!(endpoint, Endpoint::Serial(_) | Endpoint::Tcp(_));
         if let Some(opts) = opts {
@@ -149,7 +165,9 @@ impl Dialer {
     pub fn new(spec: &LinkSpec) -> io::Result<Self> {
         Ok(match &spec.endpoint {
             Endpoint::TcpListen(addr) => Dialer::TcpListener(Async::<TcpListener>::bind(*addr)?),
-            Endpoint::VsockListen { port } => Dialer::VsockListener(Async::new(File::from(vsock::listen(*port)?))?),
+            Endpoint::VsockListen { port } => {
+                Dialer::VsockListener(Async::new(File::from(vsock::listen(*port)?))?)
+            }
             _ => Dialer::Connect(spec.clone()),
         })
     }
@@ -179,7 +197,10 @@ impl Dialer {
                 Endpoint::Serial(path) => Ok(LinkStream::Fd(Async::new(serial::open(path)?)?)),
                 Endpoint::Tcp(addr) => {
                     let addrs: Vec<SocketAddr> = smol::net::resolve(addr.as_str()).await?;
-                    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"));
+                    let mut last = io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{addr} resolves to nothing"),
+                    );
                     for a in addrs {
                         match Async::<TcpStream>::connect(a).await {
                             Ok(s) => {
@@ -191,12 +212,16 @@ impl Dialer {
                     }
                     Err(last)
                 }
-                Endpoint::Unix(path) => Ok(LinkStream::Unix(Async::<UnixStream>::connect(path).await?)),
+                Endpoint::Unix(path) => {
+                    Ok(LinkStream::Unix(Async::<UnixStream>::connect(path).await?))
+                }
                 Endpoint::Vsock { cid, port } => {
                     let fd = vsock::connect(*cid, *port)?;
                     Ok(LinkStream::Fd(Async::new(File::from(fd))?))
                 }
-                Endpoint::TcpListen(_) | Endpoint::VsockListen { .. } => unreachable!("listeners are built in new"),
+                Endpoint::TcpListen(_) | Endpoint::VsockListen { .. } => {
+                    unreachable!("listeners are built in new")
+                }
             },
         }
     }
@@ -239,26 +264,41 @@ mod vsock {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, VsockAddr};
 
     fn socket() -> io::Result<OwnedFd> {
-        socket::socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(io::Error::from)
+        socket::socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(io::Error::from)
     }
 
     pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
         let fd = socket()?;
-        socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(cid, port)).map_err(io::Error::from)?;
+        socket::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(cid, port),
+        )
+        .map_err(io::Error::from)?;
         Ok(fd)
     }
 
     pub fn listen(port: u32) -> io::Result<OwnedFd> {
         let fd = socket()?;
-        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port))
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(nix::libc::VMADDR_CID_ANY, port),
+        )
+        .map_err(io::Error::from)?;
+        socket::listen(&fd, socket::Backlog::new(4).map_err(io::Error::from)?)
             .map_err(io::Error::from)?;
-        socket::listen(&fd, socket::Backlog::new(4).map_err(io::Error::from)?).map_err(io::Error::from)?;
         Ok(fd)
     }
 
     pub fn accept(listener: &File) -> io::Result<OwnedFd> {
         use std::os::fd::{AsRawFd, FromRawFd};
-        let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(io::Error::from)?;
+        let raw = socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+            .map_err(io::Error::from)?;
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
@@ -271,14 +311,37 @@ mod tests {
     #[test]
     fn specs_parse_with_sync_defaults_and_options() {
         let s: LinkSpec = "serial:/dev/ttyS0".parse().unwrap();
-        assert_eq!(s, LinkSpec { endpoint: Endpoint::Serial("/dev/ttyS0".into()), sync: true });
+        assert_eq!(
+            s,
+            LinkSpec {
+                endpoint: Endpoint::Serial("/dev/ttyS0".into()),
+                sync: true
+            }
+        );
         let t: LinkSpec = "tcp:127.0.0.1:2377,sync=off".parse().unwrap();
         assert!(!t.sync);
         let l: LinkSpec = "tcp-listen:127.0.0.1:0".parse().unwrap();
         assert!(!l.sync);
-        assert_eq!("vsock:3:1024".parse::<LinkSpec>().unwrap().endpoint, Endpoint::Vsock { cid: 3, port: 1024 });
-        assert_eq!("unix:/run/x.sock,sync=on".parse::<LinkSpec>().unwrap().to_string(), "unix:/run/x.sock,sync=on");
-        for bad in ["nope", "tcp:host", "tcp::1", "tcp-listen:here", "vsock:x:1", "serial:", "tcp:h:1,sync=maybe"] {
+        assert_eq!(
+            "vsock:3:1024".parse::<LinkSpec>().unwrap().endpoint,
+            Endpoint::Vsock { cid: 3, port: 1024 }
+        );
+        assert_eq!(
+            "unix:/run/x.sock,sync=on"
+                .parse::<LinkSpec>()
+                .unwrap()
+                .to_string(),
+            "unix:/run/x.sock,sync=on"
+        );
+        for bad in [
+            "nope",
+            "tcp:host",
+            "tcp::1",
+            "tcp-listen:here",
+            "vsock:x:1",
+            "serial:",
+            "tcp:h:1,sync=maybe",
+        ] {
             assert!(bad.parse::<LinkSpec>().is_err(), "{bad}");
         }
     }

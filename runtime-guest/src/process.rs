@@ -51,22 +51,38 @@ struct Identity {
 }
 
 fn resolve_user(spec: &str) -> io::Result<Identity> {
-    let not_found = |what: &str| io::Error::new(io::ErrorKind::NotFound, format!("no such {what}: {spec:?}"));
+    let not_found =
+        |what: &str| io::Error::new(io::ErrorKind::NotFound, format!("no such {what}: {spec:?}"));
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
     let entry = match user.parse::<u32>() {
         Ok(uid) => User::from_uid(Uid::from_raw(uid)).map_err(io::Error::from)?,
-        Err(_) => Some(User::from_name(user).map_err(io::Error::from)?.ok_or_else(|| not_found("user"))?),
+        Err(_) => Some(
+            User::from_name(user)
+                .map_err(io::Error::from)?
+                .ok_or_else(|| not_found("user"))?,
+        ),
     };
-    let uid = entry.as_ref().map(|u| u.uid).unwrap_or_else(|| Uid::from_raw(user.parse().unwrap_or(0)));
+    let uid = entry
+        .as_ref()
+        .map(|u| u.uid)
+        .unwrap_or_else(|| Uid::from_raw(user.parse().unwrap_or(0)));
     let gid = match group {
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => Gid::from_raw(gid),
-            Err(_) => nix::unistd::Group::from_name(g).map_err(io::Error::from)?.ok_or_else(|| not_found("group"))?.gid,
+            Err(_) => {
+                nix::unistd::Group::from_name(g)
+                    .map_err(io::Error::from)?
+                    .ok_or_else(|| not_found("group"))?
+                    .gid
+            }
         },
-        None => entry.as_ref().map(|u| u.gid).unwrap_or(Gid::from_raw(uid.as_raw())),
+        None => entry
+            .as_ref()
+            .map(|u| u.gid)
+            .unwrap_or(Gid::from_raw(uid.as_raw())),
     };
     let groups = match &entry {
         Some(u) => {
@@ -75,7 +91,12 @@ fn resolve_user(spec: &str) -> io::Result<Identity> {
         }
         None => vec![gid],
     };
-    Ok(Identity { uid, gid, groups, home: entry.map(|u| u.dir.display().to_string()) })
+    Ok(Identity {
+        uid,
+        gid,
+        groups,
+        home: entry.map(|u| u.dir.display().to_string()),
+    })
 }
 
 fn set_cloexec(fd: &impl AsFd) -> io::Result<()> {
@@ -93,7 +114,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
     }
     command.envs(spec.env);
     if !spec.env.contains_key("PATH") {
-        command.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
     if let Some(cwd) = spec.cwd {
         command.current_dir(cwd);
@@ -104,8 +128,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         if !spec.env.contains_key("TERM") {
             command.env("TERM", "xterm");
         }
-        let size = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
-        let pty = openpty(Some(&size), None).map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("openpty: {e}")))?;
+        let size = Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = openpty(Some(&size), None)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("openpty: {e}")))?;
         set_cloexec(&pty.master)?;
         set_cloexec(&pty.slave)?;
         command.stdin(Stdio::from(pty.slave.try_clone()?));
@@ -113,13 +143,20 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
         command.stderr(Stdio::from(pty.slave.try_clone()?));
         pty_fds = Some(pty);
     } else {
-        command.stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() });
+        command.stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         command.stdout(Stdio::piped());
         command.stderr(Stdio::piped());
     }
 
     let tty = spec.tty.is_some();
-    let groups: Vec<nix::libc::gid_t> = identity.as_ref().map(|i| i.groups.iter().map(|g| g.as_raw()).collect()).unwrap_or_default();
+    let groups: Vec<nix::libc::gid_t> = identity
+        .as_ref()
+        .map(|i| i.groups.iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default();
     let ids = identity.as_ref().map(|i| (i.uid, i.gid));
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe system calls (setsid, ioctl, setgroups, setgid, setuid);
@@ -175,10 +212,19 @@ pub fn signal_group(pid: Pid, signal: Signal) -> io::Result<()> {
 
 /// Sets a terminal's size (the kernel then sends SIGWINCH to its foreground group).
 pub fn resize(pty: &OwnedFd, cols: u16, rows: u16) -> io::Result<()> {
-    let size = Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let size = Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which outlives the call.
     let r = unsafe { nix::libc::ioctl(pty.as_raw_fd(), nix::libc::TIOCSWINSZ, &size) };
-    if r == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// The terminal's end-of-file character (usually ^D).

@@ -27,9 +27,13 @@ impl ExitInfo {
     fn from_status(status: WaitStatus) -> Option<(Pid, Self)> {
         match status {
             WaitStatus::Exited(pid, code) => Some((pid, Self::code(code as u32))),
-            WaitStatus::Signaled(pid, sig, core) => {
-                Some((pid, Self { code: 128 + sig as u32, signal: Some((signal_name(sig), core)) }))
-            }
+            WaitStatus::Signaled(pid, sig, core) => Some((
+                pid,
+                Self {
+                    code: 128 + sig as u32,
+                    signal: Some((signal_name(sig), core)),
+                },
+            )),
             _ => None,
         }
     }

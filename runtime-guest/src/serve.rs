@@ -103,7 +103,10 @@ fn server_config(guest: &Guest) -> proto_core::Config {
 /// What a channel is for.
 enum Role {
     /// A `session` channel before its `exec` or `shell`.
-    Setup { pty: Option<PtyRequest>, env: Vec<(String, String)> },
+    Setup {
+        pty: Option<PtyRequest>,
+        env: Vec<(String, String)>,
+    },
     /// Attached to a session's stdio.
     Attached(Attached),
 }
@@ -125,13 +128,28 @@ struct Link {
     pushed: Option<Vec<(String, State, u32)>>,
 }
 
-async fn serve(guest: &Rc<Guest>, stream: &LinkStream, sync_first: bool, generation: u64) -> io::Result<()> {
-    let leftover = if sync_first { sync(stream).await? } else { Vec::new() };
+async fn serve(
+    guest: &Rc<Guest>,
+    stream: &LinkStream,
+    sync_first: bool,
+    generation: u64,
+) -> io::Result<()> {
+    let leftover = if sync_first {
+        sync(stream).await?
+    } else {
+        Vec::new()
+    };
     debug!(link = generation, "link sync done");
     let mut conn = Connection::new(server_config(guest), Instant::now(), rng());
-    let mut link = Link { guest: guest.clone(), generation, roles: BTreeMap::new(), pushed: None };
+    let mut link = Link {
+        guest: guest.clone(),
+        generation,
+        roles: BTreeMap::new(),
+        pushed: None,
+    };
     if !leftover.is_empty() {
-        conn.handle_input(Instant::now(), &leftover).map_err(io::Error::other)?;
+        conn.handle_input(Instant::now(), &leftover)
+            .map_err(io::Error::other)?;
     }
     let mut pending: Vec<Bytes> = Vec::new();
     let mut pending_len = 0usize;
@@ -147,7 +165,9 @@ async fn serve(guest: &Rc<Guest>, stream: &LinkStream, sync_first: bool, generat
         link.handle_events(&mut conn);
         link.pump(&mut conn);
         while pending_len < MAX_PENDING_WRITE {
-            let Some(out) = conn.poll_transmit() else { break };
+            let Some(out) = conn.poll_transmit() else {
+                break;
+            };
             pending_len += out.len();
             pending.push(out);
         }
@@ -187,7 +207,11 @@ async fn serve(guest: &Rc<Guest>, stream: &LinkStream, sync_first: bool, generat
                 if let Err(e) = conn.handle_input(Instant::now(), &buf[..n]) {
                     link.handle_events(&mut conn);
                     flush_best_effort(stream, &mut conn, &mut pending).await;
-                    return if is_orderly(&e) { Ok(()) } else { Err(io::Error::other(e.to_string())) };
+                    return if is_orderly(&e) {
+                        Ok(())
+                    } else {
+                        Err(io::Error::other(e.to_string()))
+                    };
                 }
             }
             Wake::Read(Err(e)) => return Err(e),
@@ -217,7 +241,10 @@ fn is_orderly(e: &proto_core::Error) -> bool {
     matches!(
         e,
         proto_core::Error::Closed
-            | proto_core::Error::PeerDisconnected { reason: proto_core::DisconnectReason::ByApplication, .. }
+            | proto_core::Error::PeerDisconnected {
+                reason: proto_core::DisconnectReason::ByApplication,
+                ..
+            }
     )
 }
 
@@ -254,15 +281,33 @@ impl Link {
             Event::Authenticated(who) => {
                 info!(link = self.generation, user = %who.user, key = ?who.key, "appliance authenticated");
             }
-            Event::ChannelOpen { channel, channel_type, data } => match channel_type.as_str() {
+            Event::ChannelOpen {
+                channel,
+                channel_type,
+                data,
+            } => match channel_type.as_str() {
                 "session" => {
                     conn.accept_channel(channel)?;
-                    self.roles.insert(channel, Role::Setup { pty: None, env: Vec::new() });
+                    self.roles.insert(
+                        channel,
+                        Role::Setup {
+                            pty: None,
+                            env: Vec::new(),
+                        },
+                    );
                 }
                 tether::ATTACH => self.open_attach(conn, channel, &data)?,
-                _ => conn.reject_channel(channel, open_failure::UNKNOWN_CHANNEL_TYPE, "unknown channel type")?,
+                _ => conn.reject_channel(
+                    channel,
+                    open_failure::UNKNOWN_CHANNEL_TYPE,
+                    "unknown channel type",
+                )?,
             },
-            Event::ChannelRequest { channel, request, want_reply } => {
+            Event::ChannelRequest {
+                channel,
+                request,
+                want_reply,
+            } => {
                 let ok = self.channel_request(conn, channel, request);
                 if want_reply {
                     conn.channel_reply(channel, ok)?;
@@ -272,7 +317,10 @@ impl Link {
                 let len = data.len();
                 match self.roles.get(&channel) {
                     Some(Role::Attached(a)) if a.stdin => {
-                        let credit = Credit { link: self.generation, channel };
+                        let credit = Credit {
+                            link: self.generation,
+                            channel,
+                        };
                         self.guest.write_stdin(&a.session, data, credit);
                     }
                     _ => conn.channel_consume(channel, len)?,
@@ -288,7 +336,9 @@ impl Link {
             Event::ChannelClosed { channel } => {
                 self.roles.remove(&channel);
             }
-            Event::GlobalRequest { name, want_reply, .. } => {
+            Event::GlobalRequest {
+                name, want_reply, ..
+            } => {
                 if name == tether::CONTAINER_IDS && want_reply {
                     let list = self.guest.container_list();
                     self.pushed = Some(summary(&list));
@@ -302,15 +352,34 @@ impl Link {
         Ok(())
     }
 
-    fn open_attach(&mut self, conn: &mut Connection, channel: ChannelId, data: &[u8]) -> proto_core::Result<()> {
+    fn open_attach(
+        &mut self,
+        conn: &mut Connection,
+        channel: ChannelId,
+        data: &[u8],
+    ) -> proto_core::Result<()> {
         let req = match AttachRequest::decode(data) {
             Ok(r) => r,
-            Err(e) => return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &format!("bad attach request: {e}")),
+            Err(e) => {
+                return conn.reject_channel(
+                    channel,
+                    open_failure::CONNECT_FAILED,
+                    &format!("bad attach request: {e}"),
+                );
+            }
         };
         let Some((start, end)) = self.guest.with(&req.id, |s| (s.log.start(), s.log.end())) else {
-            return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &format!("unknown session {}", req.id));
+            return conn.reject_channel(
+                channel,
+                open_failure::CONNECT_FAILED,
+                &format!("unknown session {}", req.id),
+            );
         };
-        let from = if req.from == tether::LIVE { end } else { req.from };
+        let from = if req.from == tether::LIVE {
+            end
+        } else {
+            req.from
+        };
         if from > end {
             let why = format!("offset {from} is beyond the end of output ({end})");
             return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &why);
@@ -319,19 +388,38 @@ impl Link {
         let mut cursor = from;
         if from < start {
             let gap = encode(|b| tether::encode_output_gap(start - from, b));
-            conn.channel_request(channel, &ChannelRequest::Other { name: tether::OUTPUT_GAP.into(), data: gap }, false)?;
+            conn.channel_request(
+                channel,
+                &ChannelRequest::Other {
+                    name: tether::OUTPUT_GAP.into(),
+                    data: gap,
+                },
+                false,
+            )?;
             cursor = start;
         }
         debug!(link = self.generation, session = %req.id, from, "attached");
         self.roles.insert(
             channel,
-            Role::Attached(Attached { session: req.id, cursor, stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, done: false }),
+            Role::Attached(Attached {
+                session: req.id,
+                cursor,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                done: false,
+            }),
         );
         Ok(())
     }
 
     /// Handles a channel request; returns the reply.
-    fn channel_request(&mut self, conn: &mut Connection, channel: ChannelId, request: ChannelRequest) -> bool {
+    fn channel_request(
+        &mut self,
+        conn: &mut Connection,
+        channel: ChannelId,
+        request: ChannelRequest,
+    ) -> bool {
         let guest = self.guest.clone();
         match self.roles.get_mut(&channel) {
             Some(Role::Setup { pty, env }) => match request {
@@ -353,33 +441,57 @@ impl Link {
                 ChannelRequest::Exec { .. } | ChannelRequest::Shell => {
                     let cmd = match &request {
                         ChannelRequest::Exec { command } => {
-                            vec![guest.config.shell.clone(), "-c".into(), String::from_utf8_lossy(command).into_owned()]
+                            vec![
+                                guest.config.shell.clone(),
+                                "-c".into(),
+                                String::from_utf8_lossy(command).into_owned(),
+                            ]
                         }
                         _ => vec![guest.config.shell.clone()],
                     };
-                    let size = pty.as_ref().map(|p| (p.cols.clamp(1, 65535) as u16, p.rows.clamp(1, 65535) as u16));
+                    let size = pty
+                        .as_ref()
+                        .map(|p| (p.cols.clamp(1, 65535) as u16, p.rows.clamp(1, 65535) as u16));
                     let mut env = std::mem::take(env);
                     if let Some(p) = pty.as_ref().filter(|p| !p.term.is_empty()) {
                         env.push(("TERM".into(), p.term.clone()));
                     }
                     let id = guest.add_exec(cmd, size, env);
                     let data = encode(|b| tether::encode_exec_id(&id, b));
-                    let _ = conn.channel_request(channel, &ChannelRequest::Other { name: tether::EXEC_ID.into(), data }, false);
+                    let _ = conn.channel_request(
+                        channel,
+                        &ChannelRequest::Other {
+                            name: tether::EXEC_ID.into(),
+                            data,
+                        },
+                        false,
+                    );
                     self.roles.insert(
                         channel,
-                        Role::Attached(Attached { session: id, cursor: 0, stdin: true, stdout: true, stderr: true, done: false }),
+                        Role::Attached(Attached {
+                            session: id,
+                            cursor: 0,
+                            stdin: true,
+                            stdout: true,
+                            stderr: true,
+                            done: false,
+                        }),
                     );
                     true
                 }
                 _ => false,
             },
             Some(Role::Attached(a)) => match request {
-                ChannelRequest::WindowChange { cols, rows, .. } => guest.resize(&a.session, cols, rows).is_ok(),
+                ChannelRequest::WindowChange { cols, rows, .. } => {
+                    guest.resize(&a.session, cols, rows).is_ok()
+                }
                 ChannelRequest::Signal { name } => match parse_signal(&name) {
                     Some(sig) => guest.signal(&a.session, sig).is_ok(),
                     None => false,
                 },
-                ChannelRequest::Other { name, .. } if name == tether::START => guest.release_gate(&a.session),
+                ChannelRequest::Other { name, .. } if name == tether::START => {
+                    guest.release_gate(&a.session)
+                }
                 _ => false,
             },
             None => false,
@@ -405,7 +517,10 @@ impl Link {
                     match s.log.read(a.cursor, window.min(READ_CHUNK)) {
                         Read::Gap { lost, resume } => {
                             let gap = encode(|b| tether::encode_output_gap(lost, b));
-                            let req = ChannelRequest::Other { name: tether::OUTPUT_GAP.into(), data: gap };
+                            let req = ChannelRequest::Other {
+                                name: tether::OUTPUT_GAP.into(),
+                                data: gap,
+                            };
                             let _ = conn.channel_request(channel, &req, false);
                             a.cursor = resume;
                         }
@@ -427,7 +542,11 @@ impl Link {
                         Read::End => {
                             if let Some(exit) = &s.exit {
                                 let req = match &exit.signal {
-                                    Some((name, core)) => ChannelRequest::ExitSignal { name: name.clone(), core_dumped: *core, message: String::new() },
+                                    Some((name, core)) => ChannelRequest::ExitSignal {
+                                        name: name.clone(),
+                                        core_dumped: *core,
+                                        message: String::new(),
+                                    },
                                     None => ChannelRequest::ExitStatus { code: exit.code },
                                 };
                                 let _ = conn.channel_request(channel, &req, false);
@@ -441,8 +560,11 @@ impl Link {
                     }
                 }
                 if s.log.overflow() == Overflow::Block {
+                    // Free only what the appliance acknowledged by returning window:
+                    // bytes in flight when a link drops are replayed, never lost.
+                    let unacked = conn.unacknowledged(channel).unwrap_or(0) as u64;
                     let low = lowest.entry(a.session.clone()).or_insert(u64::MAX);
-                    *low = (*low).min(a.cursor);
+                    *low = (*low).min(a.cursor.saturating_sub(unacked));
                 }
             });
         }
@@ -462,7 +584,10 @@ impl Link {
             let now = summary(&list);
             if self.pushed.as_ref() != Some(&now) {
                 let data = encode(|b| tether::encode_container_ids(&list, b));
-                if conn.global_request(tether::CONTAINER_IDS, &data, false).is_ok() {
+                if conn
+                    .global_request(tether::CONTAINER_IDS, &data, false)
+                    .is_ok()
+                {
                     self.pushed = Some(now);
                 }
             }
@@ -474,7 +599,10 @@ impl Link {
     /// and every attachment to it finished.
     fn note_exit_reported(&self) {
         let primary = &self.guest.config.id;
-        let pushed_exit = self.pushed.as_ref().is_some_and(|p| p.iter().any(|(id, st, _)| id == primary && *st == State::Exited));
+        let pushed_exit = self.pushed.as_ref().is_some_and(|p| {
+            p.iter()
+                .any(|(id, st, _)| id == primary && *st == State::Exited)
+        });
         let open = self.roles.values().any(|r| matches!(r, Role::Attached(a) if &a.session == primary && !a.done && (a.stdout || a.stderr)));
         if pushed_exit && !open {
             self.guest.exit_reported.set(true);
@@ -485,5 +613,7 @@ impl Link {
 /// The parts of a container list whose change is worth a push (not output_end,
 /// which moves with every byte).
 fn summary(list: &[ContainerInfo]) -> Vec<(String, State, u32)> {
-    list.iter().map(|c| (c.id.clone(), c.state, c.exit_status)).collect()
+    list.iter()
+        .map(|c| (c.id.clone(), c.state, c.exit_status))
+        .collect()
 }

@@ -25,7 +25,10 @@ pub struct Credit {
 
 /// Input waiting for the process.
 pub enum StdinItem {
-    Data { data: Bytes, credit: Credit },
+    Data {
+        data: Bytes,
+        credit: Credit,
+    },
     /// Close stdin (a terminal gets its EOF character instead).
     Eof,
 }

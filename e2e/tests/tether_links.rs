@@ -1,0 +1,255 @@
+//! Links that break: cut mid-stream, corrupted, noisy, or silently dead. The
+//! guest dials the appliance through a proxy that does the damage.
+
+use std::time::{Duration, Instant};
+
+use e2e::fixtures::{Dir, Fixture, Guest, Proxy};
+use e2e::{sha256_hex, with_timeout};
+use proto_core::link::{Frame, FrameKind};
+use runtime_appliance::{AttachOptions, ExitStatus, Output};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `seq 1 N` output, the reference stream of these tests.
+fn seq(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+#[test]
+fn a_link_cut_mid_stream_resumes_at_the_recorded_offset_byte_exact() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let proxy = Proxy::start(fx.addr);
+        let mut config = fx.config(
+            "cut",
+            &[
+                "/bin/sh",
+                "-c",
+                "sleep 0.5; seq 1 3000000; sleep 0.5; exit 9",
+            ],
+        );
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        config["sessions"][0]["overflow"] = "block".into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx
+                .appliance
+                .attach(
+                    "cut",
+                    AttachOptions {
+                        timeout: Duration::from_secs(20),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let mut cuts = 0;
+            let exit = loop {
+                match att.next().await {
+                    Some(Output::Stdout(b)) => {
+                        out.extend_from_slice(&b);
+                        // Cut the link twice while output is flowing.
+                        if (cuts == 0 && out.len() > 2_000_000)
+                            || (cuts == 1 && out.len() > 9_000_000)
+                        {
+                            proxy.cut();
+                            cuts += 1;
+                        }
+                    }
+                    Some(Output::Exit(e)) => break e,
+                    other => panic!("unexpected {other:?}"),
+                }
+            };
+            assert_eq!(cuts, 2);
+            assert!(
+                proxy.accepted() >= 3,
+                "the guest reconnected after each cut"
+            );
+            assert_eq!(exit, ExitStatus::Code(9));
+            let expect = seq(3_000_000);
+            assert_eq!(
+                out.len(),
+                expect.len(),
+                "bytes lost or duplicated across link drops"
+            );
+            assert_eq!(sha256_hex(&out), sha256_hex(&expect));
+        });
+    });
+}
+
+#[test]
+fn noise_and_stale_frames_before_and_between_syncs_are_skipped() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let proxy = Proxy::start(fx.addr);
+        // What a serial line carries before a guest talks: firmware text, escape
+        // sequences, frames of an earlier connection, half a frame.
+        let mut noise = b"Booting from ROM...\x1bc\x1b[?7l\x1b[2J".to_vec();
+        noise.extend(
+            Frame {
+                kind: FrameKind::HelloAck,
+                nonce_a: 42,
+                nonce_b: 43,
+            }
+            .encode(),
+        );
+        noise.extend(
+            Frame {
+                kind: FrameKind::Ready,
+                nonce_a: 42,
+                nonce_b: 43,
+            }
+            .encode(),
+        );
+        noise.extend(
+            &Frame {
+                kind: FrameKind::Hello,
+                nonce_a: 1,
+                nonce_b: 0,
+            }
+            .encode()[..9],
+        );
+        noise.extend(b"SSH-2.0-stale\r\n");
+        proxy.inject(Dir::ToAppliance, &noise);
+        proxy.inject(Dir::ToGuest, &noise);
+        let mut config = fx.config("noisy", &["/bin/sh", "-c", "echo through; sleep 30"]);
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx
+                .appliance
+                .attach(
+                    "noisy",
+                    AttachOptions {
+                        timeout: Duration::from_secs(20),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(att.next().await, Some(Output::Stdout("through\n".into())));
+            // Between syncs: cut, and greet the next connection with noise again.
+            proxy.inject(Dir::ToAppliance, &noise);
+            proxy.inject(Dir::ToGuest, &noise);
+            proxy.cut();
+            let listed = wait_for_link(&fx, "noisy", 2).await;
+            assert!(listed, "the guest came back through a noisy second sync");
+        });
+    });
+}
+
+/// Waits until the appliance has accepted `links` links and serves `id`.
+async fn wait_for_link(fx: &Fixture, id: &str, links: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        let m = fx.appliance.metrics();
+        let accepted = m
+            .lines()
+            .find(|l| l.starts_with("tetherd_links_accepted_total"))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if accepted >= links
+            && fx.appliance.links() >= 1
+            && fx
+                .appliance
+                .get(id)
+                .await
+                .is_ok_and(|v| v.connection.is_some())
+        {
+            return true;
+        }
+        smol::Timer::after(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[test]
+fn a_bit_flip_in_the_ssh_stream_ends_that_connection_and_the_next_sync_recovers() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let proxy = Proxy::start(fx.addr);
+        let mut config = fx.config("flip", &["/bin/sh", "-c", "seq 1 2000000; sleep 30"]);
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        config["sessions"][0]["output_buffer"] = (32 << 20).into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx
+                .appliance
+                .attach(
+                    "flip",
+                    AttachOptions {
+                        timeout: Duration::from_secs(20),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            while out.len() < 100_000 {
+                if let Some(Output::Stdout(b)) = att.next().await {
+                    out.extend_from_slice(&b);
+                }
+            }
+            // Corrupt one byte a little further into this connection's stream.
+            proxy.flip_after(Dir::ToAppliance, 50_000);
+            let expect = seq(2_000_000);
+            while out.len() < expect.len() {
+                match att.next().await {
+                    Some(Output::Stdout(b)) => out.extend_from_slice(&b),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(
+                sha256_hex(&out),
+                sha256_hex(&expect),
+                "the re-attach resumed exactly"
+            );
+            assert!(
+                proxy.accepted() >= 2,
+                "the corrupted connection was replaced"
+            );
+        });
+    });
+}
+
+#[test]
+fn a_silently_dead_link_is_detected_within_15_seconds() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let proxy = Proxy::start(fx.addr);
+        let mut config = fx.config("quiet", &["/bin/sh", "-c", "sleep 60"]);
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            assert!(wait_for_link(&fx, "quiet", 1).await);
+            proxy.stall(true);
+            let stalled = Instant::now();
+            while fx.appliance.links() > 0 {
+                assert!(
+                    stalled.elapsed() < Duration::from_secs(16),
+                    "the dead link was not noticed in time"
+                );
+                smol::Timer::after(Duration::from_millis(100)).await;
+            }
+            let took = stalled.elapsed();
+            assert!(
+                took >= Duration::from_secs(5),
+                "noticed suspiciously early: {took:?}"
+            );
+            eprintln!("dead link detected after {took:?}");
+            assert!(
+                fx.appliance.get("quiet").await.is_err(),
+                "its containers left the map"
+            );
+            proxy.stall(false);
+        });
+    });
+}
