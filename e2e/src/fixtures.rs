@@ -122,6 +122,11 @@ impl Guest {
         Self { child, log }
     }
 
+    /// The guest's process id.
+    pub fn child_pid(&mut self) -> u32 {
+        self.child.child().id()
+    }
+
     /// The guest's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
