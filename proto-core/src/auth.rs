@@ -22,23 +22,30 @@ pub struct Authenticated {
     pub key: Option<PublicKey>,
 }
 
+/// An authentication attempt the server refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The user name the client sent.
+    pub user: String,
+    /// The method it tried.
+    pub method: String,
+    /// The key it offered, if it offered a readable one.
+    pub key: Option<PublicKey>,
+    /// Why it was refused.
+    pub reason: &'static str,
+}
+
 /// The server's side of authentication.
 #[derive(Default)]
 pub struct ServerAuth {
+    /// Refused attempts not yet reported as events.
+    pub rejected: Vec<Rejected>,
     service_accepted: bool,
     failures: u32,
     done: bool,
 }
 
 impl ServerAuth {
-    pub fn new() -> Self {
-        Self {
-            service_accepted: false,
-            failures: 0,
-            done: false,
-        }
-    }
-
     /// Whether a client has authenticated.
     pub fn is_done(&self) -> bool {
         self.done
@@ -100,7 +107,14 @@ impl ServerAuth {
         if service != CONNECTION {
             return Err(Error::Service(service.to_owned()));
         }
-        match r.utf8()? {
+        let method = r.utf8()?;
+        let reject = |key: Option<PublicKey>, reason| Rejected {
+            user: user.clone(),
+            method: method.to_owned(),
+            key,
+            reason,
+        };
+        match method {
             "none" if cfg.allow_none => self.succeed(t, user, None),
             "none" => self.fail(t, cfg, false),
             "publickey" => {
@@ -109,7 +123,14 @@ impl ServerAuth {
                 let blob = r.string()?;
                 let key = match PublicKey::from_blob(blob) {
                     Ok(key) if alg == ED25519 && cfg.authorized_keys.contains(&key) => key,
-                    _ => return self.fail(t, cfg, true),
+                    Ok(key) => {
+                        self.rejected.push(reject(Some(key), "key not authorized"));
+                        return self.fail(t, cfg, true);
+                    }
+                    Err(_) => {
+                        self.rejected.push(reject(None, "not an ssh-ed25519 key"));
+                        return self.fail(t, cfg, true);
+                    }
                 };
                 if !signed {
                     // A query: would this key do? (RFC 4252 section 7)
@@ -133,10 +154,21 @@ impl ServerAuth {
                 if sig_alg == ED25519 && t.provider().ed25519_verify(key.as_bytes(), &data, sig) {
                     self.succeed(t, user, Some(key))
                 } else {
+                    self.rejected
+                        .push(reject(Some(key), "signature does not verify"));
                     self.fail(t, cfg, true)
                 }
             }
-            _ => self.fail(t, cfg, true),
+            other => {
+                let other = other.to_owned();
+                self.rejected.push(Rejected {
+                    user,
+                    method: other,
+                    key: None,
+                    reason: "method not supported",
+                });
+                self.fail(t, cfg, true)
+            }
         }
     }
 
@@ -171,12 +203,6 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    pub fn new() -> Self {
-        Self {
-            state: ClientState::Idle,
-        }
-    }
-
     /// Whether the server has accepted us.
     pub fn is_done(&self) -> bool {
         self.state == ClientState::Done

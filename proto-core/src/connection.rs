@@ -296,7 +296,10 @@ impl Connection {
                 let Role::Server(cfg) = &self.config.role else {
                     unreachable!("server auth")
                 };
-                if let Some(who) = auth.on_request(&mut self.transport, cfg, payload)? {
+                let result = auth.on_request(&mut self.transport, cfg, payload);
+                self.events
+                    .extend(auth.rejected.drain(..).map(Event::AuthRejected));
+                if let Some(who) = result? {
                     self.on_authenticated(who, now);
                 }
                 Ok(())

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::auth::Authenticated;
+use crate::auth::{Authenticated, Rejected};
 use crate::crypto::{CipherAlg, KexAlg};
 use crate::request::ChannelRequest;
 
@@ -39,6 +39,8 @@ pub enum Event {
     /// Authentication succeeded. On a server: who proved what; on a client: the
     /// user name and key we used.
     Authenticated(Authenticated),
+    /// A server refused an authentication attempt (for the log).
+    AuthRejected(Rejected),
     /// The peer asks to open a channel of a type this side accepts. Answer with
     /// `accept_channel` or `reject_channel`.
     ChannelOpen {

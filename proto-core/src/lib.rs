@@ -28,7 +28,7 @@ pub mod tether;
 pub mod transport;
 pub mod wire;
 
-pub use auth::Authenticated;
+pub use auth::{Authenticated, Rejected};
 pub use config::{ClientConfig, Config, HostKeyPolicy, Role, ServerConfig};
 pub use connection::Connection;
 pub use error::{DisconnectReason, Error, Result};

@@ -94,6 +94,11 @@ fn an_unauthorized_user_key_is_refused() {
     pair.drive();
     assert!(matches!(pair.client.error, Some(Error::Auth(_))));
     assert!(!pair.server.conn.is_authenticated());
+    let stranger = *PrivateKey::from_seed([5; 32]).public();
+    assert!(
+        pair.server.events.iter().any(|e| matches!(e, Event::AuthRejected(r) if r.key == Some(stranger) && r.reason == "key not authorized")),
+        "the refusal is reported for the log"
+    );
 }
 
 #[test]

@@ -410,7 +410,7 @@ impl Link {
                     chan.flush_stdin(conn, channel);
                 }
             }
-            Event::ChannelEof { .. } | Event::KexComplete { .. } => {}
+            Event::ChannelEof { .. } | Event::KexComplete { .. } | Event::AuthRejected(_) => {}
             Event::ChannelOpen { channel, .. } => {
                 let _ = conn.reject_channel(channel, proto_core::event::open_failure::ADMINISTRATIVELY_PROHIBITED, "the appliance accepts no channels");
             }

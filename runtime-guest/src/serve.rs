@@ -281,6 +281,13 @@ impl Link {
             Event::Authenticated(who) => {
                 info!(link = self.generation, user = %who.user, key = ?who.key, "appliance authenticated");
             }
+            Event::AuthRejected(r) => {
+                let key = r
+                    .key
+                    .map(|k| k.fingerprint())
+                    .unwrap_or_else(|| "none".into());
+                warn!(link = self.generation, user = %r.user, method = %r.method, %key, "refused authentication: {}", r.reason);
+            }
             Event::ChannelOpen {
                 channel,
                 channel_type,
