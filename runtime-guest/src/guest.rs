@@ -432,12 +432,25 @@ impl Guest {
         .flatten()
     }
 
-    /// Kills every process still running (the container is stopping).
-    pub fn kill_all(&self) {
-        for s in self.sessions.borrow().values() {
-            if let (Some(pid), None) = (s.pid, &s.exit) {
-                let _ = process::signal_group(pid, Signal::SIGKILL);
-            }
+    /// Stops every process still running (the container is stopping): each
+    /// session's stop signal, then SIGKILL for what is left after `grace`.
+    pub async fn stop_all(&self, grace: Duration) {
+        let running = |guest: &Self| -> Vec<(Pid, Signal)> {
+            guest.sessions.borrow().values().filter(|s| s.exit.is_none()).filter_map(|s| s.pid.map(|p| (p, s.spec.stop_signal))).collect()
+        };
+        for (pid, signal) in running(self) {
+            let _ = process::signal_group(pid, signal);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while !running(self).is_empty() && std::time::Instant::now() < deadline {
+            let listener = self.changed.listen();
+            futures_lite::future::or(listener, async {
+                Timer::at(deadline).await;
+            })
+            .await;
+        }
+        for (pid, _) in running(self) {
+            let _ = process::signal_group(pid, Signal::SIGKILL);
         }
     }
 

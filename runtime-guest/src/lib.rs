@@ -14,7 +14,7 @@ pub mod serve;
 pub mod session;
 
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_lite::{StreamExt, future};
 use smol::{LocalExecutor, Timer};
@@ -70,7 +70,7 @@ pub fn run(config: Config) -> u32 {
             })
             .await;
         }
-        guest.kill_all();
+        guest.stop_all(Duration::from_secs(2)).await;
         exit.code
     }))
 }
