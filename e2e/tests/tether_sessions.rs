@@ -13,20 +13,21 @@ use runtime_appliance::{
 const LIMIT: Duration = Duration::from_secs(120);
 const APPEAR: Duration = Duration::from_secs(20);
 
-/// Collects output until it contains `needle`; returns everything read.
+/// Collects output until it contains `needle` (for at most 20 s); returns
+/// everything read.
 async fn read_until(att: &mut Attachment, needle: &str) -> String {
     let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !String::from_utf8_lossy(&seen).contains(needle) {
-        match att.next().await {
-            Some(Output::Stdout(b)) | Some(Output::Stderr(b)) => seen.extend_from_slice(&b),
-            Some(other) => panic!(
-                "expected {needle:?}, got {other:?} after {:?}",
-                String::from_utf8_lossy(&seen)
-            ),
-            None => panic!(
-                "attachment ended before {needle:?}; got {:?}",
-                String::from_utf8_lossy(&seen)
-            ),
+        let next = futures_lite::future::or(async { Some(att.next().await) }, async {
+            smol::Timer::at(deadline).await;
+            None
+        });
+        match next.await {
+            Some(Some(Output::Stdout(b))) | Some(Some(Output::Stderr(b))) => seen.extend_from_slice(&b),
+            Some(Some(other)) => panic!("expected {needle:?}, got {other:?} after {:?}", String::from_utf8_lossy(&seen)),
+            Some(None) => panic!("attachment ended before {needle:?}; got {:?}", String::from_utf8_lossy(&seen)),
+            None => panic!("no {needle:?} within 20 s; got {:?}", String::from_utf8_lossy(&seen)),
         }
     }
     String::from_utf8_lossy(&seen).into_owned()

@@ -56,25 +56,21 @@ impl Connection {
         self.open_channel("session", &[])
     }
 
-    fn offered(&mut self, channel: ChannelId) -> Result<Channel> {
-        match self.channels.get(channel) {
-            Some(c) if c.state == ChannelState::Offered => {}
-            _ => {
-                return Err(Error::InvalidCommand(
-                    "no channel open request is waiting on that id",
-                ));
-            }
+    /// The channel the peer asked to open under `channel`, still unanswered.
+    fn offered(&mut self, channel: ChannelId) -> Result<&mut Channel> {
+        match self.channels.get_mut(channel) {
+            Some(c) if c.state == ChannelState::Offered => Ok(c),
+            _ => Err(Error::InvalidCommand("no channel open request is waiting on that id")),
         }
-        Ok(self.channels.remove(channel).expect("checked above"))
     }
 
-    /// Accepts a channel the peer asked to open (`Event::ChannelOpen`).
+    /// Accepts a channel the peer asked to open (`Event::ChannelOpen`). The
+    /// channel keeps its id: other channels may have come and gone meanwhile.
     pub fn accept_channel(&mut self, channel: ChannelId) -> Result<()> {
-        let mut c = self.offered(channel)?;
+        let max_packet = self.config.max_packet;
+        let c = self.offered(channel)?;
         c.state = ChannelState::Open;
-        let (remote, window, max_packet) = (c.remote_id, c.recv_window, self.config.max_packet);
-        let again = self.channels.insert(c);
-        debug_assert_eq!(again, Some(channel));
+        let (remote, window) = (c.remote_id, c.recv_window);
         self.transport.send(|b| {
             b.put_u8(msg::CHANNEL_OPEN_CONFIRMATION);
             b.put_u32(remote);
@@ -92,10 +88,11 @@ impl Connection {
         reason: u32,
         description: &str,
     ) -> Result<()> {
-        let c = self.offered(channel)?;
+        let remote = self.offered(channel)?.remote_id;
+        self.channels.remove(channel);
         self.transport.send(|b| {
             b.put_u8(msg::CHANNEL_OPEN_FAILURE);
-            b.put_u32(c.remote_id);
+            b.put_u32(remote);
             b.put_u32(reason);
             b.put_string(description.as_bytes());
             b.put_string(b"");

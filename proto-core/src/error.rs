@@ -114,8 +114,13 @@ pub enum Error {
     #[error("peer overran the window of channel {0}")]
     WindowOverrun(u32),
     /// The peer named a channel that does not exist.
-    #[error("peer referred to unknown channel {0}")]
-    UnknownChannel(u32),
+    #[error("peer's {msg} referred to unknown channel {channel}")]
+    UnknownChannel {
+        /// The message that named it.
+        msg: &'static str,
+        /// The channel number.
+        channel: u32,
+    },
     /// The peer exceeded a resource bound.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),

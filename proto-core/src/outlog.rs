@@ -166,6 +166,23 @@ impl OutputLog {
         }
     }
 
+    /// Appends output already in a `Bytes` (large reads become records without a
+    /// copy; small ones join the open tail record).
+    pub fn push_bytes(&mut self, stream: Stream, data: bytes::Bytes) {
+        if data.len() < TAIL_MAX {
+            return self.push(stream, &data);
+        }
+        self.seal_tail();
+        self.tail_stream = stream;
+        let len = data.len() as u64;
+        self.records.push_back(Record { offset: self.end, stream, data });
+        self.end += len;
+        if self.overflow == Overflow::DropOldest {
+            let keep_from = self.end.saturating_sub(self.capacity as u64);
+            self.discard_before(keep_from);
+        }
+    }
+
     /// Under `Block`, frees output below `upto` once every attachment has read
     /// it (the caller passes the smallest attachment offset).
     pub fn release(&mut self, upto: u64) {
@@ -330,6 +347,13 @@ mod tests {
             log.push(s, &chunk);
             expect.extend(chunk.iter().map(|&b| (s, b)));
         }
+        let mut by_bytes = OutputLog::new(1 << 22, Overflow::DropOldest);
+        for i in 0..200usize {
+            let chunk: Vec<u8> = (0..(i * 997) % 40_000).map(|j| (i + j) as u8).collect();
+            let s = if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout };
+            by_bytes.push_bytes(s, Bytes::from(chunk));
+        }
+        assert!(drain(&mut by_bytes, 0, 1 << 20).0 == expect);
         for max in [1000, 1 << 20] {
             let (out, _) = drain(&mut log, 0, max);
             assert!(out == expect, "max {max}");

@@ -118,6 +118,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The message being read (for errors).
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
     /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
         self.data.len()

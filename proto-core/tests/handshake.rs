@@ -223,3 +223,24 @@ fn unknown_channel_types_and_global_requests_are_refused() {
         .collect();
     assert_eq!(replies, [false, true]);
 }
+
+#[test]
+fn a_channel_accepted_after_an_older_one_closed_keeps_its_id() {
+    // Found by the tether re-attach test: the new channel's OPEN and the old
+    // channel's CLOSE arrive in one read, and the accept comes after both.
+    let mut pair = Pair::default_pair();
+    pair.connect();
+    let (old, _) = pair.open_session();
+    let new = pair.client.conn.open_session().unwrap();
+    pair.client.conn.channel_close(old).unwrap();
+    pair.drive();
+    assert!(pair.client.events.contains(&Event::ChannelOpened { channel: new }));
+    pair.client.conn.channel_send(new, None, b"still here").unwrap();
+    pair.drive();
+    assert!(pair.server.error.is_none(), "{:?}", pair.server.error);
+    let server_new = pair.server.events.iter().rev().find_map(|e| match e {
+        Event::ChannelOpen { channel, .. } => Some(*channel),
+        _ => None,
+    });
+    assert_eq!(&data_of(&pair.server.events, server_new.unwrap(), None)[..], b"still here");
+}

@@ -312,6 +312,7 @@ impl Link {
                 }
             }
             LinkCommand::Close { channel } => {
+                debug!(link = self.generation, ?channel, "closing channel");
                 let _ = conn.channel_close(channel);
             }
             LinkCommand::Request { channel, request, reply } => {
@@ -375,7 +376,10 @@ impl Link {
                     let _ = conn.global_reply(name == tether::CONTAINER_IDS, Bytes::new());
                 }
             }
-            Event::ChannelOpened { channel } => self.opened(conn, channel),
+            Event::ChannelOpened { channel } => {
+                debug!(link = self.generation, ?channel, "channel opened");
+                self.opened(conn, channel)
+            }
             Event::ChannelOpenFailed { channel, description, .. } => {
                 if let Some(chan) = self.chans.remove(&channel)
                     && let Some((_, reply, _)) = chan.opening

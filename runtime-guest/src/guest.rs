@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use event_listener::Event;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use nix::sys::signal::Signal;
@@ -28,6 +28,9 @@ use crate::session::{Credit, Session, StdinItem};
 /// How long output may keep flowing after a process exited (a background child
 /// can hold its pipes open), before the session is declared finished anyway.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
+
+/// Bytes read from a process's output at a time (its pipe holds 1 MiB).
+const READ_BUFFER: usize = 256 * 1024;
 
 /// Exit status of a session that could not start (as a shell reports it).
 const CANNOT_RUN: u32 = 127;
@@ -217,7 +220,9 @@ impl Guest {
 
     async fn read_output(&self, id: &str, fd: OwnedFd, stream: Stream) -> std::io::Result<()> {
         let mut file = Async::new(File::from(fd))?;
-        let mut buf = vec![0u8; 64 * 1024];
+        // Reads land in a shared buffer and leave it as `Bytes` without a copy;
+        // a fresh buffer is allocated when the rest gets small.
+        let mut buf = BytesMut::zeroed(READ_BUFFER);
         loop {
             let room = loop {
                 let Some((room, space)) = self.with(id, |s| (s.log.space(), s.space.clone()))
@@ -233,6 +238,9 @@ impl Guest {
                 }
                 listener.await;
             };
+            if buf.len() < READ_BUFFER / 4 {
+                buf = BytesMut::zeroed(READ_BUFFER);
+            }
             let want = room.min(buf.len());
             let n = match file.read(&mut buf[..want]).await {
                 Ok(0) => return Ok(()),
@@ -241,7 +249,8 @@ impl Guest {
                 Err(e) if e.raw_os_error() == Some(nix::libc::EIO) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            self.with(id, |s| s.log.push(stream, &buf[..n]));
+            let chunk = buf.split_to(n).freeze();
+            self.with(id, |s| s.log.push_bytes(stream, chunk));
             self.notify();
         }
     }

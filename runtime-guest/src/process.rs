@@ -16,6 +16,9 @@ use nix::pty::{Winsize, openpty};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, User};
 
+/// Bytes a process's output pipe holds.
+const PIPE_SIZE: i32 = 1 << 20;
+
 /// What to run.
 pub struct SpawnSpec<'a> {
     pub cmd: &'a [String],
@@ -192,13 +195,16 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
                 pty: Some(pty.master),
             }
         }
-        None => Spawned {
-            pid,
-            stdin: child.stdin.take().map(OwnedFd::from),
-            stdout: OwnedFd::from(child.stdout.take().expect("piped")),
-            stderr: Some(OwnedFd::from(child.stderr.take().expect("piped"))),
-            pty: None,
-        },
+        None => {
+            let stdout = OwnedFd::from(child.stdout.take().expect("piped"));
+            let stderr = OwnedFd::from(child.stderr.take().expect("piped"));
+            // A larger pipe means fewer wake-ups and less lock contention with a
+            // fast writer; failing to grow it is harmless.
+            for fd in [&stdout, &stderr] {
+                let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            }
+            Spawned { pid, stdin: child.stdin.take().map(OwnedFd::from), stdout, stderr: Some(stderr), pty: None }
+        }
     };
     // Dropping `Child` does not wait for it; the reaper collects its status.
     drop(child);

@@ -405,7 +405,7 @@ impl Link {
             )?;
             cursor = start;
         }
-        debug!(link = self.generation, session = %req.id, from, "attached");
+        debug!(link = self.generation, ?channel, session = %req.id, from, "attached");
         self.roles.insert(
             channel,
             Role::Attached(Attached {

@@ -20,13 +20,13 @@ pub(super) fn payload(build: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 impl Harness {
     /// An application command with fuzzer-chosen arguments.
     pub(super) fn command(&mut self, input: &mut Input<'_>) {
-        let (c, ch) = (input.u8(), ChannelId(input.u8() as u32 % 4));
-        let _ = match c % 12 {
+        let (c, ch) = (input.u8() % 15, ChannelId(input.u8() as u32 % 4));
+        let _ = match c {
             0 => self.conn.open_session().map(drop),
             1 => self.conn.open_channel("direct-tcpip", b"x").map(drop),
             2 | 3 => {
                 let data = vec![b'd'; input.u16() as usize % 20_000];
-                let ext = (c % 12 == 3).then_some(1);
+                let ext = (c == 3).then_some(1);
                 self.conn.channel_send(ch, ext, &data).map(drop)
             }
             4 => self.conn.channel_eof(ch),
@@ -44,28 +44,36 @@ impl Harness {
             }
             9 => self.conn.channel_consume(ch, input.u16() as usize),
             10 => self.conn.channel_reply(ch, input.u8() & 1 != 0),
-            _ => {
+            11 => {
                 self.conn
                     .disconnect(DisconnectReason::ByApplication, "fuzz");
                 Ok(())
             }
+            12 => {
+                if let Some(event) = self.unanswered.pop_front() {
+                    self.answer(event);
+                }
+                Ok(())
+            }
+            13 => self.conn.accept_channel(ch),
+            _ => self.conn.reject_channel(ch, 2, "no"),
         };
     }
 
     /// A well-formed message with fuzzer-chosen fields (packet mode only).
     pub(super) fn message(&mut self, input: &mut Input<'_>) -> Vec<Vec<u8>> {
-        let (k, ch) = (input.u8(), input.u8() as u32 % 4);
-        let m = match k % 20 {
+        let (k, ch) = (input.u8() % 20, input.u8() as u32 % 4);
+        let m = match k {
             0 => open_message(input.u8() as u32),
             1 | 2 => payload(|b| {
                 let len = input.u16() as usize % 10_000;
-                b.put_u8(if k % 16 == 1 {
+                b.put_u8(if k == 1 {
                     msg::CHANNEL_DATA
                 } else {
                     msg::CHANNEL_EXTENDED_DATA
                 });
                 b.put_u32(ch);
-                if k % 16 == 2 {
+                if k == 2 {
                     b.put_u32(1);
                 }
                 b.put_string(&input.filled(len));

@@ -2,6 +2,7 @@
 //! provider, fed the fuzzer's bytes raw or, after a scripted handshake, framed
 //! as packets, with timer steps and application commands mixed in.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,9 @@ pub(super) struct Harness {
     /// Frame fuzzer input as packets (the script has done the handshake).
     packets: bool,
     framer: Framer,
+    /// Leave questions (opens, want-reply requests) for a later command.
+    lazy: bool,
+    pub(super) unanswered: VecDeque<Event>,
 }
 
 impl Harness {
@@ -131,6 +135,8 @@ impl Harness {
                 sealer: Sealer::default(),
                 rng: FuzzRng::new(7),
             },
+            lazy: false,
+            unanswered: VecDeque::new(),
         }
     }
 
@@ -146,35 +152,57 @@ impl Harness {
 
     /// Drains output and answers events the way an application would.
     fn pump(&mut self) {
-        let refuse = self.flags & REFUSE != 0;
         loop {
             while self.conn.poll_transmit().is_some() {}
             let Some(event) = self.conn.poll_event() else {
                 break;
             };
-            let _ = match event {
-                Event::ChannelOpen { channel, .. } if refuse => {
-                    self.conn.reject_channel(channel, 1, "no")
-                }
-                Event::ChannelOpen { channel, .. } => self.conn.accept_channel(channel),
-                Event::ChannelRequest {
-                    channel,
-                    want_reply: true,
-                    ..
-                } => self.conn.channel_reply(channel, !refuse),
-                Event::GlobalRequest {
-                    want_reply: true, ..
-                } => self
-                    .conn
-                    .global_reply(!refuse, Bytes::from_static(b"\0\0\0\x01")),
-                Event::ChannelData { channel, data, .. } => {
-                    self.conn.channel_consume(channel, data.len())
-                }
-                Event::ChannelEof { channel } if refuse => self.conn.channel_close(channel),
-                Event::ChannelEof { channel } => self.conn.channel_eof(channel),
-                _ => Ok(()),
-            };
+            let question = matches!(
+                event,
+                Event::ChannelOpen { .. }
+                    | Event::ChannelRequest {
+                        want_reply: true,
+                        ..
+                    }
+                    | Event::GlobalRequest {
+                        want_reply: true,
+                        ..
+                    }
+            );
+            if self.lazy && question {
+                // Answered later, by a command: other messages may come first.
+                self.unanswered.push_back(event);
+            } else {
+                self.answer(event);
+            }
         }
+    }
+
+    /// What the application does about one event.
+    pub(super) fn answer(&mut self, event: Event) {
+        let refuse = self.flags & REFUSE != 0;
+        let _ = match event {
+            Event::ChannelOpen { channel, .. } if refuse => {
+                self.conn.reject_channel(channel, 1, "no")
+            }
+            Event::ChannelOpen { channel, .. } => self.conn.accept_channel(channel),
+            Event::ChannelRequest {
+                channel,
+                want_reply: true,
+                ..
+            } => self.conn.channel_reply(channel, !refuse),
+            Event::GlobalRequest {
+                want_reply: true, ..
+            } => self
+                .conn
+                .global_reply(!refuse, Bytes::from_static(b"\0\0\0\x01")),
+            Event::ChannelData { channel, data, .. } => {
+                self.conn.channel_consume(channel, data.len())
+            }
+            Event::ChannelEof { channel } if refuse => self.conn.channel_close(channel),
+            Event::ChannelEof { channel } => self.conn.channel_eof(channel),
+            _ => Ok(()),
+        };
     }
 
     /// Plays the peer through key exchange and authentication (the null
@@ -285,11 +313,20 @@ impl Harness {
                 self.command(input);
                 self.pump();
             }
-            _ if self.packets => {
-                let m = self.message(input);
-                for p in m {
+            6 if self.packets => {
+                for p in self.message(input) {
                     self.send(&p);
                 }
+            }
+            7 if self.packets => {
+                // Several messages in one read, so nothing is answered between them.
+                let mut batch = Vec::new();
+                for _ in 0..2 + input.u8() % 4 {
+                    for p in self.message(input) {
+                        batch.extend_from_slice(&self.framer.frame(&p));
+                    }
+                }
+                self.feed(&batch);
             }
             _ => {
                 let n = input.u8() as usize;
@@ -317,7 +354,8 @@ pub fn client_stream(data: &[u8]) {
     stream(Side::Client, data);
 }
 
-/// Byte 0 holds the flags above, byte 1 seeds the RNG. Raw mode feeds the rest as
+/// Byte 0 holds the flags above, byte 1 seeds the RNG (its top bit makes the
+/// application answer questions only when a command says so). Raw mode feeds the rest as
 /// the peer's byte stream (after a version line if asked), one `handle_input` per
 /// fuzzer-chosen chunk, mixed with timer steps and application commands. Scripted
 /// mode first completes key exchange and authentication, then frames the
@@ -334,6 +372,7 @@ fn stream(side: Side, data: &[u8]) {
     } else if flags & VERSION != 0 {
         h.feed(b"SSH-2.0-fuzz\r\n");
     }
+    h.lazy = seed & 0x80 != 0;
     while !input.is_empty() && !h.conn.is_closed() {
         h.step(&mut input);
     }
@@ -405,6 +444,16 @@ mod tests {
                 assert_eq!(h.conn.kex_count(), 2, "{side:?}");
             }
         }
+    }
+
+    /// Found by server_stream against 3daca9f (then also by a tether test): a
+    /// CHANNEL_OPEN and the CLOSE of an older channel in one read, the accept
+    /// after both, and `accept_channel` moved the new channel to the freed id.
+    #[test]
+    fn open_and_older_close_in_one_read_then_accept() {
+        // Flags SCRIPTED|KEEPALIVE|EXTRA; a batch (7) of two messages: CHANNEL_OPEN
+        // (0) from sender 0x27, then CHANNEL_CLOSE (46 % 20 = 6) of channel 0.
+        server_stream(&[0x29, 0x2d, 0x27, 0x64, 0x64, 0xa6, 0x27, 0x2e]);
     }
 
     #[test]

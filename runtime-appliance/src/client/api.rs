@@ -14,10 +14,16 @@ use smol_hyper::rt::FuturesIo;
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach tetherd's API at {url}: {error} (is `tetherd serve` running? set --api or TETHERD_API)")]
+    #[error(
+        "cannot reach tetherd's API at {url}: {error} (is `tetherd serve` running? set --api or TETHERD_API)"
+    )]
     Connect { url: String, error: std::io::Error },
     #[error("{message}")]
-    Api { status: u16, reason: String, message: String },
+    Api {
+        status: u16,
+        reason: String,
+        message: String,
+    },
     #[error("{0}")]
     Protocol(String),
     #[error("bad --api URL {url:?}: {why}")]
@@ -43,7 +49,11 @@ impl ClientError {
             reason: String,
         }
         match serde_json::from_slice::<ErrorBody>(body) {
-            Ok(e) => Self::Api { status: status.as_u16(), reason: e.reason, message: e.error },
+            Ok(e) => Self::Api {
+                status: status.as_u16(),
+                reason: e.reason,
+                message: e.error,
+            },
             Err(_) => Self::Api {
                 status: status.as_u16(),
                 reason: String::new(),
@@ -69,11 +79,20 @@ pub struct Api {
 
 impl Api {
     pub fn parse(url: &str) -> Result<Self, ClientError> {
-        let bad = |why: &str| ClientError::BadUrl { url: url.into(), why: why.into() };
-        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        let bad = |why: &str| ClientError::BadUrl {
+            url: url.into(),
+            why: why.into(),
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some(other) => return Err(bad(&format!("scheme {other:?} is not supported (use http://)"))),
+            Some(other) => {
+                return Err(bad(&format!(
+                    "scheme {other:?} is not supported (use http://)"
+                )));
+            }
             None => return Err(bad("missing scheme (use http://HOST:PORT)")),
         }
         let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
@@ -108,14 +127,21 @@ impl Api {
     pub async fn connect(&self) -> Result<TcpStream, ClientError> {
         let stream = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|error| ClientError::Connect { url: self.url.clone(), error })?;
+            .map_err(|error| ClientError::Connect {
+                url: self.url.clone(),
+                error,
+            })?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
 
     /// Sends one request on a fresh connection and returns the response
     /// (any status), its body still streaming.
-    pub async fn request(&self, method: Method, path_and_query: &str) -> Result<Response<Incoming>, ClientError> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+    ) -> Result<Response<Incoming>, ClientError> {
         let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
@@ -129,8 +155,9 @@ impl Api {
         let mut req = Request::new(Empty::<Bytes>::new());
         *req.method_mut() = method.clone();
         let target = self.target(path_and_query);
-        *req.uri_mut() =
-            target.parse().map_err(|e| ClientError::Protocol(format!("bad request target {target:?}: {e}")))?;
+        *req.uri_mut() = target
+            .parse()
+            .map_err(|e| ClientError::Protocol(format!("bad request target {target:?}: {e}")))?;
         if let Ok(host) = HeaderValue::from_str(&self.authority) {
             req.headers_mut().insert(HOST, host);
         }
@@ -149,7 +176,9 @@ impl Api {
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Protocol(format!("reading the response to {path_and_query}: {e}")))?
+            .map_err(|e| {
+                ClientError::Protocol(format!("reading the response to {path_and_query}: {e}"))
+            })?
             .to_bytes();
         if !status.is_success() {
             return Err(ClientError::from_body(status, &body));
@@ -158,10 +187,15 @@ impl Api {
     }
 
     /// `call`, parsing the body as JSON.
-    pub async fn json<T: DeserializeOwned>(&self, method: Method, path_and_query: &str) -> Result<T, ClientError> {
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+    ) -> Result<T, ClientError> {
         let body = self.call(method, path_and_query).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Protocol(format!("unexpected response to {path_and_query}: {e}")))
+        serde_json::from_slice(&body).map_err(|e| {
+            ClientError::Protocol(format!("unexpected response to {path_and_query}: {e}"))
+        })
     }
 }
 
@@ -187,14 +221,29 @@ mod tests {
     #[test]
     fn parses_api_urls() {
         let api = Api::parse("http://127.0.0.1:2378").unwrap();
-        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("127.0.0.1", 2378, ""));
-        assert_eq!(api.ws_url("/v1/containers/x/attach?stdin=1"), "ws://127.0.0.1:2378/v1/containers/x/attach?stdin=1");
+        assert_eq!(
+            (api.host.as_str(), api.port, api.prefix.as_str()),
+            ("127.0.0.1", 2378, "")
+        );
+        assert_eq!(
+            api.ws_url("/v1/containers/x/attach?stdin=1"),
+            "ws://127.0.0.1:2378/v1/containers/x/attach?stdin=1"
+        );
         let api = Api::parse("http://[::1]:9/tether/").unwrap();
-        assert_eq!((api.host.as_str(), api.port, api.prefix.as_str()), ("::1", 9, "/tether"));
+        assert_eq!(
+            (api.host.as_str(), api.port, api.prefix.as_str()),
+            ("::1", 9, "/tether")
+        );
         assert_eq!(api.target("/healthz"), "/tether/healthz");
         assert_eq!(api.ws_url("/x"), "ws://[::1]:9/tether/x");
         assert_eq!(Api::parse("http://localhost").unwrap().port, 80);
-        for bad in ["https://x", "127.0.0.1:2378", "http://", "http://a:1/?q=1", "not a url"] {
+        for bad in [
+            "https://x",
+            "127.0.0.1:2378",
+            "http://",
+            "http://a:1/?q=1",
+            "not a url",
+        ] {
             assert!(Api::parse(bad).is_err(), "{bad}");
         }
     }
@@ -209,7 +258,10 @@ mod tests {
 
     #[test]
     fn error_bodies() {
-        let e = ClientError::from_body(StatusCode::NOT_FOUND, br#"{"error":"no such container: x","reason":"NotFound"}"#);
+        let e = ClientError::from_body(
+            StatusCode::NOT_FOUND,
+            br#"{"error":"no such container: x","reason":"NotFound"}"#,
+        );
         assert_eq!(e.to_string(), "no such container: x");
         let e = ClientError::from_body(StatusCode::BAD_GATEWAY, b"oops");
         assert_eq!(e.to_string(), "HTTP 502 Bad Gateway: oops");

@@ -28,10 +28,14 @@ pub struct Terminal {
     pub stderr: Box<dyn Write + Send>,
     /// Window size changes (columns, rows).
     pub resize: Option<async_channel::Receiver<(u16, u16)>>,
-    /// The current window size, sent at every (re)connect to a terminal.
+    /// The current window size, sent at every (re)connect (set it only for a
+    /// process with a terminal).
     pub size: Option<(u16, u16)>,
     /// Watch stdin for ctrl-p ctrl-q.
     pub detach_keys: bool,
+    /// At EOF of local stdin, close the process's stdin (v5 `[255, 0]`);
+    /// otherwise just stop forwarding.
+    pub close_stdin_at_eof: bool,
 }
 
 /// How a session ended.
@@ -62,33 +66,43 @@ enum End {
 
 /// Runs a session on an open connection until the process exits or the
 /// user detaches, re-attaching as `resume` allows.
-pub async fn run(api: &Api, mut conn: Connected, resume: Resume, term: &mut Terminal) -> Result<Outcome, ClientError> {
+pub async fn run(
+    api: &Api,
+    mut conn: Connected,
+    resume: Resume,
+    term: &mut Terminal,
+) -> Result<Outcome, ClientError> {
     let mut offset = conn.offset.unwrap_or(0);
     let mut stdin_open = term.stdin.is_some();
     let mut keys = DetachKeys::default();
     loop {
-        if conn.tty != Some(false)
-            && let Some((w, h)) = term.size
-        {
+        if let Some((w, h)) = term.size {
             let _ = conn.ws.send(Message::Binary(k8s::resize_frame(w, h))).await;
         }
         match pump(&mut conn, &mut offset, term, &mut keys, &mut stdin_open).await {
             End::Status(status) => {
-                let _ = future::or(conn.ws.close(None), async {
-                    smol::Timer::after(Duration::from_secs(1)).await;
-                    Ok(())
-                })
-                .await;
-                return status.exit_code().map(Outcome::Exited).map_err(|message| ClientError::Api {
-                    status: status.code.and_then(|c| u16::try_from(c).ok()).unwrap_or(500),
-                    reason: status.reason.clone().unwrap_or_default(),
-                    message,
+                finish(&mut conn).await;
+                return status.exit_code().map(Outcome::Exited).map_err(|message| {
+                    ClientError::Api {
+                        status: status
+                            .code
+                            .and_then(|c| u16::try_from(c).ok())
+                            .unwrap_or(500),
+                        reason: status.reason.clone().unwrap_or_default(),
+                        message,
+                    }
                 });
             }
-            End::Detached => return Ok(Outcome::Detached),
+            End::Detached => {
+                // The server applies everything sent before the close.
+                finish(&mut conn).await;
+                return Ok(Outcome::Detached);
+            }
             End::Dropped(why) => {
                 let Some(id) = &resume.id else {
-                    return Err(ClientError::Protocol(format!("the stream ended without an exit status: {why}")));
+                    return Err(ClientError::Protocol(format!(
+                        "the stream ended without an exit status: {why}"
+                    )));
                 };
                 tracing::debug!(%why, offset, "stream dropped; re-attaching");
                 conn = reattach(api, id, offset, stdin_open, &resume, &why).await?;
@@ -178,7 +192,11 @@ async fn pump(
                 }
             };
             let local = future::or(stdin, future::or(resize, release));
-            if ws_first { future::or(from_ws, local).await } else { future::or(local, from_ws).await }
+            if ws_first {
+                future::or(from_ws, local).await
+            } else {
+                future::or(local, from_ws).await
+            }
         };
         let msg = match event {
             Event::Ws(Some(Ok(Message::Binary(data)))) => {
@@ -191,7 +209,10 @@ async fn pump(
                 continue;
             }
             Event::Ws(Some(Ok(Message::Close(frame)))) => {
-                let why = frame.map_or_else(|| "closed".into(), |f| format!("closed ({}): {}", f.code, f.reason));
+                let why = frame.map_or_else(
+                    || "closed".into(),
+                    |f| format!("closed ({}): {}", f.code, f.reason),
+                );
                 return End::Dropped(why);
             }
             Event::Ws(Some(Ok(_))) => continue,
@@ -204,7 +225,6 @@ async fn pump(
                     return End::Dropped("sending stdin failed".into());
                 }
                 if detach {
-                    let _ = conn.ws.close(None).await;
                     return End::Detached;
                 }
                 continue;
@@ -212,6 +232,9 @@ async fn pump(
             Event::Stdin(Some(data)) => k8s::frame(k8s::STDIN, &data),
             Event::Stdin(None) => {
                 *stdin_open = false;
+                if !term.close_stdin_at_eof {
+                    continue;
+                }
                 if !conn.protocol.supports_close() {
                     tracing::debug!("stdin ended, but v4 cannot close the remote stdin");
                     continue;
@@ -227,9 +250,6 @@ async fn pump(
             }
             Event::Resize(Some((w, h))) => {
                 term.size = Some((w, h));
-                if conn.tty == Some(false) {
-                    continue;
-                }
                 k8s::resize_frame(w, h)
             }
             Event::Resize(None) => {
@@ -241,6 +261,20 @@ async fn pump(
             return End::Dropped("sending failed".into());
         }
     }
+}
+
+/// Closes the WebSocket and waits (up to a second) for the server's close
+/// reply, so that the server has read everything sent before.
+async fn finish(conn: &mut Connected) {
+    let closing = async {
+        if conn.ws.close(None).await.is_ok() {
+            while let Some(Ok(_)) = conn.ws.next().await {}
+        }
+    };
+    future::or(closing, async {
+        smol::Timer::after(Duration::from_secs(1)).await;
+    })
+    .await;
 }
 
 async fn send(conn: &mut Connected, msg: Bytes) -> bool {

@@ -81,7 +81,11 @@ pub fn format_table(rows: &[ContainerRow]) -> String {
     }
     let mut out = String::new();
     for line in &lines {
-        let cells: Vec<String> = line.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
@@ -97,7 +101,11 @@ async fn ls(args: ApiArgs) -> Result<ExitCode, ClientError> {
 
 async fn kill(args: KillArgs) -> Result<ExitCode, ClientError> {
     let api = Api::parse(&args.api.api)?;
-    let path = format!("/v1/containers/{}/signal?signal={}", encode(&args.id), encode(&args.signal));
+    let path = format!(
+        "/v1/containers/{}/signal?signal={}",
+        encode(&args.id),
+        encode(&args.signal)
+    );
     api.call(Method::POST, &path).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -108,7 +116,12 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
         exit_code: u32,
     }
     let api = Api::parse(&args.api.api)?;
-    let waited: Waited = api.json(Method::GET, &format!("/v1/containers/{}/wait", encode(&args.id))).await?;
+    let waited: Waited = api
+        .json(
+            Method::GET,
+            &format!("/v1/containers/{}/wait", encode(&args.id)),
+        )
+        .await?;
     println!("{}", waited.exit_code);
     Ok(ExitCode::SUCCESS)
 }
@@ -118,7 +131,15 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
 async fn logs(args: LogsArgs) -> Result<ExitCode, ClientError> {
     let api = Api::parse(&args.api.api)?;
     let mut out = std::io::stdout();
-    stream_logs(&api, &args.id, args.from, args.follow, &mut out, RECONNECT_FOR).await?;
+    stream_logs(
+        &api,
+        &args.id,
+        args.from,
+        args.follow,
+        &mut out,
+        RECONNECT_FOR,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -133,24 +154,43 @@ pub async fn stream_logs(
 ) -> Result<u64, ClientError> {
     let mut offset = from;
     let mut broken_since: Option<Instant> = None;
+    // Only a stream that worked once is resumed: a first failure (no such
+    // container, API down) is reported at once.
+    let mut streamed = false;
     loop {
-        let path = format!("/v1/containers/{}/logs?follow={}&from={offset}", encode(id), u8::from(follow));
+        let path = format!(
+            "/v1/containers/{}/logs?follow={}&from={offset}",
+            encode(id),
+            u8::from(follow)
+        );
         let attempt = async {
             let resp = api.request(Method::GET, &path).await?;
             let status = resp.status();
             if !status.is_success() {
-                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 return Err(ClientError::from_body(status, &body));
             }
-            let start = resp.headers().get(OFFSET_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let start = resp
+                .headers()
+                .get(OFFSET_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             if let Some(start) = start.filter(|&s| s > offset) {
-                eprintln!("tetherd: {} bytes of output before offset {start} are no longer retained", start - offset);
+                eprintln!(
+                    "tetherd: {} bytes of output before offset {start} are no longer retained",
+                    start - offset
+                );
                 offset = start;
             }
             Ok(resp.into_body())
         };
         let e: ClientError = match attempt.await {
             Ok(mut body) => loop {
+                streamed = true;
                 match body.frame().await {
                     None => return Ok(offset),
                     Some(Ok(frame)) => {
@@ -160,13 +200,15 @@ pub async fn stream_logs(
                             write_all(out, data);
                         }
                     }
-                    Some(Err(e)) => break ClientError::Protocol(format!("the output stream broke: {e}")),
+                    Some(Err(e)) => {
+                        break ClientError::Protocol(format!("the output stream broke: {e}"));
+                    }
                 }
             },
             Err(e) => e,
         };
         let since = *broken_since.get_or_insert_with(Instant::now);
-        if !follow || !e.is_transient() || since.elapsed() > reconnect_for {
+        if !follow || !streamed || !e.is_transient() || since.elapsed() > reconnect_for {
             return Err(e);
         }
         tracing::debug!(error = %e, offset, "logs: resuming");
@@ -185,16 +227,21 @@ fn parse_from(v: &str) -> Result<String, ClientError> {
     if v.eq_ignore_ascii_case("live") {
         return Ok("live".into());
     }
-    v.parse::<u64>().map(|n| n.to_string()).map_err(|_| ClientError::BadUrl {
-        url: v.into(),
-        why: "--from takes an output offset or \"live\"".into(),
-    })
+    v.parse::<u64>()
+        .map(|n| n.to_string())
+        .map_err(|_| ClientError::BadUrl {
+            url: v.into(),
+            why: "--from takes an output offset or \"live\"".into(),
+        })
 }
 
 async fn attach_command(args: AttachArgs) -> Result<ExitCode, ClientError> {
     let api = Api::parse(&args.api.api)?;
     let from = parse_from(&args.from).map_err(|_| {
-        ClientError::Protocol(format!("--from {:?}: expected an output offset or \"live\"", args.from))
+        ClientError::Protocol(format!(
+            "--from {:?}: expected an output offset or \"live\"",
+            args.from
+        ))
     })?;
     let stdin = !args.no_stdin;
     let path = format!(
@@ -204,8 +251,14 @@ async fn attach_command(args: AttachArgs) -> Result<ExitCode, ClientError> {
     );
     let conn = ws::connect(&api, &path).await?;
     let tty = conn.tty.unwrap_or(false);
-    let resume = Resume { id: Some(args.id.clone()), window: RECONNECT_FOR, first_delay: Duration::from_millis(100) };
-    interactive(&api, conn, resume, stdin, tty, &args.id).await
+    let resume = Resume {
+        id: Some(args.id.clone()),
+        window: RECONNECT_FOR,
+        first_delay: Duration::from_millis(100),
+    };
+    // At EOF of stdin, attach stops forwarding but leaves the container's
+    // stdin open: it is shared with other attachers and outlives this one.
+    interactive(&api, conn, resume, stdin, tty, &args.id, false).await
 }
 
 async fn exec_command(args: ExecArgs) -> Result<ExitCode, ClientError> {
@@ -228,9 +281,21 @@ async fn exec_command(args: ExecArgs) -> Result<ExitCode, ClientError> {
     let conn = ws::connect(&api, &path).await?;
     // Re-attach to the exec's own id; without one, a re-attach would reach
     // the container's primary process instead, so do not.
-    let resume =
-        Resume { id: conn.exec_id.clone(), window: RECONNECT_FOR, first_delay: Duration::from_millis(100) };
-    interactive(&api, conn, resume, args.interactive, args.tty, &args.id).await
+    let resume = Resume {
+        id: conn.exec_id.clone(),
+        window: RECONNECT_FOR,
+        first_delay: Duration::from_millis(100),
+    };
+    interactive(
+        &api,
+        conn,
+        resume,
+        args.interactive,
+        args.tty,
+        &args.id,
+        true,
+    )
+    .await
 }
 
 /// Sets up the local terminal and runs the session.
@@ -241,10 +306,15 @@ async fn interactive(
     stdin: bool,
     tty: bool,
     id: &str,
+    close_stdin_at_eof: bool,
 ) -> Result<ExitCode, ClientError> {
     let raw = stdin && tty && term::stdin_is_tty();
     let size = if tty { term::window_size() } else { None };
-    let resize = if tty && size.is_some() { winch_sizes() } else { None };
+    let resize = if tty && size.is_some() {
+        winch_sizes()
+    } else {
+        None
+    };
     let mut terminal = Terminal {
         stdin: stdin.then(term::spawn_stdin_reader),
         stdout: Box::new(std::io::stdout()),
@@ -252,6 +322,7 @@ async fn interactive(
         resize,
         size,
         detach_keys: raw,
+        close_stdin_at_eof,
     };
     let guard = if raw {
         match term::RawMode::enable() {

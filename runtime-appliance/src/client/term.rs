@@ -44,7 +44,12 @@ nix::ioctl_read_bad!(tiocgwinsz, nix::libc::TIOCGWINSZ, nix::libc::winsize);
 /// The terminal's size as (columns, rows), from stdout or else stdin.
 pub fn window_size() -> Option<(u16, u16)> {
     for fd in [1, 0] {
-        let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        let mut ws = nix::libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCGWINSZ writes a `winsize` into the pointer we pass,
         // which points to a live, properly aligned `winsize`.
         if unsafe { tiocgwinsz(fd, &mut ws) }.is_ok() && ws.ws_col > 0 && ws.ws_row > 0 {
@@ -57,25 +62,27 @@ pub fn window_size() -> Option<(u16, u16)> {
 /// Reads stdin on a thread; the channel yields chunks and closes at EOF.
 pub fn spawn_stdin_reader() -> async_channel::Receiver<Bytes> {
     let (tx, rx) = async_channel::bounded(64);
-    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx.send_blocking(Bytes::copy_from_slice(&buf[..n])).is_err() {
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx.send_blocking(Bytes::copy_from_slice(&buf[..n])).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading stdin failed");
                         break;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading stdin failed");
-                    break;
-                }
             }
-        }
-    });
+        });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the stdin reader; stdin is not forwarded");
     }

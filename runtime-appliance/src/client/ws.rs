@@ -31,22 +31,39 @@ pub async fn connect(api: &Api, path_and_query: &str) -> Result<Connected, Clien
         .into_client_request()
         .map_err(|e| ClientError::Protocol(format!("bad WebSocket URL {url}: {e}")))?;
     let offer = format!("{}, {}", k8s::V5, k8s::V4);
-    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&offer).map_err(|e| ClientError::Protocol(e.to_string()))?);
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&offer).map_err(|e| ClientError::Protocol(e.to_string()))?,
+    );
     let stream = api.connect().await?;
     let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
-    let (ws, resp) = match async_tungstenite::client_async_with_config(req, stream, Some(config)).await {
-        Ok(ok) => ok,
-        Err(tungstenite::Error::Http(resp)) => {
-            let status = resp.status();
-            let body = resp.body().as_deref().unwrap_or_default();
-            return Err(ClientError::from_body(status, body));
-        }
-        Err(e) => return Err(ClientError::Protocol(format!("WebSocket handshake with {url}: {e}"))),
+    let (ws, resp) =
+        match async_tungstenite::client_async_with_config(req, stream, Some(config)).await {
+            Ok(ok) => ok,
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status();
+                let body = resp.body().as_deref().unwrap_or_default();
+                return Err(ClientError::from_body(status, body));
+            }
+            Err(e) => {
+                return Err(ClientError::Protocol(format!(
+                    "WebSocket handshake with {url}: {e}"
+                )));
+            }
+        };
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     };
-    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let protocol = header("sec-websocket-protocol")
         .and_then(|p| Protocol::from_name(&p))
-        .ok_or_else(|| ClientError::Protocol(format!("{url}: the server chose no k8s channel subprotocol")))?;
+        .ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "{url}: the server chose no k8s channel subprotocol"
+            ))
+        })?;
     Ok(Connected {
         ws,
         protocol,

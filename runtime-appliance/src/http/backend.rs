@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::api_types::{AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
 use crate::api_types::ApiError;
+use crate::api_types::{AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
 use crate::appliance::{Appliance, Attachment};
 
 /// A live stream of a container's output with its stdin, resize and offset.
@@ -33,7 +33,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     type Session: Session;
     fn list(&self) -> impl Future<Output = Vec<ContainerView>> + Send;
     fn get(&self, id: &str) -> impl Future<Output = Result<ContainerView, ApiError>> + Send;
-    fn wait(&self, id: &str, timeout: Duration) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send;
+    fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send;
     fn signal(&self, id: &str, signal: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn attach(
@@ -41,7 +45,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
         id: &str,
         options: AttachOptions,
     ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
-    fn exec(&self, id: &str, options: ExecOptions) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
+    fn exec(
+        &self,
+        id: &str,
+        options: ExecOptions,
+    ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
     fn logs(
         &self,
         id: &str,
@@ -86,7 +94,11 @@ impl Backend for Appliance {
     fn get(&self, id: &str) -> impl Future<Output = Result<ContainerView, ApiError>> + Send {
         Appliance::get(self, id)
     }
-    fn wait(&self, id: &str, timeout: Duration) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send {
+    fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ExitStatus, ApiError>> + Send {
         Appliance::wait(self, id, timeout)
     }
     fn signal(&self, id: &str, signal: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
@@ -95,13 +107,26 @@ impl Backend for Appliance {
     fn start(&self, id: &str) -> impl Future<Output = Result<(), ApiError>> + Send {
         Appliance::start(self, id)
     }
-    fn attach(&self, id: &str, options: AttachOptions) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+    fn attach(
+        &self,
+        id: &str,
+        options: AttachOptions,
+    ) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
         Appliance::attach(self, id, options)
     }
-    fn exec(&self, id: &str, options: ExecOptions) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+    fn exec(
+        &self,
+        id: &str,
+        options: ExecOptions,
+    ) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
         Appliance::exec(self, id, options)
     }
-    fn logs(&self, id: &str, from: u64, follow: bool) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
+    fn logs(
+        &self,
+        id: &str,
+        from: u64,
+        follow: bool,
+    ) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
         Appliance::logs(self, id, from, follow)
     }
     fn metrics(&self) -> String {

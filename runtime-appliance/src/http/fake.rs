@@ -28,19 +28,35 @@ pub struct FakeContainer {
 
 impl FakeContainer {
     pub fn script(script: Vec<Output>) -> Self {
-        Self { script, ..Self::default() }
+        Self {
+            script,
+            ..Self::default()
+        }
     }
 
     pub fn cat(tty: bool) -> Self {
-        Self { cat: true, tty, ..Self::default() }
+        Self {
+            cat: true,
+            tty,
+            ..Self::default()
+        }
     }
 
     fn output_len(&self) -> u64 {
-        self.script.iter().map(|o| chunk(o).map_or(0, |b| b.len() as u64)).sum()
+        self.script
+            .iter()
+            .map(|o| chunk(o).map_or(0, |b| b.len() as u64))
+            .sum()
     }
 
     fn exit(&self) -> Option<ExitStatus> {
-        self.script.iter().find_map(|o| if let Output::Exit(e) = o { Some(e.clone()) } else { None })
+        self.script.iter().find_map(|o| {
+            if let Output::Exit(e) = o {
+                Some(e.clone())
+            } else {
+                None
+            }
+        })
     }
 
     /// The script from offset `from` (with a leading gap if that was lost).
@@ -115,10 +131,19 @@ impl FakeBackend {
 
     fn with<T>(&self, id: &str, f: impl FnOnce(&mut FakeContainer) -> T) -> Result<T, ApiError> {
         let mut map = self.containers.lock().unwrap();
-        map.get_mut(id).map(f).ok_or_else(|| ApiError::NotFound(id.into()))
+        map.get_mut(id)
+            .map(f)
+            .ok_or_else(|| ApiError::NotFound(id.into()))
     }
 
-    fn session(&self, id: &str, c: &FakeContainer, start: u64, queue: VecDeque<Output>, end: bool) -> FakeSession {
+    fn session(
+        &self,
+        id: &str,
+        c: &FakeContainer,
+        start: u64,
+        queue: VecDeque<Output>,
+        end: bool,
+    ) -> FakeSession {
         let (tx, rx) = async_channel::unbounded();
         FakeSession {
             id: id.into(),
@@ -162,6 +187,11 @@ impl FakeSession {
                 let keep = (limit - self.offset) as usize;
                 self.queue.push_front(Output::Stdout(b.slice(keep..)));
                 Output::Stdout(b.slice(..keep))
+            }
+            (Output::Stderr(b), Some(limit)) if self.offset + b.len() as u64 > limit => {
+                let keep = (limit - self.offset) as usize;
+                self.queue.push_front(Output::Stderr(b.slice(keep..)));
+                Output::Stderr(b.slice(..keep))
             }
             (out, _) => out,
         };
@@ -222,7 +252,9 @@ impl Session for FakeSession {
     async fn resize(&self, cols: u32, rows: u32) -> Result<(), ApiError> {
         self.record(format!("resize {cols}x{rows}"));
         if let Some(tx) = &self.cat {
-            let _ = tx.send(Output::Stdout(Bytes::from(format!("size {cols}x{rows}\n")))).await;
+            let _ = tx
+                .send(Output::Stdout(Bytes::from(format!("size {cols}x{rows}\n"))))
+                .await;
         }
         Ok(())
     }
@@ -232,7 +264,12 @@ impl Backend for FakeBackend {
     type Session = FakeSession;
 
     async fn list(&self) -> Vec<ContainerView> {
-        self.containers.lock().unwrap().iter().map(|(id, c)| Self::view(id, c)).collect()
+        self.containers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, c)| Self::view(id, c))
+            .collect()
     }
 
     async fn get(&self, id: &str) -> Result<ContainerView, ApiError> {
@@ -260,7 +297,10 @@ impl Backend for FakeBackend {
     }
 
     async fn attach(&self, id: &str, options: AttachOptions) -> Result<FakeSession, ApiError> {
-        self.record(format!("attach {id} from={:?} stdin={}", options.from, options.stdin));
+        self.record(format!(
+            "attach {id} from={:?} stdin={}",
+            options.from, options.stdin
+        ));
         let c = self.with(id, |c| {
             c.attaches += 1;
             c.clone()
@@ -278,7 +318,14 @@ impl Backend for FakeBackend {
     }
 
     async fn exec(&self, id: &str, options: ExecOptions) -> Result<FakeSession, ApiError> {
-        let n = self.calls.lock().unwrap().iter().filter(|c| c.starts_with("exec ")).count() + 1;
+        let n = self
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("exec "))
+            .count()
+            + 1;
         self.record(format!(
             "exec {id} {:?} tty={} stdin={} size={:?} env={:?}",
             options.command, options.tty, options.stdin, options.size, options.env
@@ -287,7 +334,10 @@ impl Backend for FakeBackend {
         let exec_id = format!("{id}.exec{n}");
         let c = FakeContainer::cat(options.tty);
         self.add(&exec_id, c.clone());
-        let argv = Output::Stdout(Bytes::from(format!("argv: {}\n", options.command.join(" "))));
+        let argv = Output::Stdout(Bytes::from(format!(
+            "argv: {}\n",
+            options.command.join(" ")
+        )));
         Ok(self.session(&exec_id, &c, 0, VecDeque::from([argv]), false))
     }
 

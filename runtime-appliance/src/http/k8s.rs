@@ -96,7 +96,8 @@ pub struct TerminalSize {
 /// The resize message for a terminal of `width` columns and `height` rows.
 pub fn resize_frame(width: u16, height: u16) -> Bytes {
     // Serializing two integers cannot fail; fall back to an empty object anyway.
-    let json = serde_json::to_vec(&TerminalSize { width, height }).unwrap_or_else(|_| b"{}".to_vec());
+    let json =
+        serde_json::to_vec(&TerminalSize { width, height }).unwrap_or_else(|_| b"{}".to_vec());
     frame(RESIZE, &json)
 }
 
@@ -138,15 +139,20 @@ pub fn parse_client(protocol: Protocol, msg: &Bytes) -> Result<ClientFrame, Fram
     let data = msg.slice(1..);
     match channel {
         STDIN => Ok(ClientFrame::Stdin(data)),
-        RESIZE => serde_json::from_slice(&data).map(ClientFrame::Resize).map_err(|e| FrameError::BadResize {
-            text: String::from_utf8_lossy(&data).chars().take(100).collect(),
-            error: e.to_string(),
-        }),
+        RESIZE => serde_json::from_slice(&data)
+            .map(ClientFrame::Resize)
+            .map_err(|e| FrameError::BadResize {
+                text: String::from_utf8_lossy(&data).chars().take(100).collect(),
+                error: e.to_string(),
+            }),
         CLOSE if protocol.supports_close() => match *data {
             [stream] => Ok(ClientFrame::Close(stream)),
             _ => Err(FrameError::BadClose(msg.len())),
         },
-        channel => Err(FrameError::UnknownChannel { channel, protocol: protocol.name() }),
+        channel => Err(FrameError::UnknownChannel {
+            channel,
+            protocol: protocol.name(),
+        }),
     }
 }
 
@@ -157,11 +163,16 @@ pub fn parse_server(protocol: Protocol, msg: &Bytes) -> Result<ServerFrame, Fram
     match channel {
         STDOUT => Ok(ServerFrame::Stdout(data)),
         STDERR => Ok(ServerFrame::Stderr(data)),
-        STATUS => serde_json::from_slice(&data).map(ServerFrame::Status).map_err(|e| FrameError::BadStatus {
-            text: String::from_utf8_lossy(&data).chars().take(200).collect(),
-            error: e.to_string(),
+        STATUS => serde_json::from_slice(&data)
+            .map(ServerFrame::Status)
+            .map_err(|e| FrameError::BadStatus {
+                text: String::from_utf8_lossy(&data).chars().take(200).collect(),
+                error: e.to_string(),
+            }),
+        channel => Err(FrameError::UnknownChannel {
+            channel,
+            protocol: protocol.name(),
         }),
-        channel => Err(FrameError::UnknownChannel { channel, protocol: protocol.name() }),
     }
 }
 
@@ -212,12 +223,21 @@ impl Status {
     pub fn from_exit(exit: &ExitStatus) -> Self {
         let code = exit.code();
         if code == 0 {
-            return Self { status: "Success".into(), ..Self::failure(String::new(), None, None) };
+            return Self {
+                status: "Success".into(),
+                ..Self::failure(String::new(), None, None)
+            };
         }
         let why = match exit {
             ExitStatus::Code(c) => format!("exit status {c}"),
-            ExitStatus::Signal { name, core_dumped: false } => format!("signal: SIG{name}"),
-            ExitStatus::Signal { name, core_dumped: true } => format!("signal: SIG{name} (core dumped)"),
+            ExitStatus::Signal {
+                name,
+                core_dumped: false,
+            } => format!("signal: SIG{name}"),
+            ExitStatus::Signal {
+                name,
+                core_dumped: true,
+            } => format!("signal: SIG{name} (core dumped)"),
         };
         Self {
             message: Some(format!("command terminated with non-zero exit code: {why}")),
@@ -235,7 +255,11 @@ impl Status {
 
     /// A `Failure` status for an operation error.
     pub fn from_error(err: &ApiError) -> Self {
-        Self::failure(err.to_string(), Some(err.reason()), i32::from(err.status()).into())
+        Self::failure(
+            err.to_string(),
+            Some(err.reason()),
+            i32::from(err.status()).into(),
+        )
     }
 
     fn failure(message: String, reason: Option<&str>, code: Option<i32>) -> Self {
@@ -267,8 +291,14 @@ impl Status {
                 .find(|c| c.reason.as_deref() == Some(EXIT_CODE_CAUSE_TYPE))
                 .and_then(|c| c.message.as_deref())
                 .ok_or_else(|| "status NonZeroExitCode without an ExitCode cause".to_string())
-                .and_then(|m| m.parse().map_err(|_| format!("status ExitCode cause is not a number: {m:?}"))),
-            "Failure" => Err(self.message.clone().unwrap_or_else(|| "failure without a message".into())),
+                .and_then(|m| {
+                    m.parse()
+                        .map_err(|_| format!("status ExitCode cause is not a number: {m:?}"))
+                }),
+            "Failure" => Err(self
+                .message
+                .clone()
+                .unwrap_or_else(|| "failure without a message".into())),
             other => Err(format!("unknown status {other:?}")),
         }
     }
@@ -291,7 +321,10 @@ mod tests {
             json,
             r#"{"metadata":{},"status":"Failure","message":"command terminated with non-zero exit code: exit status 3","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"3"}]}}"#
         );
-        let killed = Status::from_exit(&ExitStatus::Signal { name: "KILL".into(), core_dumped: false });
+        let killed = Status::from_exit(&ExitStatus::Signal {
+            name: "KILL".into(),
+            core_dumped: false,
+        });
         assert_eq!(killed.exit_code(), Ok(137));
         assert!(killed.message.unwrap().ends_with("signal: SIGKILL"));
     }
@@ -308,22 +341,36 @@ mod tests {
             String::from_utf8(err.to_json()).unwrap(),
             r#"{"metadata":{},"status":"Failure","message":"link to the guest is down: gone","reason":"ServiceUnavailable","code":503}"#
         );
-        assert_eq!(err.exit_code(), Err("link to the guest is down: gone".into()));
+        assert_eq!(
+            err.exit_code(),
+            Err("link to the guest is down: gone".into())
+        );
         // What a Go kubelet sends (with "code" absent and extra fields) parses too.
         let go: Status = serde_json::from_str(
             r#"{"metadata":{},"status":"Failure","message":"x","reason":"NonZeroExitCode","details":{"causes":[{"reason":"ExitCode","message":"42"}]}}"#,
         )
         .unwrap();
         assert_eq!(go.exit_code(), Ok(42));
-        let bad: Status = serde_json::from_str(r#"{"status":"Failure","reason":"NonZeroExitCode"}"#).unwrap();
-        assert!(bad.exit_code().unwrap_err().contains("without an ExitCode cause"));
+        let bad: Status =
+            serde_json::from_str(r#"{"status":"Failure","reason":"NonZeroExitCode"}"#).unwrap();
+        assert!(
+            bad.exit_code()
+                .unwrap_err()
+                .contains("without an ExitCode cause")
+        );
     }
 
     #[test]
     fn negotiation_prefers_v5() {
         assert_eq!(negotiate([V4, V5]), Some(Protocol::V5));
-        assert_eq!(negotiate(["channel.k8s.io, v4.channel.k8s.io"]), Some(Protocol::V4));
-        assert_eq!(negotiate(["v4.channel.k8s.io", " v5.channel.k8s.io "]), Some(Protocol::V5));
+        assert_eq!(
+            negotiate(["channel.k8s.io, v4.channel.k8s.io"]),
+            Some(Protocol::V4)
+        );
+        assert_eq!(
+            negotiate(["v4.channel.k8s.io", " v5.channel.k8s.io "]),
+            Some(Protocol::V5)
+        );
         assert_eq!(negotiate(["base64.channel.k8s.io"]), None);
         assert_eq!(negotiate([]), None);
     }
@@ -331,20 +378,41 @@ mod tests {
     #[test]
     fn client_frames_decode() {
         let p = Protocol::V5;
-        assert_eq!(parse_client(p, &frame(STDIN, b"hi")), Ok(ClientFrame::Stdin(Bytes::from_static(b"hi"))));
-        assert_eq!(parse_client(p, &frame(STDIN, b"")), Ok(ClientFrame::Stdin(Bytes::new())));
+        assert_eq!(
+            parse_client(p, &frame(STDIN, b"hi")),
+            Ok(ClientFrame::Stdin(Bytes::from_static(b"hi")))
+        );
+        assert_eq!(
+            parse_client(p, &frame(STDIN, b"")),
+            Ok(ClientFrame::Stdin(Bytes::new()))
+        );
         assert_eq!(
             parse_client(p, &resize_frame(80, 24)),
-            Ok(ClientFrame::Resize(TerminalSize { width: 80, height: 24 }))
+            Ok(ClientFrame::Resize(TerminalSize {
+                width: 80,
+                height: 24
+            }))
         );
         assert_eq!(&resize_frame(80, 24)[1..], br#"{"Width":80,"Height":24}"#);
         // kubectl's json.Encoder adds a newline.
         assert!(parse_client(p, &frame(RESIZE, b"{\"Width\":1,\"Height\":2}\n")).is_ok());
-        assert_eq!(parse_client(p, &Bytes::from_static(&[255, 0])), Ok(ClientFrame::Close(0)));
+        assert_eq!(
+            parse_client(p, &Bytes::from_static(&[255, 0])),
+            Ok(ClientFrame::Close(0))
+        );
         assert_eq!(parse_client(p, &Bytes::new()), Err(FrameError::Empty));
-        assert_eq!(parse_client(p, &Bytes::from_static(&[255])), Err(FrameError::BadClose(1)));
-        assert!(matches!(parse_client(Protocol::V4, &Bytes::from_static(&[255, 0])), Err(FrameError::UnknownChannel { channel: 255, .. })));
-        assert!(matches!(parse_client(p, &frame(7, b"")), Err(FrameError::UnknownChannel { channel: 7, .. })));
+        assert_eq!(
+            parse_client(p, &Bytes::from_static(&[255])),
+            Err(FrameError::BadClose(1))
+        );
+        assert!(matches!(
+            parse_client(Protocol::V4, &Bytes::from_static(&[255, 0])),
+            Err(FrameError::UnknownChannel { channel: 255, .. })
+        ));
+        assert!(matches!(
+            parse_client(p, &frame(7, b"")),
+            Err(FrameError::UnknownChannel { channel: 7, .. })
+        ));
         let bad = parse_client(p, &frame(RESIZE, b"{\"Width\":-1}")).unwrap_err();
         assert!(bad.to_string().contains("bad resize message"), "{bad}");
     }
@@ -352,11 +420,26 @@ mod tests {
     #[test]
     fn server_frames_decode() {
         let p = Protocol::V4;
-        assert_eq!(parse_server(p, &frame(STDOUT, b"o")), Ok(ServerFrame::Stdout(Bytes::from_static(b"o"))));
-        assert_eq!(parse_server(p, &frame(STDERR, b"e")), Ok(ServerFrame::Stderr(Bytes::from_static(b"e"))));
+        assert_eq!(
+            parse_server(p, &frame(STDOUT, b"o")),
+            Ok(ServerFrame::Stdout(Bytes::from_static(b"o")))
+        );
+        assert_eq!(
+            parse_server(p, &frame(STDERR, b"e")),
+            Ok(ServerFrame::Stderr(Bytes::from_static(b"e")))
+        );
         let st = Status::from_exit(&ExitStatus::Code(9));
-        assert_eq!(parse_server(p, &frame(STATUS, &st.to_json())), Ok(ServerFrame::Status(st)));
-        assert!(matches!(parse_server(p, &frame(STATUS, b"{nope")), Err(FrameError::BadStatus { .. })));
-        assert!(matches!(parse_server(p, &frame(STDIN, b"x")), Err(FrameError::UnknownChannel { .. })));
+        assert_eq!(
+            parse_server(p, &frame(STATUS, &st.to_json())),
+            Ok(ServerFrame::Status(st))
+        );
+        assert!(matches!(
+            parse_server(p, &frame(STATUS, b"{nope")),
+            Err(FrameError::BadStatus { .. })
+        ));
+        assert!(matches!(
+            parse_server(p, &frame(STDIN, b"x")),
+            Err(FrameError::UnknownChannel { .. })
+        ));
     }
 }

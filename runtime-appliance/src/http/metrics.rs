@@ -38,11 +38,16 @@ impl HttpMetrics {
     /// The Prometheus text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP tetherd_http_requests_total HTTP API requests by route and status code.\n");
+        out.push_str(
+            "# HELP tetherd_http_requests_total HTTP API requests by route and status code.\n",
+        );
         out.push_str("# TYPE tetherd_http_requests_total counter\n");
         if let Ok(map) = self.requests.lock() {
             for ((route, code), n) in map.iter() {
-                let _ = writeln!(out, "tetherd_http_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "tetherd_http_requests_total{{route=\"{route}\",code=\"{code}\"}} {n}"
+                );
             }
         }
         let gauges = [
@@ -66,7 +71,10 @@ impl HttpMetrics {
             ),
         ];
         for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         out
     }
@@ -94,10 +102,19 @@ mod tests {
         let guard = m.stream_started();
         m.gap(5);
         let text = m.render();
-        assert!(text.contains("tetherd_http_requests_total{route=\"list\",code=\"200\"} 2\n"), "{text}");
-        assert!(text.contains("tetherd_http_requests_total{route=\"get\",code=\"404\"} 1\n"), "{text}");
+        assert!(
+            text.contains("tetherd_http_requests_total{route=\"list\",code=\"200\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tetherd_http_requests_total{route=\"get\",code=\"404\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("tetherd_http_streams_active 1\n"), "{text}");
-        assert!(text.contains("tetherd_http_output_gap_bytes_total 5\n"), "{text}");
+        assert!(
+            text.contains("tetherd_http_output_gap_bytes_total 5\n"),
+            "{text}"
+        );
         drop(guard);
         assert!(m.render().contains("tetherd_http_streams_active 0\n"));
     }

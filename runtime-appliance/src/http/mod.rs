@@ -14,7 +14,11 @@ mod ws;
 #[cfg(test)]
 pub(crate) mod fake;
 #[cfg(test)]
+mod peer_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod ws_tests;
 
 use std::convert::Infallible;
 use std::io;
@@ -51,9 +55,12 @@ pub async fn serve_api(listener: Async<TcpListener>, appliance: Appliance) {
 
 /// `serve_api` over any `Backend` (the tests use a scripted fake).
 pub async fn serve_backend<B: Backend>(listener: Async<TcpListener>, backend: B) {
-    let state = Arc::new(State { backend, metrics: HttpMetrics::default() });
+    let state = Arc::new(State {
+        backend,
+        metrics: HttpMetrics::default(),
+    });
     if let Ok(addr) = listener.get_ref().local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
+        tracing::debug!(%addr, "HTTP API listening");
     }
     loop {
         match listener.accept().await {
@@ -75,7 +82,11 @@ struct State<B> {
     metrics: HttpMetrics,
 }
 
-async fn serve_connection<B: Backend>(state: Arc<State<B>>, stream: Async<TcpStream>, peer: SocketAddr) {
+async fn serve_connection<B: Backend>(
+    state: Arc<State<B>>,
+    stream: Async<TcpStream>,
+    peer: SocketAddr,
+) {
     let _ = stream.get_ref().set_nodelay(true);
     let service = service_fn(move |req| {
         let state = state.clone();
@@ -96,7 +107,11 @@ async fn serve_connection<B: Backend>(state: Arc<State<B>>, stream: Async<TcpStr
 pub struct HyperIo<T>(pub T);
 
 impl<T: hyper::rt::Read + Unpin> AsyncRead for HyperIo<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         let mut read_buf = hyper::rt::ReadBuf::new(buf);
         match Pin::new(&mut self.0).poll_read(cx, read_buf.unfilled()) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(read_buf.filled().len())),
@@ -107,7 +122,11 @@ impl<T: hyper::rt::Read + Unpin> AsyncRead for HyperIo<T> {
 }
 
 impl<T: hyper::rt::Write + Unpin> AsyncWrite for HyperIo<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
 

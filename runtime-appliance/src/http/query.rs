@@ -16,9 +16,13 @@ pub fn percent_decode(raw: &str, plus_is_space: bool) -> Result<String, String> 
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or_else(|| format!("truncated %-escape in {raw:?}"))?;
-                let hex = std::str::from_utf8(hex).map_err(|_| format!("bad %-escape in {raw:?}"))?;
-                let byte = u8::from_str_radix(hex, 16).map_err(|_| format!("bad %-escape %{hex} in {raw:?}"))?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or_else(|| format!("truncated %-escape in {raw:?}"))?;
+                let hex =
+                    std::str::from_utf8(hex).map_err(|_| format!("bad %-escape in {raw:?}"))?;
+                let byte = u8::from_str_radix(hex, 16)
+                    .map_err(|_| format!("bad %-escape %{hex} in {raw:?}"))?;
                 out.push(byte);
                 i += 3;
             }
@@ -47,7 +51,10 @@ impl Query {
         let mut pairs = Vec::new();
         for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = part.split_once('=').unwrap_or((part, ""));
-            let decode = |s| percent_decode(s, true).map_err(|e| HttpError::bad_request(format!("bad query string: {e}")));
+            let decode = |s| {
+                percent_decode(s, true)
+                    .map_err(|e| HttpError::bad_request(format!("bad query string: {e}")))
+            };
             pairs.push((decode(name)?, decode(value)?));
         }
         Ok(Self { pairs })
@@ -57,13 +64,21 @@ impl Query {
     pub fn check(&self, route: &str, known: &[&str], repeatable: &[&str]) -> Result<(), HttpError> {
         for (i, (name, _)) in self.pairs.iter().enumerate() {
             if !known.contains(&name.as_str()) {
-                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                let known = if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                };
                 return Err(HttpError::bad_request(format!(
                     "unknown query parameter {name:?} for {route} (known: {known})"
                 )));
             }
-            if !repeatable.contains(&name.as_str()) && self.pairs[..i].iter().any(|(n, _)| n == name) {
-                return Err(HttpError::bad_request(format!("query parameter {name:?} given more than once")));
+            if !repeatable.contains(&name.as_str())
+                && self.pairs[..i].iter().any(|(n, _)| n == name)
+            {
+                return Err(HttpError::bad_request(format!(
+                    "query parameter {name:?} given more than once"
+                )));
             }
         }
         Ok(())
@@ -71,18 +86,27 @@ impl Query {
 
     /// The value of a parameter given once (see `check`).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every value of a repeatable parameter, in order.
     pub fn all(&self, name: &str) -> Vec<&str> {
-        self.pairs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+        self.pairs
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     /// A boolean: `1`, `true`, `yes`, `on` or an empty value (`?tty`) for
     /// true; `0`, `false`, `no`, `off` for false.
     pub fn bool(&self, name: &str, default: bool) -> Result<bool, HttpError> {
-        let Some(v) = self.get(name) else { return Ok(default) };
+        let Some(v) = self.get(name) else {
+            return Ok(default);
+        };
         match v.to_ascii_lowercase().as_str() {
             "" | "1" | "true" | "yes" | "on" => Ok(true),
             "0" | "false" | "no" | "off" => Ok(false),
@@ -97,7 +121,9 @@ impl Query {
         match self.get(name) {
             None => Ok(default),
             Some(v) => v.parse().map_err(|_| {
-                HttpError::bad_request(format!("query parameter {name}={v:?} is not an unsigned integer"))
+                HttpError::bad_request(format!(
+                    "query parameter {name}={v:?} is not an unsigned integer"
+                ))
             }),
         }
     }
@@ -107,7 +133,9 @@ impl Query {
         self.get(name)
             .map(|v| {
                 v.parse().map_err(|_| {
-                    HttpError::bad_request(format!("query parameter {name}={v:?} is not an unsigned 32-bit integer"))
+                    HttpError::bad_request(format!(
+                        "query parameter {name}={v:?} is not an unsigned 32-bit integer"
+                    ))
                 })
             })
             .transpose()
@@ -131,7 +159,9 @@ impl Query {
             None => Ok(default),
             Some(v) if v.eq_ignore_ascii_case("live") => Ok(From::Live),
             Some(v) => v.parse().map(From::Offset).map_err(|_| {
-                HttpError::bad_request(format!("query parameter {name}={v:?} is neither an output offset nor \"live\""))
+                HttpError::bad_request(format!(
+                    "query parameter {name}={v:?} is neither an output offset nor \"live\""
+                ))
             }),
         }
     }
@@ -167,9 +197,9 @@ pub fn parse_signal(v: &str) -> Result<String, HttpError> {
 /// The name (without `SIG`) of Linux signal number `n`.
 pub fn signal_name(n: u32) -> Option<String> {
     const NAMES: [&str; 31] = [
-        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE", "ALRM",
-        "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF",
-        "WINCH", "IO", "PWR", "SYS",
+        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
     ];
     match n {
         1..=31 => NAMES.get(n as usize - 1).map(|s| s.to_string()),
@@ -193,7 +223,12 @@ mod tests {
         assert_eq!(query.get("x"), Some("✓"));
         assert!(Query::parse(Some("a=%2")).is_err());
         assert!(Query::parse(Some("a=%zz")).is_err());
-        assert!(Query::parse(Some("a=%ff")).unwrap_err().message.contains("UTF-8"));
+        assert!(
+            Query::parse(Some("a=%ff"))
+                .unwrap_err()
+                .message
+                .contains("UTF-8")
+        );
         assert_eq!(percent_decode("a+b%2Fc", false).unwrap(), "a+b/c");
     }
 
@@ -216,8 +251,16 @@ mod tests {
         let query = q("stdin=1&stdn=1");
         let err = query.check("attach", &["stdin"], &[]).unwrap_err();
         assert!(err.message.contains("\"stdn\""), "{}", err.message);
-        assert!(q("stdin=1&stdin=0").check("attach", &["stdin"], &[]).is_err());
-        assert!(q("command=a&command=b").check("exec", &["command"], &["command"]).is_ok());
+        assert!(
+            q("stdin=1&stdin=0")
+                .check("attach", &["stdin"], &[])
+                .is_err()
+        );
+        assert!(
+            q("command=a&command=b")
+                .check("exec", &["command"], &["command"])
+                .is_ok()
+        );
     }
 
     #[test]
@@ -225,11 +268,29 @@ mod tests {
         let query = q("from=live&f2=17&f3=abc&t=50s&t2=250ms&t3=7&t4=soon&n=12&n2=-1");
         assert_eq!(query.from("from", From::Offset(0)).unwrap(), From::Live);
         assert_eq!(query.from("f2", From::Live).unwrap(), From::Offset(17));
-        assert!(query.from("f3", From::Live).unwrap_err().message.contains("\"abc\""));
-        assert_eq!(query.from("none", From::Offset(0)).unwrap(), From::Offset(0));
-        assert_eq!(query.duration("t", Duration::ZERO).unwrap(), Duration::from_secs(50));
-        assert_eq!(query.duration("t2", Duration::ZERO).unwrap(), Duration::from_millis(250));
-        assert_eq!(query.duration("t3", Duration::ZERO).unwrap(), Duration::from_secs(7));
+        assert!(
+            query
+                .from("f3", From::Live)
+                .unwrap_err()
+                .message
+                .contains("\"abc\"")
+        );
+        assert_eq!(
+            query.from("none", From::Offset(0)).unwrap(),
+            From::Offset(0)
+        );
+        assert_eq!(
+            query.duration("t", Duration::ZERO).unwrap(),
+            Duration::from_secs(50)
+        );
+        assert_eq!(
+            query.duration("t2", Duration::ZERO).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            query.duration("t3", Duration::ZERO).unwrap(),
+            Duration::from_secs(7)
+        );
         assert!(query.duration("t4", Duration::ZERO).is_err());
         assert_eq!(query.u64("n", 0).unwrap(), 12);
         assert!(query.u64("n2", 0).is_err());

@@ -17,14 +17,21 @@ pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A complete body.
 pub fn full(data: impl Into<Bytes>) -> Body {
-    Full::new(data.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A response with a complete body of the given content type.
-pub fn with_body(status: StatusCode, content_type: &'static str, data: impl Into<Bytes>) -> Response<Body> {
+pub fn with_body(
+    status: StatusCode,
+    content_type: &'static str,
+    data: impl Into<Bytes>,
+) -> Response<Body> {
     let mut resp = Response::new(full(data));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
@@ -58,7 +65,12 @@ struct ErrorBody<'a> {
 
 impl HttpError {
     pub fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { status, reason, message: message.into(), allow: None }
+        Self {
+            status,
+            reason,
+            message: message.into(),
+            allow: None,
+        }
     }
 
     /// 400, reason `BadRequest`.
@@ -93,12 +105,16 @@ impl HttpError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let body = ErrorBody { error: &self.message, reason: self.reason };
+        let body = ErrorBody {
+            error: &self.message,
+            reason: self.reason,
+        };
         let mut data = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
         data.push(b'\n');
         let mut resp = with_body(self.status, JSON, data);
         if let Some(allow) = self.allow {
-            resp.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
         }
         resp
     }
@@ -106,7 +122,8 @@ impl HttpError {
 
 impl std::convert::From<ApiError> for HttpError {
     fn from(err: ApiError) -> Self {
-        let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self::new(status, err.reason(), err.to_string())
     }
 }

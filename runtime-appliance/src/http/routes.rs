@@ -62,10 +62,18 @@ impl Route {
 /// Matches a method and path to a route (404 for no route, 405 for a wrong
 /// method, 400 for an undecodable container id).
 pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
-    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
-    let segments: Vec<&str> = trimmed.strip_prefix('/').unwrap_or(trimmed).split('/').collect();
+    let trimmed = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let segments: Vec<&str> = trimmed
+        .strip_prefix('/')
+        .unwrap_or(trimmed)
+        .split('/')
+        .collect();
     let id = |raw: &str| -> Result<String, HttpError> {
-        let id = percent_decode(raw, false).map_err(|e| HttpError::bad_request(format!("bad container id: {e}")))?;
+        let id = percent_decode(raw, false)
+            .map_err(|e| HttpError::bad_request(format!("bad container id: {e}")))?;
         if id.is_empty() {
             return Err(HttpError::no_route(method.as_str(), path));
         }
@@ -92,7 +100,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
     };
     let allowed = route.allowed();
     if method.as_str() != allowed {
-        return Err(HttpError::method_not_allowed(method.as_str(), path, allowed));
+        return Err(HttpError::method_not_allowed(
+            method.as_str(),
+            path,
+            allowed,
+        ));
     }
     Ok(route)
 }
@@ -154,17 +166,23 @@ async fn dispatch<B: Backend>(
         }
         Route::Signal(id) => {
             query.check("signal", &["signal"], &[])?;
-            let raw = query
-                .get("signal")
-                .ok_or_else(|| HttpError::bad_request("missing query parameter \"signal\" (e.g. signal=TERM)"))?;
+            let raw = query.get("signal").ok_or_else(|| {
+                HttpError::bad_request("missing query parameter \"signal\" (e.g. signal=TERM)")
+            })?;
             let signal = parse_signal(raw)?;
             backend.signal(&id, &signal).await?;
-            Ok(json(StatusCode::OK, &serde_json::json!({ "id": id, "signal": signal })))
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "id": id, "signal": signal }),
+            ))
         }
         Route::Start(id) => {
             query.check("start", &[], &[])?;
             backend.start(&id).await?;
-            Ok(json(StatusCode::OK, &serde_json::json!({ "id": id, "started": true })))
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "id": id, "started": true }),
+            ))
         }
         Route::Attach(id) => attach(state, id, &query, req).await,
         Route::Exec(id) => exec(state, id, &query, req).await,
@@ -188,11 +206,23 @@ impl<'a> WaitBody<'a> {
             ExitStatus::Code(_) => (None, None),
             ExitStatus::Signal { name, core_dumped } => (Some(name.as_str()), Some(*core_dumped)),
         };
-        Self { exit_code: exit.code(), signal, core_dumped }
+        Self {
+            exit_code: exit.code(),
+            signal,
+            core_dumped,
+        }
     }
 }
 
-const ATTACH_PARAMS: &[&str] = &["stdin", "stdout", "stderr", "from", "timeout", "tty", "container"];
+const ATTACH_PARAMS: &[&str] = &[
+    "stdin",
+    "stdout",
+    "stderr",
+    "from",
+    "timeout",
+    "tty",
+    "container",
+];
 
 async fn attach<B: Backend>(
     state: &Arc<State<B>>,
@@ -212,19 +242,42 @@ async fn attach<B: Backend>(
         timeout: query.duration("timeout", DEFAULT_APPEAR_TIMEOUT)?,
     };
     if !(options.stdin || options.stdout || options.stderr) {
-        return Err(HttpError::bad_request("attach needs at least one of stdin, stdout and stderr"));
+        return Err(HttpError::bad_request(
+            "attach needs at least one of stdin, stdout and stderr",
+        ));
     }
     let upgrade = ws::check_upgrade(&req)?;
-    let streams = ws::Streams { stdin: options.stdin, stdout: options.stdout, stderr: options.stderr };
+    let streams = ws::Streams {
+        stdin: options.stdin,
+        stdout: options.stdout,
+        stderr: options.stderr,
+    };
     let session = state.backend.attach(&id, options).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let resp = ws::switching_protocols(&upgrade, &session, false);
-    smol::spawn(ws::run(state.clone(), on_upgrade, upgrade.protocol, session, streams)).detach();
+    smol::spawn(ws::run(
+        state.clone(),
+        on_upgrade,
+        upgrade.protocol,
+        session,
+        streams,
+    ))
+    .detach();
     Ok(resp)
 }
 
-const EXEC_PARAMS: &[&str] =
-    &["command", "stdin", "stdout", "stderr", "tty", "timeout", "env", "width", "height", "container"];
+const EXEC_PARAMS: &[&str] = &[
+    "command",
+    "stdin",
+    "stdout",
+    "stderr",
+    "tty",
+    "timeout",
+    "env",
+    "width",
+    "height",
+    "container",
+];
 
 async fn exec<B: Backend>(
     state: &Arc<State<B>>,
@@ -235,7 +288,9 @@ async fn exec<B: Backend>(
     query.check("exec", EXEC_PARAMS, &["command", "env"])?;
     let command: Vec<String> = query.all("command").into_iter().map(String::from).collect();
     if command.is_empty() {
-        return Err(HttpError::bad_request("exec needs a command: command=ARG0&command=ARG1..."));
+        return Err(HttpError::bad_request(
+            "exec needs a command: command=ARG0&command=ARG1...",
+        ));
     }
     let tty = query.bool("tty", false)?;
     let env = query
@@ -243,13 +298,19 @@ async fn exec<B: Backend>(
         .into_iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(HttpError::bad_request(format!("query parameter env={kv:?} is not NAME=VALUE"))),
+            _ => Err(HttpError::bad_request(format!(
+                "query parameter env={kv:?} is not NAME=VALUE"
+            ))),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let size = match (query.opt_u32("width")?, query.opt_u32("height")?) {
         (Some(w), Some(h)) => Some((w, h)),
         (None, None) => None,
-        _ => return Err(HttpError::bad_request("give both width and height, or neither")),
+        _ => {
+            return Err(HttpError::bad_request(
+                "give both width and height, or neither",
+            ));
+        }
     };
     let streams = ws::Streams {
         stdin: query.bool("stdin", false)?,
@@ -268,11 +329,22 @@ async fn exec<B: Backend>(
     let session = state.backend.exec(&id, options).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let resp = ws::switching_protocols(&upgrade, &session, true);
-    smol::spawn(ws::run(state.clone(), on_upgrade, upgrade.protocol, session, streams)).detach();
+    smol::spawn(ws::run(
+        state.clone(),
+        on_upgrade,
+        upgrade.protocol,
+        session,
+        streams,
+    ))
+    .detach();
     Ok(resp)
 }
 
-async fn logs<B: Backend>(state: &Arc<State<B>>, id: String, query: &Query) -> Result<Response<Body>, HttpError> {
+async fn logs<B: Backend>(
+    state: &Arc<State<B>>,
+    id: String,
+    query: &Query,
+) -> Result<Response<Body>, HttpError> {
     query.check("logs", &["follow", "from"], &[])?;
     let follow = query.bool("follow", false)?;
     let from = query.u64("from", 0)?;
@@ -286,13 +358,23 @@ async fn logs<B: Backend>(state: &Arc<State<B>>, id: String, query: &Query) -> R
             loop {
                 match session.next().await {
                     Some(Output::Stdout(b) | Output::Stderr(b)) if b.is_empty() => continue,
-                    Some(Output::Stdout(b) | Output::Stderr(b)) => return Some((Ok(Frame::data(b)), Some(session))),
+                    Some(Output::Stdout(b) | Output::Stderr(b)) => {
+                        return Some((Ok(Frame::data(b)), Some(session)));
+                    }
                     Some(Output::Gap(n)) => {
-                        tracing::info!(id = session.id(), bytes = n, "logs: output lost before the replay point");
+                        tracing::info!(
+                            id = session.id(),
+                            bytes = n,
+                            "logs: output lost before the replay point"
+                        );
                         st.metrics.gap(n);
                     }
                     Some(Output::Exit(_)) => return None,
                     None if follow => {
+                        // Let hyper flush what it buffered before the abort
+                        // (it flushes while the body is pending); a client
+                        // resumes from what it received either way.
+                        smol::Timer::after(Duration::from_millis(20)).await;
                         let offset = session.offset();
                         let err = std::io::Error::other(format!(
                             "output of {} ended without an exit status at offset {offset}",
@@ -308,7 +390,10 @@ async fn logs<B: Backend>(state: &Arc<State<B>>, id: String, query: &Query) -> R
     let body: Body = BodyExt::boxed_unsync(StreamBody::new(chunks));
     let mut resp = Response::new(body);
     let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(OFFSET_HEADER, HeaderValue::from(start));
     Ok(resp)
 }
@@ -324,13 +409,34 @@ mod tests {
         assert_eq!(route(&get, "/healthz").unwrap(), Route::Healthz);
         assert_eq!(route(&get, "/v1/containers").unwrap(), Route::List);
         assert_eq!(route(&get, "/v1/containers/").unwrap(), Route::List);
-        assert_eq!(route(&get, "/v1/containers/web").unwrap(), Route::Get("web".into()));
-        assert_eq!(route(&get, "/v1/containers/a%2Fb/logs").unwrap(), Route::Logs("a/b".into()));
-        assert_eq!(route(&post, "/v1/containers/x/signal").unwrap(), Route::Signal("x".into()));
-        assert_eq!(route(&post, "/v1/containers/x/start").unwrap(), Route::Start("x".into()));
-        assert_eq!(route(&get, "/v1/containers/x/attach").unwrap(), Route::Attach("x".into()));
-        assert_eq!(route(&get, "/v1/containers/x/exec").unwrap(), Route::Exec("x".into()));
-        assert_eq!(route(&get, "/v1/containers/x/wait").unwrap(), Route::Wait("x".into()));
+        assert_eq!(
+            route(&get, "/v1/containers/web").unwrap(),
+            Route::Get("web".into())
+        );
+        assert_eq!(
+            route(&get, "/v1/containers/a%2Fb/logs").unwrap(),
+            Route::Logs("a/b".into())
+        );
+        assert_eq!(
+            route(&post, "/v1/containers/x/signal").unwrap(),
+            Route::Signal("x".into())
+        );
+        assert_eq!(
+            route(&post, "/v1/containers/x/start").unwrap(),
+            Route::Start("x".into())
+        );
+        assert_eq!(
+            route(&get, "/v1/containers/x/attach").unwrap(),
+            Route::Attach("x".into())
+        );
+        assert_eq!(
+            route(&get, "/v1/containers/x/exec").unwrap(),
+            Route::Exec("x".into())
+        );
+        assert_eq!(
+            route(&get, "/v1/containers/x/wait").unwrap(),
+            Route::Wait("x".into())
+        );
     }
 
     #[test]
@@ -353,8 +459,14 @@ mod tests {
     fn wait_body() {
         let code = serde_json::to_string(&WaitBody::new(&ExitStatus::Code(3))).unwrap();
         assert_eq!(code, r#"{"exit_code":3}"#);
-        let sig = ExitStatus::Signal { name: "KILL".into(), core_dumped: false };
+        let sig = ExitStatus::Signal {
+            name: "KILL".into(),
+            core_dumped: false,
+        };
         let sig = serde_json::to_string(&WaitBody::new(&sig)).unwrap();
-        assert_eq!(sig, r#"{"exit_code":137,"signal":"KILL","core_dumped":false}"#);
+        assert_eq!(
+            sig,
+            r#"{"exit_code":137,"signal":"KILL","core_dumped":false}"#
+        );
     }
 }

@@ -56,13 +56,24 @@ pub fn check_upgrade(req: &Request<Incoming>) -> Result<Upgrade, HttpError> {
     let headers = req.headers();
     let needs = "this endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket, \
                  Sec-WebSocket-Version: 13, Sec-WebSocket-Key, Sec-WebSocket-Protocol: v5.channel.k8s.io)";
-    if !has_token(headers, header::CONNECTION, "upgrade") || !has_token(headers, header::UPGRADE, "websocket") {
-        return Err(HttpError::new(StatusCode::BAD_REQUEST, "WebSocketRequired", needs));
+    if !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, "websocket")
+    {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "WebSocketRequired",
+            needs,
+        ));
     }
-    match headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) {
+    match headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+    {
         Some(b"13") => {}
         other => {
-            let got = other.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_else(|| "none".into());
+            let got = other
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| "none".into());
             return Err(HttpError::new(
                 StatusCode::BAD_REQUEST,
                 "WebSocketRequired",
@@ -70,11 +81,21 @@ pub fn check_upgrade(req: &Request<Incoming>) -> Result<Upgrade, HttpError> {
             ));
         }
     }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).filter(|k| !k.is_empty()).ok_or_else(|| {
-        HttpError::new(StatusCode::BAD_REQUEST, "WebSocketRequired", "missing Sec-WebSocket-Key header")
-    })?;
-    let offered: Vec<&str> =
-        headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).collect();
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "WebSocketRequired",
+                "missing Sec-WebSocket-Key header",
+            )
+        })?;
+    let offered: Vec<&str> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
     let protocol = k8s::negotiate(offered.iter().copied()).ok_or_else(|| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
@@ -87,11 +108,18 @@ pub fn check_upgrade(req: &Request<Incoming>) -> Result<Upgrade, HttpError> {
             ),
         )
     })?;
-    Ok(Upgrade { accept: derive_accept_key(key.as_bytes()), protocol })
+    Ok(Upgrade {
+        accept: derive_accept_key(key.as_bytes()),
+        protocol,
+    })
 }
 
 /// The 101 response, with the negotiated subprotocol and tether's headers.
-pub fn switching_protocols<S: Session>(upgrade: &Upgrade, session: &S, exec: bool) -> Response<Body> {
+pub fn switching_protocols<S: Session>(
+    upgrade: &Upgrade,
+    session: &S,
+    exec: bool,
+) -> Response<Body> {
     let mut resp = Response::new(full(""));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -100,9 +128,15 @@ pub fn switching_protocols<S: Session>(upgrade: &Upgrade, session: &S, exec: boo
     if let Ok(accept) = HeaderValue::from_str(&upgrade.accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
-    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(upgrade.protocol.name()));
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(upgrade.protocol.name()),
+    );
     h.insert(OFFSET_HEADER, HeaderValue::from(session.start()));
-    h.insert(TTY_HEADER, HeaderValue::from_static(if session.tty() { "1" } else { "0" }));
+    h.insert(
+        TTY_HEADER,
+        HeaderValue::from_static(if session.tty() { "1" } else { "0" }),
+    );
     if exec && let Ok(id) = HeaderValue::from_str(session.id()) {
         h.insert(EXEC_ID_HEADER, id);
     }
@@ -137,7 +171,8 @@ pub async fn run<B: Backend, S: Session>(
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
         .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    let mut ws: Ws = WebSocketStream::from_raw_socket(HyperIo(upgraded), Role::Server, Some(config)).await;
+    let mut ws: Ws =
+        WebSocketStream::from_raw_socket(HyperIo(upgraded), Role::Server, Some(config)).await;
     let id = session.id().to_string();
     tracing::debug!(%id, protocol = protocol.name(), start = session.start(), "attach session started");
     let mut input_first = false;
@@ -146,13 +181,21 @@ pub async fn run<B: Backend, S: Session>(
         let event = {
             let out = async { Event::Out(session.next().await) };
             let inp = async { Event::In(ws.next().await) };
-            if input_first { future::or(inp, out).await } else { future::or(out, inp).await }
+            if input_first {
+                future::or(inp, out).await
+            } else {
+                future::or(out, inp).await
+            }
         };
         match event {
             Event::Out(Some(out)) => {
                 let msg = match out {
-                    Output::Stdout(b) if streams.stdout && !b.is_empty() => k8s::frame(k8s::STDOUT, &b),
-                    Output::Stderr(b) if streams.stderr && !b.is_empty() => k8s::frame(k8s::STDERR, &b),
+                    Output::Stdout(b) if streams.stdout && !b.is_empty() => {
+                        k8s::frame(k8s::STDOUT, &b)
+                    }
+                    Output::Stderr(b) if streams.stderr && !b.is_empty() => {
+                        k8s::frame(k8s::STDERR, &b)
+                    }
                     Output::Stdout(_) | Output::Stderr(_) => continue,
                     Output::Gap(n) => {
                         // The X-Tether-Offset header already told the client
@@ -164,7 +207,11 @@ pub async fn run<B: Backend, S: Session>(
                     Output::Exit(exit) => {
                         let status = Status::from_exit(&exit);
                         tracing::debug!(%id, code = exit.code(), "attach session: process exited");
-                        if ws.send(Message::Binary(k8s::frame(k8s::STATUS, &status.to_json()))).await.is_ok() {
+                        if ws
+                            .send(Message::Binary(k8s::frame(k8s::STATUS, &status.to_json())))
+                            .await
+                            .is_ok()
+                        {
                             close(&mut ws, CloseCode::Normal, "").await;
                         }
                         return;
@@ -180,8 +227,12 @@ pub async fn run<B: Backend, S: Session>(
                 // container is). Close abnormally so the client re-attaches.
                 let offset = session.offset();
                 tracing::info!(%id, offset, "attach session: output ended without an exit status");
-                close(&mut ws, CloseCode::Error, &format!("output ended without an exit status at offset {offset}"))
-                    .await;
+                close(
+                    &mut ws,
+                    CloseCode::Error,
+                    &format!("output ended without an exit status at offset {offset}"),
+                )
+                .await;
                 return;
             }
             Event::In(None) => {
@@ -197,7 +248,9 @@ pub async fn run<B: Backend, S: Session>(
                 let _ = ws.close(None).await;
                 return;
             }
-            Event::In(Some(Ok(Message::Binary(data)))) => input(&session, protocol, streams, &id, &data).await,
+            Event::In(Some(Ok(Message::Binary(data)))) => {
+                input(&session, protocol, streams, &id, &data).await
+            }
             Event::In(Some(Ok(Message::Text(t)))) => {
                 tracing::debug!(%id, len = t.len(), "attach session: ignoring a text message");
             }
@@ -208,7 +261,13 @@ pub async fn run<B: Backend, S: Session>(
 
 /// Applies one client message to the session. Bad messages are logged and
 /// ignored: the output stream stays up.
-async fn input<S: Session>(session: &S, protocol: Protocol, streams: Streams, id: &str, data: &bytes::Bytes) {
+async fn input<S: Session>(
+    session: &S,
+    protocol: Protocol,
+    streams: Streams,
+    id: &str,
+    data: &bytes::Bytes,
+) {
     match k8s::parse_client(protocol, data) {
         Ok(ClientFrame::Stdin(_)) if !streams.stdin => {
             tracing::debug!(%id, "attach session: stdin data without stdin=1; ignored");
@@ -238,13 +297,14 @@ async fn input<S: Session>(session: &S, protocol: Protocol, streams: Streams, id
 
 /// Sends a close frame and waits (briefly) for the client's reply.
 async fn close(ws: &mut Ws, code: CloseCode, reason: &str) {
-    let frame = CloseFrame { code, reason: reason.into() };
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
     if ws.close(Some(frame)).await.is_err() {
         return;
     }
-    let drain = async {
-        while let Some(Ok(_)) = ws.next().await {}
-    };
+    let drain = async { while let Some(Ok(_)) = ws.next().await {} };
     future::or(drain, async {
         smol::Timer::after(CLOSE_GRACE).await;
     })
