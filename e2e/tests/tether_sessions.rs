@@ -24,10 +24,21 @@ async fn read_until(att: &mut Attachment, needle: &str) -> String {
             None
         });
         match next.await {
-            Some(Some(Output::Stdout(b))) | Some(Some(Output::Stderr(b))) => seen.extend_from_slice(&b),
-            Some(Some(other)) => panic!("expected {needle:?}, got {other:?} after {:?}", String::from_utf8_lossy(&seen)),
-            Some(None) => panic!("attachment ended before {needle:?}; got {:?}", String::from_utf8_lossy(&seen)),
-            None => panic!("no {needle:?} within 20 s; got {:?}", String::from_utf8_lossy(&seen)),
+            Some(Some(Output::Stdout(b))) | Some(Some(Output::Stderr(b))) => {
+                seen.extend_from_slice(&b)
+            }
+            Some(Some(other)) => panic!(
+                "expected {needle:?}, got {other:?} after {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+            Some(None) => panic!(
+                "attachment ended before {needle:?}; got {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
+            None => panic!(
+                "no {needle:?} within 20 s; got {:?}",
+                String::from_utf8_lossy(&seen)
+            ),
         }
     }
     String::from_utf8_lossy(&seen).into_owned()

@@ -60,7 +60,9 @@ impl Connection {
     fn offered(&mut self, channel: ChannelId) -> Result<&mut Channel> {
         match self.channels.get_mut(channel) {
             Some(c) if c.state == ChannelState::Offered => Ok(c),
-            _ => Err(Error::InvalidCommand("no channel open request is waiting on that id")),
+            _ => Err(Error::InvalidCommand(
+                "no channel open request is waiting on that id",
+            )),
         }
     }
 

@@ -638,6 +638,9 @@ fn lookup<'c>(
     let channel = ChannelId(id);
     match channels.get_mut(channel) {
         Some(c) => Ok((channel, c)),
-        None => Err(Error::UnknownChannel { msg: r.what(), channel: id }),
+        None => Err(Error::UnknownChannel {
+            msg: r.what(),
+            channel: id,
+        }),
     }
 }

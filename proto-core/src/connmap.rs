@@ -221,6 +221,7 @@ mod tests {
             state: State::Running,
             exit_status: 0,
             output_end: 0,
+            tty: false,
         }
     }
 

@@ -72,6 +72,9 @@ pub struct OutputLog {
     capacity: usize,
     overflow: Overflow,
     finished: bool,
+    /// Under `Block`: output below this has been sent to every reader (it may
+    /// not be acknowledged yet) and no longer counts against the capacity.
+    sent: u64,
 }
 
 impl OutputLog {
@@ -86,6 +89,7 @@ impl OutputLog {
             capacity: capacity.max(1),
             overflow,
             finished: false,
+            sent: 0,
         }
     }
 
@@ -110,12 +114,24 @@ impl OutputLog {
     }
 
     /// Bytes the process may write before the log must act: under `Block`, the
-    /// reader of the process's output must not take more than this.
+    /// reader of the process's output must not take more than this. Output
+    /// sent but not yet acknowledged does not count, so a reader's whole window
+    /// can be in flight whatever the capacity (a receiver that returns window
+    /// only after half of it arrived would otherwise wait forever).
     pub fn space(&self) -> usize {
         match self.overflow {
             Overflow::DropOldest => self.capacity,
-            Overflow::Block => self.capacity.saturating_sub(self.retained()),
+            Overflow::Block => {
+                let unsent = self.end - self.sent.clamp(self.start, self.end);
+                self.capacity.saturating_sub(unsent as usize)
+            }
         }
+    }
+
+    /// Under `Block`, records that every reader has been sent the output below
+    /// `upto` (the smallest reader offset; `start()` when nobody reads).
+    pub fn set_sent(&mut self, upto: u64) {
+        self.sent = upto.clamp(self.start, self.end);
     }
 
     /// Marks the end of output (the process exited and its pipes drained).
@@ -175,7 +191,11 @@ impl OutputLog {
         self.seal_tail();
         self.tail_stream = stream;
         let len = data.len() as u64;
-        self.records.push_back(Record { offset: self.end, stream, data });
+        self.records.push_back(Record {
+            offset: self.end,
+            stream,
+            data,
+        });
         self.end += len;
         if self.overflow == Overflow::DropOldest {
             let keep_from = self.end.saturating_sub(self.capacity as u64);
@@ -183,8 +203,8 @@ impl OutputLog {
         }
     }
 
-    /// Under `Block`, frees output below `upto` once every attachment has read
-    /// it (the caller passes the smallest attachment offset).
+    /// Under `Block`, frees output below `upto` once every reader has
+    /// acknowledged it (the caller passes the smallest acknowledged offset).
     pub fn release(&mut self, upto: u64) {
         if self.overflow == Overflow::Block {
             self.discard_before(upto.min(self.end));
@@ -334,6 +354,24 @@ mod tests {
     }
 
     #[test]
+    fn block_lets_sent_but_unacknowledged_output_stay_beyond_capacity() {
+        let mut log = OutputLog::new(4, Overflow::Block);
+        log.push(Stream::Stdout, b"abcd");
+        assert_eq!(log.space(), 0);
+        // All four bytes went out but nobody acknowledged them yet: the process
+        // may write four more, and nothing is freed.
+        log.set_sent(4);
+        assert_eq!(log.space(), 4);
+        log.push(Stream::Stdout, b"efgh");
+        assert_eq!((log.start(), log.space()), (0, 0));
+        log.release(2);
+        assert_eq!(log.start(), 2);
+        // A reader that goes away makes sent output count again.
+        log.set_sent(log.start());
+        assert_eq!(log.space(), 0);
+    }
+
+    #[test]
     fn large_and_small_writes_interleave_exactly() {
         let mut log = OutputLog::new(1 << 22, Overflow::DropOldest);
         let mut expect = Vec::new();
@@ -350,7 +388,11 @@ mod tests {
         let mut by_bytes = OutputLog::new(1 << 22, Overflow::DropOldest);
         for i in 0..200usize {
             let chunk: Vec<u8> = (0..(i * 997) % 40_000).map(|j| (i + j) as u8).collect();
-            let s = if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout };
+            let s = if i % 3 == 0 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
             by_bytes.push_bytes(s, Bytes::from(chunk));
         }
         assert!(drain(&mut by_bytes, 0, 1 << 20).0 == expect);

@@ -204,7 +204,10 @@ fn data_for_an_unknown_channel_is_an_error() {
     let mut raw = Raw::new(true);
     assert_eq!(
         raw.send(&data(77, 1)).unwrap_err(),
-        Error::UnknownChannel { msg: "CHANNEL_DATA", channel: 77 }
+        Error::UnknownChannel {
+            msg: "CHANNEL_DATA",
+            channel: 77
+        }
     );
     assert_disconnected(&raw, DisconnectReason::ProtocolError);
 }

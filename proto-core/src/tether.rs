@@ -102,6 +102,8 @@ pub struct ContainerInfo {
     pub exit_status: u32,
     /// Offset one past the last output byte so far.
     pub output_end: u64,
+    /// Whether the session has a terminal (then all output is stdout).
+    pub tty: bool,
 }
 
 /// Encodes a container list, sorted by id.
@@ -115,6 +117,7 @@ pub fn encode_container_ids(entries: &[ContainerInfo], b: &mut impl BufMut) {
         b.put_string(e.state.as_str().as_bytes());
         b.put_u32(e.exit_status);
         b.put_u64(e.output_end);
+        b.put_bool(e.tty);
     }
 }
 
@@ -122,8 +125,8 @@ pub fn encode_container_ids(entries: &[ContainerInfo], b: &mut impl BufMut) {
 pub fn decode_container_ids(data: &[u8]) -> Result<Vec<ContainerInfo>> {
     let mut r = Reader::new(data, CONTAINER_IDS);
     let count = r.u32()?;
-    // Each entry takes at least 32 bytes: never trust the count for allocation.
-    if count > MAX_ENTRIES || count as usize > r.remaining() / 32 {
+    // Each entry takes at least 33 bytes: never trust the count for allocation.
+    if count > MAX_ENTRIES || count as usize > r.remaining() / 33 {
         return Err(malformed("entry count larger than the message"));
     }
     let mut out = Vec::with_capacity(count as usize);
@@ -146,6 +149,7 @@ pub fn decode_container_ids(data: &[u8]) -> Result<Vec<ContainerInfo>> {
             state,
             exit_status: r.u32()?,
             output_end: r.u64()?,
+            tty: r.bool()?,
         });
     }
     Ok(out)
@@ -184,6 +188,19 @@ impl AttachRequest {
             from: r.u64()?,
         })
     }
+}
+
+/// Channel request: the offset an attach channel's output starts at.
+pub const OFFSET: &str = "offset@tether";
+
+/// `offset@tether` data.
+pub fn encode_offset(offset: u64, b: &mut impl BufMut) {
+    b.put_u64(offset);
+}
+
+/// Decodes `offset@tether` data.
+pub fn decode_offset(data: &[u8]) -> Result<u64> {
+    Reader::new(data, OFFSET).u64()
 }
 
 /// `output-gap@tether` data: bytes lost before the replay point.
@@ -247,6 +264,7 @@ mod tests {
             state: State::Exited,
             exit_status: 137,
             output_end: 1 << 40,
+            tty: true,
         }
     }
 

@@ -234,13 +234,23 @@ fn a_channel_accepted_after_an_older_one_closed_keeps_its_id() {
     let new = pair.client.conn.open_session().unwrap();
     pair.client.conn.channel_close(old).unwrap();
     pair.drive();
-    assert!(pair.client.events.contains(&Event::ChannelOpened { channel: new }));
-    pair.client.conn.channel_send(new, None, b"still here").unwrap();
+    assert!(
+        pair.client
+            .events
+            .contains(&Event::ChannelOpened { channel: new })
+    );
+    pair.client
+        .conn
+        .channel_send(new, None, b"still here")
+        .unwrap();
     pair.drive();
     assert!(pair.server.error.is_none(), "{:?}", pair.server.error);
     let server_new = pair.server.events.iter().rev().find_map(|e| match e {
         Event::ChannelOpen { channel, .. } => Some(*channel),
         _ => None,
     });
-    assert_eq!(&data_of(&pair.server.events, server_new.unwrap(), None)[..], b"still here");
+    assert_eq!(
+        &data_of(&pair.server.events, server_new.unwrap(), None)[..],
+        b"still here"
+    );
 }

@@ -21,6 +21,8 @@ pub struct ContainerView {
     pub connection: Option<u64>,
     /// Offset one past the last output byte the guest reported.
     pub output_end: u64,
+    /// Whether the process has a terminal.
+    pub tty: bool,
 }
 
 impl ContainerView {
@@ -33,6 +35,7 @@ impl ContainerView {
             exit_code: (info.state == State::Exited).then_some(info.exit_status),
             connection,
             output_end: info.output_end,
+            tty: info.tty,
         }
     }
 }
@@ -63,7 +66,13 @@ pub struct AttachOptions {
 
 impl Default for AttachOptions {
     fn default() -> Self {
-        Self { stdin: false, stdout: true, stderr: true, from: From::Offset(0), timeout: Duration::from_secs(50) }
+        Self {
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            from: From::Offset(0),
+            timeout: Duration::from_secs(50),
+        }
     }
 }
 
@@ -203,8 +212,22 @@ mod tests {
 
     #[test]
     fn signal_exit_codes_follow_the_shell() {
-        assert_eq!(ExitStatus::Signal { name: "KILL".into(), core_dumped: false }.code(), 137);
-        assert_eq!(ExitStatus::Signal { name: "RTMIN+2".into(), core_dumped: false }.code(), 128 + 36);
+        assert_eq!(
+            ExitStatus::Signal {
+                name: "KILL".into(),
+                core_dumped: false
+            }
+            .code(),
+            137
+        );
+        assert_eq!(
+            ExitStatus::Signal {
+                name: "RTMIN+2".into(),
+                core_dumped: false
+            }
+            .code(),
+            128 + 36
+        );
         assert_eq!(ExitStatus::Code(3).code(), 3);
         assert_eq!(signal_number("SIGTERM"), Some(15));
         assert_eq!(signal_number("NOPE"), None);

@@ -32,7 +32,9 @@ impl Appliance {
     /// An appliance with this SSH key that trusts the `known` guest host keys
     /// (container id -> key), or any guest when `None`.
     pub fn new(key: PrivateKey, known: Option<HashMap<String, PublicKey>>) -> Self {
-        Self { shared: Arc::new(Shared::new(key, known)) }
+        Self {
+            shared: Arc::new(Shared::new(key, known)),
+        }
     }
 
     /// Accepts guest links on `listener` forever; `sync` runs link sync first
@@ -67,7 +69,10 @@ impl Appliance {
 
     /// One container.
     pub async fn get(&self, id: &str) -> Result<ContainerView, ApiError> {
-        let (info, generation) = self.shared.info(id).ok_or_else(|| ApiError::NotFound(id.into()))?;
+        let (info, generation) = self
+            .shared
+            .info(id)
+            .ok_or_else(|| ApiError::NotFound(id.into()))?;
         Ok(ContainerView::new(&info, generation))
     }
 
@@ -89,19 +94,34 @@ impl Appliance {
 
     /// Sends a signal (name without "SIG", e.g. "TERM") to a container's process group.
     pub async fn signal(&self, id: &str, signal: &str) -> Result<(), ApiError> {
-        let name = signal.strip_prefix("SIG").unwrap_or(signal).to_ascii_uppercase();
+        let name = signal
+            .strip_prefix("SIG")
+            .unwrap_or(signal)
+            .to_ascii_uppercase();
         if signal_number(&name).is_none() {
             return Err(ApiError::BadRequest(format!("unknown signal {signal:?}")));
         }
-        match attach::control_request(&self.shared, id, ChannelRequest::Signal { name: name.clone() }, CONTROL_TIMEOUT).await? {
+        match attach::control_request(
+            &self.shared,
+            id,
+            ChannelRequest::Signal { name: name.clone() },
+            CONTROL_TIMEOUT,
+        )
+        .await?
+        {
             true => Ok(()),
-            false => Err(ApiError::Refused(format!("{id} is not running; SIG{name} not delivered"))),
+            false => Err(ApiError::Refused(format!(
+                "{id} is not running; SIG{name} not delivered"
+            ))),
         }
     }
 
     /// Releases a start-gated container.
     pub async fn start(&self, id: &str) -> Result<(), ApiError> {
-        let request = ChannelRequest::Other { name: tether::START.into(), data: Default::default() };
+        let request = ChannelRequest::Other {
+            name: tether::START.into(),
+            data: Default::default(),
+        };
         match attach::control_request(&self.shared, id, request, CONTROL_TIMEOUT).await? {
             true => Ok(()),
             false => Err(ApiError::Refused(format!("{id} is not waiting to start"))),
@@ -109,11 +129,23 @@ impl Appliance {
     }
 
     /// A fresh container list from the link serving `id`, and its entry.
-    async fn fresh_end(&self, link: &async_channel::Sender<LinkCommand>, id: &str) -> Result<u64, ApiError> {
+    async fn fresh_end(
+        &self,
+        link: &async_channel::Sender<LinkCommand>,
+        id: &str,
+    ) -> Result<u64, ApiError> {
         let (tx, rx) = async_channel::bounded(1);
-        link.send(LinkCommand::List { reply: tx }).await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-        let list = rx.recv().await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))??;
-        list.iter().find(|c| c.id == id).map(|c| c.output_end).ok_or_else(|| ApiError::NotFound(id.into()))
+        link.send(LinkCommand::List { reply: tx })
+            .await
+            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
+        let list = rx
+            .recv()
+            .await
+            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))??;
+        list.iter()
+            .find(|c| c.id == id)
+            .map(|c| c.output_end)
+            .ok_or_else(|| ApiError::NotFound(id.into()))
     }
 
     /// Attaches to a container's stdio, waiting up to `options.timeout` for it.
@@ -131,11 +163,25 @@ impl Appliance {
             end_at: None,
             reattach_timeout: options.timeout,
         };
-        let request = tether::AttachRequest { id: id.to_owned(), stdin: plan.stdin, stdout: plan.stdout, stderr: plan.stderr, from };
+        let request = tether::AttachRequest {
+            id: id.to_owned(),
+            stdin: plan.stdin,
+            stdout: plan.stdout,
+            stderr: plan.stderr,
+            from,
+        };
         let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
-        self.shared.counters.attaches.fetch_add(1, Ordering::Relaxed);
-        let _ = entry;
-        Ok(attach::start(self.shared.clone(), plan, false, from, (channel, link)))
+        self.shared
+            .counters
+            .attaches
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(attach::start(
+            self.shared.clone(),
+            plan,
+            entry.info.tty,
+            from,
+            (channel, link),
+        ))
     }
 
     /// Starts a process in a container; it becomes its own container id
@@ -145,12 +191,32 @@ impl Appliance {
             return Err(ApiError::BadRequest("exec needs a command".into()));
         }
         let (_, link) = self.shared.wait_for(id, options.timeout).await?;
-        let command = options.command.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ");
+        let command = options
+            .command
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ");
         let tty = options.tty.then(|| options.size.unwrap_or((80, 24)));
-        let channel = attach::open_on(&link, OpenKind::Exec { command, tty, env: options.env.clone() }).await?;
+        let channel = attach::open_on(
+            &link,
+            OpenKind::Exec {
+                command,
+                tty,
+                env: options.env.clone(),
+            },
+        )
+        .await?;
         let exec_id = channel.exec_id.clone().unwrap_or_default();
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
-        let plan = Plan { id: exec_id, stdin: true, stdout: true, stderr: true, end_at: None, reattach_timeout: options.timeout };
+        let plan = Plan {
+            id: exec_id,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            end_at: None,
+            reattach_timeout: options.timeout,
+        };
         let att = attach::start(self.shared.clone(), plan, options.tty, 0, (channel, link));
         if !options.stdin {
             let _ = att.close_stdin().await;
@@ -162,19 +228,44 @@ impl Appliance {
     /// existed when the call was made (no `Output::Exit` then).
     pub async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<Attachment, ApiError> {
         let timeout = Duration::from_secs(10);
-        let plan = |end_at| Plan { id: id.to_owned(), stdin: false, stdout: true, stderr: true, end_at, reattach_timeout: timeout };
+        let plan = |end_at| Plan {
+            id: id.to_owned(),
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            end_at,
+            reattach_timeout: timeout,
+        };
         let Some((info, generation)) = self.shared.info(id) else {
             return Err(ApiError::NotFound(id.into()));
         };
         if generation.is_none() {
-            return Err(ApiError::Refused(format!("{id} has exited and its guest is gone; its output went with it")));
+            return Err(ApiError::Refused(format!(
+                "{id} has exited and its guest is gone; its output went with it"
+            )));
         }
         let (_, link) = self.shared.wait_for(id, timeout).await?;
-        let end_at = if follow || info.state == State::Exited { None } else { Some(self.fresh_end(&link, id).await?) };
+        let end_at = if follow || info.state == State::Exited {
+            None
+        } else {
+            Some(self.fresh_end(&link, id).await?)
+        };
         let plan = plan(end_at);
-        let request = tether::AttachRequest { id: id.to_owned(), stdin: false, stdout: true, stderr: true, from };
+        let request = tether::AttachRequest {
+            id: id.to_owned(),
+            stdin: false,
+            stdout: true,
+            stderr: true,
+            from,
+        };
         let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
-        Ok(attach::start(self.shared.clone(), plan, false, from, (channel, link)))
+        Ok(attach::start(
+            self.shared.clone(),
+            plan,
+            false,
+            from,
+            (channel, link),
+        ))
     }
 
     /// Live guest links.
@@ -194,8 +285,18 @@ impl Appliance {
                 m.push_str(&format!("{name}{labels} {v}\n"));
             }
         };
-        metric("tetherd_links", "gauge", "Guest links connected now.", &[("", self.links() as u64)]);
-        metric("tetherd_links_accepted_total", "counter", "Guest links accepted.", &[("", c.links_accepted.load(Ordering::Relaxed))]);
+        metric(
+            "tetherd_links",
+            "gauge",
+            "Guest links connected now.",
+            &[("", self.links() as u64)],
+        );
+        metric(
+            "tetherd_links_accepted_total",
+            "counter",
+            "Guest links accepted.",
+            &[("", c.links_accepted.load(Ordering::Relaxed))],
+        );
         metric(
             "tetherd_containers",
             "gauge",
@@ -206,10 +307,30 @@ impl Appliance {
                 ("{state=\"exited\"}", count("exited") as u64),
             ],
         );
-        metric("tetherd_attaches_total", "counter", "Attachments opened.", &[("", c.attaches.load(Ordering::Relaxed))]);
-        metric("tetherd_execs_total", "counter", "Execs started.", &[("", c.execs.load(Ordering::Relaxed))]);
-        metric("tetherd_reattaches_total", "counter", "Re-attachments after a link drop.", &[("", c.reattaches.load(Ordering::Relaxed))]);
-        metric("tetherd_id_conflicts_total", "counter", "Containers claimed by two live links.", &[("", c.conflicts.load(Ordering::Relaxed))]);
+        metric(
+            "tetherd_attaches_total",
+            "counter",
+            "Attachments opened.",
+            &[("", c.attaches.load(Ordering::Relaxed))],
+        );
+        metric(
+            "tetherd_execs_total",
+            "counter",
+            "Execs started.",
+            &[("", c.execs.load(Ordering::Relaxed))],
+        );
+        metric(
+            "tetherd_reattaches_total",
+            "counter",
+            "Re-attachments after a link drop.",
+            &[("", c.reattaches.load(Ordering::Relaxed))],
+        );
+        metric(
+            "tetherd_id_conflicts_total",
+            "counter",
+            "Containers claimed by two live links.",
+            &[("", c.conflicts.load(Ordering::Relaxed))],
+        );
         m
     }
 }

@@ -64,7 +64,9 @@ impl Attachment {
     }
 
     fn send(&self, c: Control) -> Result<(), ApiError> {
-        self.ctl.try_send(c).map_err(|_| ApiError::LinkDown("the attachment has ended".into()))
+        self.ctl
+            .try_send(c)
+            .map_err(|_| ApiError::LinkDown("the attachment has ended".into()))
     }
 
     /// Writes to the process's stdin (needs `stdin` in the options).
@@ -88,7 +90,9 @@ impl Attachment {
         self.send(Control::Signal(name.to_owned(), tx))?;
         match rx.recv().await {
             Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::Refused(format!("the guest could not deliver SIG{name}"))),
+            Ok(false) => Err(ApiError::Refused(format!(
+                "the guest could not deliver SIG{name}"
+            ))),
             Err(_) => Err(ApiError::LinkDown("the attachment has ended".into())),
         }
     }
@@ -108,29 +112,59 @@ pub(crate) struct Plan {
 }
 
 /// Starts a driver for an open channel and returns the attachment.
-pub(crate) fn start(shared: Arc<Shared>, plan: Plan, tty: bool, start: u64, first: (LinkChannel, Sender<LinkCommand>)) -> Attachment {
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    plan: Plan,
+    tty: bool,
+    start: u64,
+    first: (LinkChannel, Sender<LinkCommand>),
+) -> Attachment {
     let (out_tx, out_rx) = async_channel::unbounded();
     let (ctl_tx, ctl_rx) = async_channel::unbounded();
     let id = plan.id.clone();
     let driver = smol::spawn(drive(shared, plan, start, first, out_tx, ctl_rx));
-    Attachment { id, tty, start, offset: start, rx: out_rx, ctl: ctl_tx, _driver: driver }
+    Attachment {
+        id,
+        tty,
+        start,
+        offset: start,
+        rx: out_rx,
+        ctl: ctl_tx,
+        _driver: driver,
+    }
 }
 
 /// Opens an attach channel for `plan` from `from`.
-pub(crate) async fn open(shared: &Shared, plan: &Plan, from: u64, timeout: Duration) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
+pub(crate) async fn open(
+    shared: &Shared,
+    plan: &Plan,
+    from: u64,
+    timeout: Duration,
+) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
     let (_, link) = shared.wait_for(&plan.id, timeout).await?;
-    let request = AttachRequest { id: plan.id.clone(), stdin: plan.stdin, stdout: plan.stdout, stderr: plan.stderr, from };
+    let request = AttachRequest {
+        id: plan.id.clone(),
+        stdin: plan.stdin,
+        stdout: plan.stdout,
+        stderr: plan.stderr,
+        from,
+    };
     let channel = open_on(&link, OpenKind::Attach(request)).await?;
     Ok((channel, link))
 }
 
 /// Opens a channel on a link.
-pub(crate) async fn open_on(link: &Sender<LinkCommand>, kind: OpenKind) -> Result<LinkChannel, ApiError> {
+pub(crate) async fn open_on(
+    link: &Sender<LinkCommand>,
+    kind: OpenKind,
+) -> Result<LinkChannel, ApiError> {
     let (tx, rx) = async_channel::bounded(1);
     link.send(LinkCommand::Open { kind, reply: tx })
         .await
         .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-    rx.recv().await.map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    rx.recv()
+        .await
+        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
 }
 
 enum Step {
@@ -158,7 +192,10 @@ async fn drive(
         let (lc, link) = match current.take() {
             Some(c) => c,
             None => {
-                shared.counters.reattaches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared
+                    .counters
+                    .reattaches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(container = %plan.id, offset, "re-attaching after a link drop");
                 match open(&shared, &plan, offset, plan.reattach_timeout).await {
                     Ok(c) => c,
@@ -185,7 +222,11 @@ async fn drive(
                     }
                     offset += data.len() as u64;
                     outstanding += data.len();
-                    let item = if ext.is_some() { Output::Stderr(data) } else { Output::Stdout(data) };
+                    let item = if ext.is_some() {
+                        Output::Stderr(data)
+                    } else {
+                        Output::Stdout(data)
+                    };
                     if out.send(item).await.is_err() {
                         break;
                     }
@@ -213,12 +254,19 @@ async fn drive(
                         Control::CloseStdin => LinkCommand::Eof { channel },
                         Control::Resize(cols, rows) => LinkCommand::Request {
                             channel,
-                            request: ChannelRequest::WindowChange { cols, rows, width_px: 0, height_px: 0 },
+                            request: ChannelRequest::WindowChange {
+                                cols,
+                                rows,
+                                width_px: 0,
+                                height_px: 0,
+                            },
                             reply: None,
                         },
-                        Control::Signal(name, reply) => {
-                            LinkCommand::Request { channel, request: ChannelRequest::Signal { name }, reply: Some(reply) }
-                        }
+                        Control::Signal(name, reply) => LinkCommand::Request {
+                            channel,
+                            request: ChannelRequest::Signal { name },
+                            reply: Some(reply),
+                        },
                         Control::Consumed(n) => {
                             let old = n.min(old_outstanding);
                             old_outstanding -= old;
@@ -244,12 +292,34 @@ async fn drive(
 }
 
 /// Opens a short-lived control channel (no stdio) and sends one request.
-pub(crate) async fn control_request(shared: &Shared, id: &str, request: ChannelRequest, timeout: Duration) -> Result<bool, ApiError> {
-    let plan = Plan { id: id.to_owned(), stdin: false, stdout: false, stderr: false, end_at: None, reattach_timeout: timeout };
+pub(crate) async fn control_request(
+    shared: &Shared,
+    id: &str,
+    request: ChannelRequest,
+    timeout: Duration,
+) -> Result<bool, ApiError> {
+    let plan = Plan {
+        id: id.to_owned(),
+        stdin: false,
+        stdout: false,
+        stderr: false,
+        end_at: None,
+        reattach_timeout: timeout,
+    };
     let (lc, link) = open(shared, &plan, tether::LIVE, timeout).await?;
     let (tx, rx) = async_channel::bounded(1);
-    let _ = link.send(LinkCommand::Request { channel: lc.channel, request, reply: Some(tx) }).await;
+    let _ = link
+        .send(LinkCommand::Request {
+            channel: lc.channel,
+            request,
+            reply: Some(tx),
+        })
+        .await;
     let ok = rx.recv().await.unwrap_or(false);
-    let _ = link.send(LinkCommand::Close { channel: lc.channel }).await;
+    let _ = link
+        .send(LinkCommand::Close {
+            channel: lc.channel,
+        })
+        .await;
     Ok(ok)
 }

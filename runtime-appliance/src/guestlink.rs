@@ -27,7 +27,10 @@ const MAX_PENDING_WRITE: usize = 256 * 1024;
 /// What a channel delivers to its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelEvent {
-    Data { ext: Option<u32>, data: Bytes },
+    Data {
+        ext: Option<u32>,
+        data: Bytes,
+    },
     Gap(u64),
     Exit(ExitStatus),
     /// The channel is gone (after `Exit`, or because the link dropped).
@@ -38,7 +41,11 @@ pub enum ChannelEvent {
 #[derive(Debug, Clone)]
 pub enum OpenKind {
     Attach(AttachRequest),
-    Exec { command: String, tty: Option<(u32, u32)>, env: Vec<(String, String)> },
+    Exec {
+        command: String,
+        tty: Option<(u32, u32)>,
+        env: Vec<(String, String)>,
+    },
 }
 
 /// An open channel, as its user holds it.
@@ -53,14 +60,33 @@ type Reply<T> = Sender<Result<T, ApiError>>;
 
 /// Requests to a link task.
 pub enum LinkCommand {
-    Open { kind: OpenKind, reply: Reply<LinkChannel> },
-    Send { channel: ChannelId, data: Bytes },
-    Eof { channel: ChannelId },
-    Close { channel: ChannelId },
-    Request { channel: ChannelId, request: ChannelRequest, reply: Option<Sender<bool>> },
-    Consumed { channel: ChannelId, n: usize },
+    Open {
+        kind: OpenKind,
+        reply: Reply<LinkChannel>,
+    },
+    Send {
+        channel: ChannelId,
+        data: Bytes,
+    },
+    Eof {
+        channel: ChannelId,
+    },
+    Close {
+        channel: ChannelId,
+    },
+    Request {
+        channel: ChannelId,
+        request: ChannelRequest,
+        reply: Option<Sender<bool>>,
+    },
+    Consumed {
+        channel: ChannelId,
+        n: usize,
+    },
     /// Ask the guest for a fresh container list (and update the map).
-    List { reply: Reply<Vec<ContainerInfo>> },
+    List {
+        reply: Reply<Vec<ContainerInfo>>,
+    },
 }
 
 /// A channel on this link.
@@ -98,7 +124,11 @@ impl Chan {
 /// Runs a guest link until it drops. `sync` runs link sync first.
 pub async fn run(shared: Arc<Shared>, stream: Async<TcpStream>, sync: bool) {
     let generation = shared.next_generation();
-    let peer = stream.get_ref().peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .get_ref()
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     info!(link = generation, %peer, sync, "guest link accepted");
     let (tx, rx) = async_channel::unbounded();
     let result = serve(&shared, &stream, sync, generation, tx, rx).await;
@@ -121,7 +151,9 @@ async fn sync_link(stream: &Async<TcpStream>) -> io::Result<Vec<u8>> {
         if initiator.is_ready() {
             return Ok(Vec::new());
         }
-        let deadline = initiator.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let deadline = initiator
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         let read = async { Some((&mut &*stream).read(&mut buf).await) };
         let timer = async {
             Timer::at(deadline).await;
@@ -161,12 +193,26 @@ async fn serve(
     rx: Receiver<LinkCommand>,
 ) -> io::Result<()> {
     stream.get_ref().set_nodelay(true)?;
-    let leftover = if sync { sync_link(stream).await? } else { Vec::new() };
-    let mut conn = Connection::new(shared.client_config(), Instant::now(), crate::registry::rng());
-    let mut link = Link { shared: shared.clone(), generation, chans: BTreeMap::new(), lists: VecDeque::new() };
+    let leftover = if sync {
+        sync_link(stream).await?
+    } else {
+        Vec::new()
+    };
+    let mut conn = Connection::new(
+        shared.client_config(),
+        Instant::now(),
+        crate::registry::rng(),
+    );
+    let mut link = Link {
+        shared: shared.clone(),
+        generation,
+        chans: BTreeMap::new(),
+        lists: VecDeque::new(),
+    };
     shared.link_up(generation, tx);
     if !leftover.is_empty() {
-        conn.handle_input(Instant::now(), &leftover).map_err(io::Error::other)?;
+        conn.handle_input(Instant::now(), &leftover)
+            .map_err(io::Error::other)?;
     }
     let mut pending: Vec<Bytes> = Vec::new();
     let mut pending_len = 0usize;
@@ -180,7 +226,9 @@ async fn serve(
     loop {
         link.handle_events(&mut conn);
         while pending_len < MAX_PENDING_WRITE {
-            let Some(out) = conn.poll_transmit() else { break };
+            let Some(out) = conn.poll_transmit() else {
+                break;
+            };
             pending_len += out.len();
             pending.push(out);
         }
@@ -252,7 +300,11 @@ fn encode<F: FnOnce(&mut BytesMut)>(f: F) -> Bytes {
 
 /// Quotes an argument for `sh -c`, which is how SSH's `exec` runs a command.
 pub fn shell_quote(arg: &str) -> String {
-    if !arg.is_empty() && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
         return arg.to_owned();
     }
     format!("'{}'", arg.replace('\'', "'\\''"))
@@ -274,7 +326,8 @@ impl Drop for Link {
 
 impl Link {
     fn command(&mut self, conn: &mut Connection, cmd: LinkCommand) {
-        let down = |what: &str| ApiError::LinkDown(format!("{what}: the guest connection is not ready"));
+        let down =
+            |what: &str| ApiError::LinkDown(format!("{what}: the guest connection is not ready"));
         match cmd {
             LinkCommand::Open { kind, reply } => {
                 let (channel_type, data) = match &kind {
@@ -315,8 +368,14 @@ impl Link {
                 debug!(link = self.generation, ?channel, "closing channel");
                 let _ = conn.channel_close(channel);
             }
-            LinkCommand::Request { channel, request, reply } => {
-                let ok = conn.channel_request(channel, &request, reply.is_some()).is_ok();
+            LinkCommand::Request {
+                channel,
+                request,
+                reply,
+            } => {
+                let ok = conn
+                    .channel_request(channel, &request, reply.is_some())
+                    .is_ok();
                 if let Some(chan) = self.chans.get_mut(&channel).filter(|_| ok) {
                     if reply.is_some() {
                         chan.replies.push_back(reply);
@@ -328,12 +387,14 @@ impl Link {
             LinkCommand::Consumed { channel, n } => {
                 let _ = conn.channel_consume(channel, n);
             }
-            LinkCommand::List { reply } => match conn.global_request(tether::CONTAINER_IDS, &[], true) {
-                Ok(()) => self.lists.push_back(Some(reply)),
-                Err(e) => {
-                    let _ = reply.try_send(Err(down(&e.to_string())));
+            LinkCommand::List { reply } => {
+                match conn.global_request(tether::CONTAINER_IDS, &[], true) {
+                    Ok(()) => self.lists.push_back(Some(reply)),
+                    Err(e) => {
+                        let _ = reply.try_send(Err(down(&e.to_string())));
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -347,28 +408,42 @@ impl Link {
         match event {
             Event::Authenticated(_) => {
                 info!(link = self.generation, host_key = ?conn.host_key(), "guest authenticated");
-                if conn.global_request(tether::CONTAINER_IDS, &[], true).is_ok() {
+                if conn
+                    .global_request(tether::CONTAINER_IDS, &[], true)
+                    .is_ok()
+                {
                     self.lists.push_back(None);
                 }
             }
             Event::GlobalReply { success, data } => {
                 let waiter = self.lists.pop_front().flatten();
                 let list = if success {
-                    tether::decode_container_ids(&data).map_err(|e| ApiError::LinkDown(format!("bad container list: {e}")))
+                    tether::decode_container_ids(&data)
+                        .map_err(|e| ApiError::LinkDown(format!("bad container list: {e}")))
                 } else {
-                    Err(ApiError::LinkDown("the guest refused to list its containers".into()))
+                    Err(ApiError::LinkDown(
+                        "the guest refused to list its containers".into(),
+                    ))
                 };
                 if let Ok(list) = &list {
-                    self.shared.update(self.generation, conn.host_key().copied(), list.clone());
+                    self.shared
+                        .update(self.generation, conn.host_key().copied(), list.clone());
                 }
                 if let Some(w) = waiter {
                     let _ = w.try_send(list);
                 }
             }
-            Event::GlobalRequest { name, data, want_reply } => {
+            Event::GlobalRequest {
+                name,
+                data,
+                want_reply,
+            } => {
                 if name == tether::CONTAINER_IDS {
                     match tether::decode_container_ids(&data) {
-                        Ok(list) => self.shared.update(self.generation, conn.host_key().copied(), list),
+                        Ok(list) => {
+                            self.shared
+                                .update(self.generation, conn.host_key().copied(), list)
+                        }
                         Err(e) => warn!(link = self.generation, "bad container-ids push: {e}"),
                     }
                 }
@@ -380,7 +455,11 @@ impl Link {
                 debug!(link = self.generation, ?channel, "channel opened");
                 self.opened(conn, channel)
             }
-            Event::ChannelOpenFailed { channel, description, .. } => {
+            Event::ChannelOpenFailed {
+                channel,
+                description,
+                ..
+            } => {
                 if let Some(chan) = self.chans.remove(&channel)
                     && let Some((_, reply, _)) = chan.opening
                 {
@@ -394,7 +473,11 @@ impl Link {
                     let _ = conn.channel_consume(channel, data.len());
                 }
             }
-            Event::ChannelRequest { channel, request, want_reply } => {
+            Event::ChannelRequest {
+                channel,
+                request,
+                want_reply,
+            } => {
                 self.channel_request(channel, request);
                 if want_reply {
                     let _ = conn.channel_reply(channel, false);
@@ -404,7 +487,9 @@ impl Link {
             Event::ChannelClosed { channel } => {
                 if let Some(chan) = self.chans.remove(&channel) {
                     if let Some((_, reply, _)) = chan.opening {
-                        let _ = reply.try_send(Err(ApiError::Refused("the guest closed the channel".into())));
+                        let _ = reply.try_send(Err(ApiError::Refused(
+                            "the guest closed the channel".into(),
+                        )));
                     }
                     let _ = chan.events.try_send(ChannelEvent::Closed);
                 }
@@ -416,28 +501,56 @@ impl Link {
             }
             Event::ChannelEof { .. } | Event::KexComplete { .. } | Event::AuthRejected(_) => {}
             Event::ChannelOpen { channel, .. } => {
-                let _ = conn.reject_channel(channel, proto_core::event::open_failure::ADMINISTRATIVELY_PROHIBITED, "the appliance accepts no channels");
+                let _ = conn.reject_channel(
+                    channel,
+                    proto_core::event::open_failure::ADMINISTRATIVELY_PROHIBITED,
+                    "the appliance accepts no channels",
+                );
             }
         }
     }
 
     fn opened(&mut self, conn: &mut Connection, channel: ChannelId) {
-        let Some(chan) = self.chans.get_mut(&channel) else { return };
-        let Some((kind, reply, events)) = chan.opening.take() else { return };
+        let Some(chan) = self.chans.get_mut(&channel) else {
+            return;
+        };
+        let Some((kind, reply, events)) = chan.opening.take() else {
+            return;
+        };
         match kind {
             OpenKind::Attach(_) => {
-                let _ = reply.try_send(Ok(LinkChannel { channel, events, exec_id: None }));
+                let _ = reply.try_send(Ok(LinkChannel {
+                    channel,
+                    events,
+                    exec_id: None,
+                }));
             }
             OpenKind::Exec { command, tty, env } => {
                 for (name, value) in &env {
-                    let req = ChannelRequest::Env { name: name.clone(), value: Bytes::copy_from_slice(value.as_bytes()) };
+                    let req = ChannelRequest::Env {
+                        name: name.clone(),
+                        value: Bytes::copy_from_slice(value.as_bytes()),
+                    };
                     let _ = conn.channel_request(channel, &req, false);
                 }
                 if let Some((cols, rows)) = tty {
-                    let pty = PtyRequest { term: "xterm".into(), cols, rows, width_px: 0, height_px: 0, modes: Bytes::from_static(&[0]) };
+                    let pty = PtyRequest {
+                        term: "xterm".into(),
+                        cols,
+                        rows,
+                        width_px: 0,
+                        height_px: 0,
+                        modes: Bytes::from_static(&[0]),
+                    };
                     let _ = conn.channel_request(channel, &ChannelRequest::Pty(pty), false);
                 }
-                let _ = conn.channel_request(channel, &ChannelRequest::Exec { command: command.clone().into() }, true);
+                let _ = conn.channel_request(
+                    channel,
+                    &ChannelRequest::Exec {
+                        command: command.clone().into(),
+                    },
+                    true,
+                );
                 chan.replies.push_back(None);
                 chan.opening = Some((OpenKind::Exec { command, tty, env }, reply, events));
             }
@@ -445,7 +558,9 @@ impl Link {
     }
 
     fn reply(&mut self, conn: &mut Connection, channel: ChannelId, success: bool) {
-        let Some(chan) = self.chans.get_mut(&channel) else { return };
+        let Some(chan) = self.chans.get_mut(&channel) else {
+            return;
+        };
         match chan.replies.pop_front() {
             Some(Some(waiter)) => {
                 let _ = waiter.try_send(success);
@@ -454,9 +569,17 @@ impl Link {
             Some(None) => {
                 if let Some((_, reply, events)) = chan.opening.take() {
                     if success && chan.exec_id.is_some() {
-                        let _ = reply.try_send(Ok(LinkChannel { channel, events, exec_id: chan.exec_id.clone() }));
+                        let _ = reply.try_send(Ok(LinkChannel {
+                            channel,
+                            events,
+                            exec_id: chan.exec_id.clone(),
+                        }));
                     } else {
-                        let why = if success { "the guest did not name the exec" } else { "the guest refused the exec" };
+                        let why = if success {
+                            "the guest did not name the exec"
+                        } else {
+                            "the guest refused the exec"
+                        };
                         let _ = reply.try_send(Err(ApiError::Refused(why.into())));
                         let _ = conn.channel_close(channel);
                     }
@@ -467,14 +590,20 @@ impl Link {
     }
 
     fn channel_request(&mut self, channel: ChannelId, request: ChannelRequest) {
-        let Some(chan) = self.chans.get_mut(&channel) else { return };
+        let Some(chan) = self.chans.get_mut(&channel) else {
+            return;
+        };
         let event = match request {
             ChannelRequest::ExitStatus { code } => ChannelEvent::Exit(ExitStatus::Code(code)),
-            ChannelRequest::ExitSignal { name, core_dumped, .. } => ChannelEvent::Exit(ExitStatus::Signal { name, core_dumped }),
-            ChannelRequest::Other { name, data } if name == tether::OUTPUT_GAP => match tether::decode_output_gap(&data) {
-                Ok(lost) => ChannelEvent::Gap(lost),
-                Err(_) => return,
-            },
+            ChannelRequest::ExitSignal {
+                name, core_dumped, ..
+            } => ChannelEvent::Exit(ExitStatus::Signal { name, core_dumped }),
+            ChannelRequest::Other { name, data } if name == tether::OUTPUT_GAP => {
+                match tether::decode_output_gap(&data) {
+                    Ok(lost) => ChannelEvent::Gap(lost),
+                    Err(_) => return,
+                }
+            }
             ChannelRequest::Other { name, data } if name == tether::EXEC_ID => {
                 chan.exec_id = tether::decode_exec_id(&data).ok();
                 return;

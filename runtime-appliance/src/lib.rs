@@ -5,9 +5,9 @@
 pub mod api_types;
 pub mod appliance;
 mod attach;
+pub mod cli;
 mod guestlink;
 mod registry;
-pub mod cli;
 
 pub use api_types::*;
 pub use appliance::{Appliance, Attachment};

@@ -85,7 +85,11 @@ impl Shared {
             Some(k) => HostKeyPolicy::Pinned(k.values().copied().collect()),
             None => HostKeyPolicy::AcceptAny,
         };
-        let mut client = proto_core::Config::client(ClientConfig { user: "tetherd".into(), key: Some(key), host_keys });
+        let mut client = proto_core::Config::client(ClientConfig {
+            user: "tetherd".into(),
+            key: Some(key),
+            host_keys,
+        });
         tether::enable_appliance(&mut client);
         client.keepalive_interval = Some(Duration::from_secs(5));
         client.keepalive_max = 2;
@@ -177,10 +181,16 @@ impl Shared {
     /// Every container, live and remembered, sorted by id.
     pub fn views(&self) -> Vec<ContainerView> {
         let r = self.lock();
-        let mut out: BTreeMap<String, ContainerView> =
-            r.remembered.values().map(|i| (i.id.clone(), ContainerView::new(i, None))).collect();
+        let mut out: BTreeMap<String, ContainerView> = r
+            .remembered
+            .values()
+            .map(|i| (i.id.clone(), ContainerView::new(i, None)))
+            .collect();
         for e in r.map.list() {
-            out.insert(e.info.id.clone(), ContainerView::new(&e.info, Some(e.generation)));
+            out.insert(
+                e.info.id.clone(),
+                ContainerView::new(&e.info, Some(e.generation)),
+            );
         }
         out.into_values().collect()
     }
@@ -191,14 +201,22 @@ impl Shared {
     }
 
     /// Waits up to `timeout` for `id` to be served by a live link.
-    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
         let deadline = Instant::now() + timeout;
         let waiter = {
             let mut r = self.lock();
             match r.map.wait(id, deadline) {
                 Ok(entry) => match r.links.get(&entry.generation) {
                     Some(link) => return Ok((entry.clone(), link.clone())),
-                    None => return Err(ApiError::LinkDown(format!("the link serving {id} is closing"))),
+                    None => {
+                        return Err(ApiError::LinkDown(format!(
+                            "the link serving {id} is closing"
+                        )));
+                    }
                 },
                 Err(w) => w,
             }
@@ -223,9 +241,16 @@ impl Shared {
                         if let Some(link) = r.links.get(&entry.generation) {
                             return Ok((entry, link.clone()));
                         }
-                        return Err(ApiError::LinkDown(format!("the link serving {id} is closing")));
+                        return Err(ApiError::LinkDown(format!(
+                            "the link serving {id} is closing"
+                        )));
                     }
-                    Some(Err(())) => return Err(ApiError::Timeout { id: id.to_owned(), waited: timeout }),
+                    Some(Err(())) => {
+                        return Err(ApiError::Timeout {
+                            id: id.to_owned(),
+                            waited: timeout,
+                        });
+                    }
                     None => {}
                 }
             }

@@ -47,8 +47,11 @@ pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, Stri
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (id, key) = line.split_once(char::is_whitespace).ok_or_else(|| format!("line {}: expected `ID ssh-ed25519 AAAA...`", n + 1))?;
-        let key = PublicKey::from_openssh(key.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let (id, key) = line
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| format!("line {}: expected `ID ssh-ed25519 AAAA...`", n + 1))?;
+        let key =
+            PublicKey::from_openssh(key.trim()).map_err(|e| format!("line {}: {e}", n + 1))?;
         known.insert(id.to_owned(), key);
     }
     Ok(known)
@@ -58,27 +61,49 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let key = read_key(&args.key)?;
     let known = match (&args.known_guests, args.accept_any_host_key) {
         (Some(path), _) => {
-            let text = fs::read_to_string(path).map_err(|e| format!("--known-guests {}: {e}", path.display()))?;
-            Some(parse_known_guests(&text).map_err(|e| format!("--known-guests {}: {e}", path.display()))?)
+            let text = fs::read_to_string(path)
+                .map_err(|e| format!("--known-guests {}: {e}", path.display()))?;
+            Some(
+                parse_known_guests(&text)
+                    .map_err(|e| format!("--known-guests {}: {e}", path.display()))?,
+            )
         }
         (None, true) => {
-            tracing::warn!("--accept-any-host-key: any guest host key is trusted (development only)");
+            tracing::warn!(
+                "--accept-any-host-key: any guest host key is trusted (development only)"
+            );
             None
         }
-        (None, false) => return Err("give --known-guests PATH (or --accept-any-host-key for development)".into()),
+        (None, false) => {
+            return Err(
+                "give --known-guests PATH (or --accept-any-host-key for development)".into(),
+            );
+        }
     };
     let appliance = Appliance::new(key, known);
-    let bind = |addr: SocketAddr, what: &str| Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"));
+    let bind = |addr: SocketAddr, what: &str| {
+        Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"))
+    };
     let guests = bind(args.listen, "--listen")?;
     info!("guest links (link sync on) on {}", args.listen);
-    let direct = args.listen_direct.map(|a| bind(a, "--listen-direct")).transpose()?;
+    let direct = args
+        .listen_direct
+        .map(|a| bind(a, "--listen-direct"))
+        .transpose()?;
     let api = bind(args.api, "--api")?;
     info!("HTTP API on http://{}", args.api);
     smol::block_on(async {
         let a = appliance.clone();
         smol::spawn(async move { a.listen(guests, true).await }).detach();
         if let Some(direct) = direct {
-            info!("guest links (direct) on {}", direct.get_ref().local_addr().map(|a| a.to_string()).unwrap_or_default());
+            info!(
+                "guest links (direct) on {}",
+                direct
+                    .get_ref()
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            );
             let a = appliance.clone();
             smol::spawn(async move { a.listen(direct, false).await }).detach();
         }
@@ -96,7 +121,8 @@ fn write_private(path: &Path, contents: &str) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(contents.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
+    f.write_all(contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn pub_path(path: &Path) -> PathBuf {
@@ -112,13 +138,21 @@ fn keygen(args: &KeygenArgs) -> Result<(), String> {
     let key = PrivateKey::generate(&mut OsRng);
     write_private(&args.out, &key.to_openssh("tetherd"))?;
     let public = format!("{} tetherd\n", key.public().to_openssh());
-    fs::write(pub_path(&args.out), public).map_err(|e| format!("{}: {e}", pub_path(&args.out).display()))?;
+    fs::write(pub_path(&args.out), public)
+        .map_err(|e| format!("{}: {e}", pub_path(&args.out).display()))?;
     println!("{} {}", args.out.display(), key.public().fingerprint());
     Ok(())
 }
 
 /// A guest config with a fresh host key and one primary session.
-pub fn guest_config_json(id: &str, appliance: &PublicKey, host_key: &PrivateKey, link: &str, tty: bool, cmd: &[String]) -> serde_json::Value {
+pub fn guest_config_json(
+    id: &str,
+    appliance: &PublicKey,
+    host_key: &PrivateKey,
+    link: &str,
+    tty: bool,
+    cmd: &[String],
+) -> serde_json::Value {
     serde_json::json!({
         "id": id,
         "host_key": host_key.to_openssh(id),
@@ -129,11 +163,17 @@ pub fn guest_config_json(id: &str, appliance: &PublicKey, host_key: &PrivateKey,
 }
 
 fn guest_config(args: &GuestConfigArgs) -> Result<(), String> {
-    let text = fs::read_to_string(&args.key).map_err(|e| format!("--key {}: {e}", args.key.display()))?;
-    let appliance = PublicKey::from_openssh(text.lines().next().unwrap_or("")).map_err(|e| format!("--key {}: {e}", args.key.display()))?;
-    args.link.parse::<LinkCheck>().map_err(|e| format!("--link: {e}"))?;
+    let text =
+        fs::read_to_string(&args.key).map_err(|e| format!("--key {}: {e}", args.key.display()))?;
+    let appliance = PublicKey::from_openssh(text.lines().next().unwrap_or(""))
+        .map_err(|e| format!("--key {}: {e}", args.key.display()))?;
+    args.link
+        .parse::<LinkCheck>()
+        .map_err(|e| format!("--link: {e}"))?;
     let host_key = PrivateKey::generate(&mut OsRng);
-    let config = guest_config_json(&args.id, &appliance, &host_key, &args.link, args.tty, &args.cmd);
+    let config = guest_config_json(
+        &args.id, &appliance, &host_key, &args.link, args.tty, &args.cmd,
+    );
     write_private(&args.out, &format!("{:#}\n", config))?;
     if let Some(known) = &args.known_guests {
         let mut f = fs::OpenOptions::new()
@@ -141,9 +181,14 @@ fn guest_config(args: &GuestConfigArgs) -> Result<(), String> {
             .create(true)
             .open(known)
             .map_err(|e| format!("--known-guests {}: {e}", known.display()))?;
-        writeln!(f, "{} {}", args.id, host_key.public().to_openssh()).map_err(|e| format!("--known-guests {}: {e}", known.display()))?;
+        writeln!(f, "{} {}", args.id, host_key.public().to_openssh())
+            .map_err(|e| format!("--known-guests {}: {e}", known.display()))?;
     }
-    println!("{} (guest host key {})", args.out.display(), host_key.public().fingerprint());
+    println!(
+        "{} (guest host key {})",
+        args.out.display(),
+        host_key.public().fingerprint()
+    );
     Ok(())
 }
 
@@ -156,7 +201,9 @@ impl std::str::FromStr for LinkCheck {
         let scheme = s.split(':').next().unwrap_or("");
         match scheme {
             "serial" | "tcp" | "tcp-listen" | "vsock" | "vsock-listen" | "unix" => Ok(LinkCheck),
-            _ => Err(format!("{s:?}: unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)")),
+            _ => Err(format!(
+                "{s:?}: unknown scheme (serial, tcp, tcp-listen, vsock, vsock-listen, unix)"
+            )),
         }
     }
 }
@@ -168,7 +215,10 @@ fn tether_binary() -> Result<PathBuf, String> {
     if path.exists() {
         Ok(path)
     } else {
-        Err(format!("{} not found: build it with `cargo build --release -p runtime-guest` (scripts/demo does)", path.display()))
+        Err(format!(
+            "{} not found: build it with `cargo build --release -p runtime-guest` (scripts/demo does)",
+            path.display()
+        ))
     }
 }
 
@@ -186,21 +236,43 @@ fn demo(args: DemoArgs) -> ExitCode {
 
 fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
     let tether = tether_binary()?;
-    let dir = tempfile::Builder::new().prefix("tether-demo").tempdir().map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("tether-demo")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let appliance_key = PrivateKey::generate(&mut OsRng);
     let host_key = PrivateKey::generate(&mut OsRng);
     let id = "demo";
-    let appliance = Appliance::new(appliance_key.clone(), Some(HashMap::from([(id.to_owned(), *host_key.public())])));
-    let guests = appliance.spawn_listener("127.0.0.1:0".parse().expect("address"), true).map_err(|e| e.to_string())?;
+    let appliance = Appliance::new(
+        appliance_key.clone(),
+        Some(HashMap::from([(id.to_owned(), *host_key.public())])),
+    );
+    let guests = appliance
+        .spawn_listener("127.0.0.1:0".parse().expect("address"), true)
+        .map_err(|e| e.to_string())?;
     let api = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).map_err(|e| e.to_string())?;
     let api_addr = api.get_ref().local_addr().map_err(|e| e.to_string())?;
     let a = appliance.clone();
     smol::spawn(async move { crate::http::serve_api(api, a).await }).detach();
 
-    let shell = std::env::var("SHELL").ok().filter(|s| Path::new(s).exists()).unwrap_or_else(|| "/bin/sh".into());
-    let cmd = if args.cmd.is_empty() { vec![shell] } else { args.cmd.clone() };
+    let shell = std::env::var("SHELL")
+        .ok()
+        .filter(|s| Path::new(s).exists())
+        .unwrap_or_else(|| "/bin/sh".into());
+    let cmd = if args.cmd.is_empty() {
+        vec![shell]
+    } else {
+        args.cmd.clone()
+    };
     let interactive = crate::client::term::stdin_is_tty();
-    let config = guest_config_json(id, appliance_key.public(), &host_key, &format!("tcp:{guests}"), interactive, &cmd);
+    let config = guest_config_json(
+        id,
+        appliance_key.public(),
+        &host_key,
+        &format!("tcp:{guests}"),
+        interactive,
+        &cmd,
+    );
     let config_path = dir.path().join("config.json");
     write_private(&config_path, &config.to_string())?;
     let log_path = dir.path().join("tether.log");
@@ -214,10 +286,14 @@ fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
         .spawn()
         .map_err(|e| format!("starting {}: {e}", tether.display()))?;
     if interactive {
-        eprintln!("tether demo: a shell in a local tether, linked over loopback with link sync. Detach with ctrl-p ctrl-q.\r");
+        eprintln!(
+            "tether demo: a shell in a local tether, linked over loopback with link sync. Detach with ctrl-p ctrl-q.\r"
+        );
     }
     let code = crate::client::run(Command::Attach(AttachArgs {
-        api: ApiArgs { api: format!("http://{api_addr}") },
+        api: ApiArgs {
+            api: format!("http://{api_addr}"),
+        },
         id: id.into(),
         from: "0".into(),
         no_stdin: false,
@@ -226,7 +302,10 @@ fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
     let _ = child.wait();
     if interactive {
         let _ = fs::copy(&log_path, std::env::temp_dir().join("tether-demo.log"));
-        eprintln!("tether's log: {}", std::env::temp_dir().join("tether-demo.log").display());
+        eprintln!(
+            "tether's log: {}",
+            std::env::temp_dir().join("tether-demo.log").display()
+        );
     }
     Ok(code)
 }

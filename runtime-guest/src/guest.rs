@@ -83,6 +83,23 @@ impl Guest {
         self.sessions.borrow_mut().get_mut(id).map(f)
     }
 
+    /// Runs a task on the guest's executor.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + 'static) {
+        self.ex.spawn(task).detach();
+    }
+
+    /// Forgets every reader of link `link` (it went away).
+    pub fn drop_link_readers(&self, link: u64) {
+        for s in self.sessions.borrow_mut().values_mut() {
+            let before = s.readers.len();
+            s.readers.retain(|(l, _), _| *l != link);
+            if s.readers.len() != before {
+                s.apply_readers();
+            }
+        }
+        self.notify();
+    }
+
     /// Runs `f` on every session.
     pub fn each(&self, mut f: impl FnMut(&mut Session)) {
         for s in self.sessions.borrow_mut().values_mut() {
@@ -445,7 +462,13 @@ impl Guest {
     /// session's stop signal, then SIGKILL for what is left after `grace`.
     pub async fn stop_all(&self, grace: Duration) {
         let running = |guest: &Self| -> Vec<(Pid, Signal)> {
-            guest.sessions.borrow().values().filter(|s| s.exit.is_none()).filter_map(|s| s.pid.map(|p| (p, s.spec.stop_signal))).collect()
+            guest
+                .sessions
+                .borrow()
+                .values()
+                .filter(|s| s.exit.is_none())
+                .filter_map(|s| s.pid.map(|p| (p, s.spec.stop_signal)))
+                .collect()
         };
         for (pid, signal) in running(self) {
             let _ = process::signal_group(pid, signal);

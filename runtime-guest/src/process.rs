@@ -203,7 +203,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
             for fd in [&stdout, &stderr] {
                 let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
             }
-            Spawned { pid, stdin: child.stdin.take().map(OwnedFd::from), stdout, stderr: Some(stderr), pty: None }
+            Spawned {
+                pid,
+                stdin: child.stdin.take().map(OwnedFd::from),
+                stdout,
+                stderr: Some(stderr),
+                pty: None,
+            }
         }
     };
     // Dropping `Child` does not wait for it; the reaper collects its status.

@@ -27,6 +27,8 @@ use crate::session::Credit;
 /// Most ciphertext taken from the connection and not yet written: beyond this
 /// the connection's own send buffer pushes back on channel output.
 const MAX_PENDING_WRITE: usize = 256 * 1024;
+/// Peers a listening link serves at once.
+const MAX_LISTEN_PEERS: usize = 16;
 /// Most output pulled from a log per channel per round.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -50,24 +52,48 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
     if let Some(addr) = dialer.local_addr() {
         info!("link {spec}: listening on {addr}");
     }
+    let listening = !matches!(dialer, Dialer::Connect(_));
+    let active = Rc::new(std::cell::Cell::new(0usize));
     loop {
         match dialer.open().await {
+            Ok(stream) if listening => {
+                // A listening link serves several peers at once (an appliance and
+                // an `ssh` user, say), up to a bound.
+                if active.get() >= MAX_LISTEN_PEERS {
+                    warn!(
+                        "link {spec}: {MAX_LISTEN_PEERS} peers connected already; refusing another"
+                    );
+                    continue;
+                }
+                active.set(active.get() + 1);
+                let (guest, active, sync) = (guest.clone(), active.clone(), spec.sync);
+                guest.clone().spawn(async move {
+                    run_one(&guest, &stream, sync).await;
+                    active.set(active.get() - 1);
+                });
+            }
             Ok(stream) => {
                 backoff = Duration::from_millis(100);
-                let generation = guest.next_link();
-                info!(link = generation, "link {spec} open");
-                match serve(&guest, &stream, spec.sync, generation).await {
-                    Ok(()) => info!(link = generation, "link closed"),
-                    Err(e) => warn!(link = generation, "link ended: {e}"),
-                }
+                run_one(&guest, &stream, spec.sync).await;
             }
             Err(e) => warn!("link {spec}: {e}; retrying in {backoff:?}"),
         }
-        if matches!(dialer, Dialer::Connect(_)) {
+        if !listening {
             Timer::after(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// Serves one link until it ends, then forgets what it was reading.
+async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
+    let generation = guest.next_link();
+    info!(link = generation, "link open");
+    match serve(guest, stream, sync, generation).await {
+        Ok(()) => info!(link = generation, "link closed"),
+        Err(e) => warn!(link = generation, "link ended: {e}"),
+    }
+    guest.drop_link_readers(generation);
 }
 
 /// Runs link sync as the guest; returns the bytes that followed READY.
@@ -341,7 +367,14 @@ impl Link {
                 }
             }
             Event::ChannelClosed { channel } => {
-                self.roles.remove(&channel);
+                if let Some(Role::Attached(a)) = self.roles.remove(&channel) {
+                    let key = (self.generation, channel);
+                    self.guest.with(&a.session, |s| {
+                        if s.readers.remove(&key).is_some() {
+                            s.apply_readers();
+                        }
+                    });
+                }
             }
             Event::GlobalRequest {
                 name, want_reply, ..
@@ -392,6 +425,15 @@ impl Link {
             return conn.reject_channel(channel, open_failure::CONNECT_FAILED, &why);
         }
         conn.accept_channel(channel)?;
+        let offset = encode(|b| tether::encode_offset(from, b));
+        conn.channel_request(
+            channel,
+            &ChannelRequest::Other {
+                name: tether::OFFSET.into(),
+                data: offset,
+            },
+            false,
+        )?;
         let mut cursor = from;
         if from < start {
             let gap = encode(|b| tether::encode_output_gap(start - from, b));
@@ -509,7 +551,8 @@ impl Link {
     /// sessions, returns stdin credits and pushes container-list changes.
     fn pump(&mut self, conn: &mut Connection) {
         let guest = self.guest.clone();
-        let mut lowest: BTreeMap<String, u64> = BTreeMap::new();
+        let mut touched: Vec<String> = Vec::new();
+        let generation = self.generation;
         for (&channel, role) in self.roles.iter_mut() {
             let Role::Attached(a) = role else { continue };
             if a.done || !(a.stdout || a.stderr) {
@@ -567,19 +610,22 @@ impl Link {
                     }
                 }
                 if s.log.overflow() == Overflow::Block {
-                    // Free only what the appliance acknowledged by returning window:
+                    // Sent output stops counting against the log; it is freed only
+                    // once the appliance acknowledged it by returning window, so
                     // bytes in flight when a link drops are replayed, never lost.
                     let unacked = conn.unacknowledged(channel).unwrap_or(0) as u64;
-                    let low = lowest.entry(a.session.clone()).or_insert(u64::MAX);
-                    *low = (*low).min(a.cursor.saturating_sub(unacked));
+                    s.readers.insert(
+                        (generation, channel),
+                        (a.cursor, a.cursor.saturating_sub(unacked)),
+                    );
+                    touched.push(a.session.clone());
                 }
             });
         }
-        for (id, upto) in lowest {
-            guest.with(&id, |s| {
-                s.log.release(upto);
-                s.space.notify(usize::MAX);
-            });
+        touched.sort();
+        touched.dedup();
+        for id in touched {
+            guest.with(&id, |s| s.apply_readers());
         }
         for (credit, n) in guest.take_credits() {
             if credit.link == self.generation {

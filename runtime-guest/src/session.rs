@@ -1,7 +1,7 @@
 //! One session: a configured process (the primary, or an exec) with its output
 //! log, its stdin queue and how it ended.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
@@ -54,6 +54,9 @@ pub struct Session {
     pub pty: Option<Rc<OwnedFd>>,
     /// Reader tasks, dropped (cancelled) if output must be cut off.
     pub tasks: Vec<smol::Task<()>>,
+    /// Attachments reading this session's output, by (link, channel): how far
+    /// each was sent, and how far its peer acknowledged.
+    pub readers: BTreeMap<(u64, ChannelId), (u64, u64)>,
 }
 
 impl Session {
@@ -73,7 +76,23 @@ impl Session {
             space: Rc::new(Event::new()),
             pty: None,
             tasks: Vec::new(),
+            readers: BTreeMap::new(),
         }
+    }
+
+    /// Applies the readers' progress to a `block` log: what was sent to all of
+    /// them stops counting against the capacity, what all acknowledged is freed.
+    pub fn apply_readers(&mut self) {
+        let sent = self.readers.values().map(|r| r.0).min();
+        let acked = self.readers.values().map(|r| r.1).min();
+        match (sent, acked) {
+            (Some(sent), Some(acked)) => {
+                self.log.release(acked);
+                self.log.set_sent(sent);
+            }
+            _ => self.log.set_sent(self.log.start()),
+        }
+        self.space.notify(usize::MAX);
     }
 
     /// The entry `container-ids@tether` reports.
@@ -87,6 +106,7 @@ impl Session {
                 _ => 0,
             },
             output_end: self.log.end(),
+            tty: self.spec.tty,
         }
     }
 

@@ -18,7 +18,7 @@ at a time); each prints one JSON object (one line) on stdout, in command order.
 then signal, then see the exit on the attach channel):
 
   list
-      {"containers": [{"id", "kind", "state", "exit_status", "output_end"}, ...]}
+      {"containers": [{"id", "kind", "state", "exit_status", "output_end", "tty"}, ...]}
   attach ID [--from N|live] [--stdin TEXT] [--eof] [--until-exit]
             [--no-stdout] [--no-stderr] [--background] [--window BYTES]
       {"stdout", "stderr", "gaps": [n...], "exit_status": n|null,
@@ -91,6 +91,7 @@ def decode_container_ids(packet: SSHPacket) -> list:
                 "state": packet.get_string().decode("ascii"),
                 "exit_status": packet.get_uint32(),
                 "output_end": packet.get_uint64(),
+                "tty": packet.get_boolean(),
             }
             containers.append(entry)
         packet.check_end()
@@ -161,6 +162,7 @@ class TetherChannel(asyncssh.SSHClientChannel):
         super().__init__(conn, conn._loop, "strict", None, "strict", window, max_pktsize)
         self.gaps: list = []
         self.exec_id = None
+        self.offset = None
         self.exec_started = False
         self.received_output = False
         self.protocol_errors: list = []
@@ -198,6 +200,12 @@ class TetherChannel(asyncssh.SSHClientChannel):
         self.gaps.append(lost)
         if self._session is not None:
             self._session.activity()
+        return True
+
+    def _process_offset_at_tether_request(self, packet: SSHPacket) -> bool:
+        # 4.2: want-reply FALSE, uint64 offset; first on every attach channel.
+        self.offset = packet.get_uint64()
+        packet.check_end()
         return True
 
     def _process_exec_id_at_tether_request(self, packet: SSHPacket) -> bool:

@@ -126,6 +126,7 @@ impl FakeBackend {
             exit_code: exit.map(|e| e.code()),
             connection: Some(1),
             output_end: c.output_len(),
+            tty: false,
         }
     }
 
