@@ -47,6 +47,11 @@ fn executable(path: &str, what: &str) -> Result<PathBuf, String> {
 /// A Python interpreter that can import asyncssh: `$TETHER_PYTHON`, else
 /// `.venv/bin/python` at the workspace root, else `python3`.
 pub fn python_with_asyncssh() -> Result<PathBuf, String> {
+    python_with("asyncssh")
+}
+
+/// A Python interpreter (chosen as for asyncssh) that can import `module`.
+pub fn python_with(module: &str) -> Result<PathBuf, String> {
     let python = match std::env::var_os("TETHER_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => {
@@ -59,12 +64,12 @@ pub fn python_with_asyncssh() -> Result<PathBuf, String> {
         }
     };
     let out = Command::new(&python)
-        .args(["-c", "import asyncssh; print(asyncssh.__version__)"])
+        .args(["-c", &format!("import {module}")])
         .output()
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
     if !out.status.success() {
         return Err(format!(
-            "{} cannot import asyncssh (set TETHER_PYTHON, or create .venv with scripts/requirements.txt): {}",
+            "{} cannot import {module} (set TETHER_PYTHON, or create .venv with scripts/requirements.txt): {}",
             python.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));

@@ -135,6 +135,9 @@ pub async fn run(shared: Arc<Shared>, stream: Async<TcpStream>, sync: bool) {
     shared.link_gone(generation);
     match result {
         Ok(()) => info!(link = generation, "guest link closed"),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            info!(link = generation, "the guest closed the link")
+        }
         Err(e) => warn!(link = generation, "guest link ended: {e}"),
     }
 }

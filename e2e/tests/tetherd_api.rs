@@ -1,0 +1,352 @@
+//! The real `tetherd` binary with real `tether` guests: `serve` with the CLI,
+//! the HTTP API with a WebSocket client that is not ours, restarting tetherd
+//! mid-attach, API misuse, and the demo in a terminal.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::fixtures::binary;
+use e2e::harness::{ChildGuard, Procs};
+use e2e::peers::{free_port, python_with};
+use e2e::{available, with_timeout};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn tetherd(args: &[&str]) -> Command {
+    let mut c = Command::new(binary("tetherd"));
+    c.args(args).stdin(Stdio::null());
+    c
+}
+
+/// A `tetherd serve` and one guest, set up the way the README's tour does it.
+struct Setup {
+    dir: PathBuf,
+    api: String,
+    guest_port: u16,
+    serve: Option<ChildGuard>,
+    _guest: ChildGuard,
+}
+
+impl Setup {
+    fn new(procs: &Procs, dir: &Path, id: &str, cmd: &[&str]) -> Self {
+        let guest_port = free_port().unwrap();
+        let api_port = free_port().unwrap();
+        let key = dir.join("appliance.key");
+        assert!(
+            tetherd(&["keygen", "--out", key.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let mut gc = tetherd(&["guest-config", "--id", id, "--key"]);
+        gc.arg(dir.join("appliance.key.pub"))
+            .arg("--known-guests")
+            .arg(dir.join("known-guests"));
+        gc.args(["--link", &format!("tcp:127.0.0.1:{guest_port}")])
+            .arg("--out")
+            .arg(dir.join("guest.json"));
+        gc.arg("--").args(cmd);
+        assert!(gc.status().unwrap().success());
+        let mut setup = Self {
+            dir: dir.to_owned(),
+            api: format!("http://127.0.0.1:{api_port}"),
+            guest_port,
+            serve: None,
+            _guest: procs
+                .spawn(
+                    Command::new(binary("tether"))
+                        .arg("--config")
+                        .arg(dir.join("guest.json"))
+                        .stdin(Stdio::null())
+                        .stderr(std::fs::File::create(dir.join("guest.log")).unwrap()),
+                )
+                .unwrap(),
+        };
+        setup.start_serve(procs);
+        setup
+    }
+
+    fn start_serve(&mut self, procs: &Procs) {
+        let api: SocketAddr = self.api.trim_start_matches("http://").parse().unwrap();
+        let mut c = tetherd(&[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", self.guest_port),
+            "--api",
+            &api.to_string(),
+            "--key",
+        ]);
+        c.arg(self.dir.join("appliance.key"))
+            .arg("--known-guests")
+            .arg(self.dir.join("known-guests"));
+        c.stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join("tetherd.log"))
+                .unwrap(),
+        );
+        self.serve = Some(procs.spawn(&mut c).unwrap());
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(api).is_err() {
+            assert!(Instant::now() < end, "tetherd serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut c = tetherd(args);
+        c.env("TETHERD_API", &self.api);
+        c.output().unwrap()
+    }
+
+    /// Waits until `tetherd ls` shows `id` in `state`.
+    fn wait_state(&self, id: &str, state: &str) {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.cli(&["ls"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.lines().any(|l| l.starts_with(id) && l.contains(state)) {
+                return;
+            }
+            assert!(Instant::now() < end, "{id} never {state}: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One raw HTTP/1.1 request; returns (status, body).
+    fn http(&self, method: &str, path: &str) -> (u16, String) {
+        let addr = self.api.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+}
+
+#[test]
+fn serve_and_the_cli_list_log_exec_kill_and_wait() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup::new(
+            &procs,
+            dir.path(),
+            "web",
+            &["/bin/sh", "-c", "echo served; exec sleep 60"],
+        );
+        s.wait_state("web", "running");
+        let logs = s.cli(&["logs", "web"]);
+        assert_eq!(String::from_utf8_lossy(&logs.stdout), "served\n");
+        let exec = s.cli(&["exec", "web", "--", "sh", "-c", "echo in exec; exit 4"]);
+        assert_eq!(String::from_utf8_lossy(&exec.stdout), "in exec\n");
+        assert_eq!(exec.status.code(), Some(4));
+        assert!(s.cli(&["kill", "-s", "TERM", "web"]).status.success());
+        let wait = s.cli(&["wait", "web"]);
+        assert_eq!(String::from_utf8_lossy(&wait.stdout).trim(), "143");
+        let ls = String::from_utf8_lossy(&s.cli(&["ls"]).stdout).into_owned();
+        assert!(
+            ls.contains("web-exec1"),
+            "the exec is listed as its own container: {ls}"
+        );
+    });
+}
+
+#[test]
+fn a_websocket_client_that_is_not_ours_attaches_through_the_api() {
+    with_timeout(LIMIT, |procs| {
+        let Some(python) = available("Python with websockets", python_with("websockets")) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup::new(
+            &procs,
+            dir.path(),
+            "cat",
+            &["/bin/sh", "-c", "echo before-attach; exec cat"],
+        );
+        s.wait_state("cat", "running");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../runtime-appliance/tests/peers/ws_attach.py");
+        let url = format!(
+            "{}/v1/containers/cat/attach?stdin=1&stdout=1&stderr=1&from=0",
+            s.api.replace("http://", "ws://")
+        );
+        let out = Command::new(python)
+            .arg(script)
+            .arg(&url)
+            .args([
+                "--wait-for",
+                "before-attach",
+                "--stdin",
+                "typed\\n",
+                "--close-stdin",
+            ])
+            .output()
+            .unwrap();
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(result["ok"], true, "{result}");
+        assert_eq!(result["subprotocol"], "v5.channel.k8s.io");
+        assert_eq!(result["stdout"], "before-attach\ntyped\n");
+        assert_eq!(result["exit_code"], 0);
+        assert_eq!(result["status"]["status"], "Success");
+    });
+}
+
+#[test]
+fn restarting_tetherd_mid_attach_resumes_the_stream_byte_exact() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Setup::new(
+            &procs,
+            dir.path(),
+            "counter",
+            &[
+                "/bin/sh",
+                "-c",
+                "i=0; while [ $i -lt 300 ]; do echo line-$i; i=$((i+1)); sleep 0.01; done; exit 6",
+            ],
+        );
+        s.wait_state("counter", "running");
+        let mut attach = tetherd(&["attach", "counter", "--no-stdin"]);
+        attach
+            .env("TETHERD_API", &s.api)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut attach = procs.spawn(&mut attach).unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        // Kill tetherd outright and start it again on the same ports.
+        drop(s.serve.take());
+        std::thread::sleep(Duration::from_millis(300));
+        s.start_serve(&procs);
+        let status = attach.wait().unwrap();
+        let mut out = String::new();
+        attach
+            .child()
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let expect: String = (0..300).map(|i| format!("line-{i}\n")).collect();
+        assert_eq!(out, expect, "lost or duplicated lines across the restart");
+        assert_eq!(status.code(), Some(6));
+    });
+}
+
+#[test]
+fn api_misuse_gets_4xx_json_errors() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup::new(
+            &procs,
+            dir.path(),
+            "api",
+            &["/bin/sh", "-c", "exec sleep 60"],
+        );
+        s.wait_state("api", "running");
+        for (method, path, status, needle) in [
+            ("GET", "/v1/nope", 404, "/v1/nope"),
+            ("GET", "/v1/containers/ghost", 404, "ghost"),
+            ("DELETE", "/v1/containers", 405, "method"),
+            ("POST", "/v1/containers/api/signal?signal=NOPE", 400, "NOPE"),
+            ("GET", "/v1/containers/api/attach?from=abc", 400, "from"),
+            ("GET", "/v1/containers/api/attach?stdin=maybe", 400, "stdin"),
+            ("GET", "/v1/containers/api/attach", 400, "upgrade"),
+        ] {
+            let (got, body) = s.http(method, path);
+            assert_eq!(got, status, "{method} {path}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"));
+            let error = json["error"].as_str().unwrap_or_default().to_lowercase();
+            assert!(
+                error.contains(&needle.to_lowercase()),
+                "{method} {path}: {body}"
+            );
+        }
+        let (ok, body) = s.http("GET", "/healthz");
+        assert_eq!((ok, body.trim()), (200, "ok"));
+        let (ok, metrics) = s.http("GET", "/metrics");
+        assert_eq!(ok, 200);
+        assert!(metrics.contains("tetherd_links 1"), "{metrics}");
+    });
+}
+
+#[test]
+fn the_demo_attaches_a_terminal_with_its_size_and_exits_with_the_shells_code() {
+    with_timeout(LIMIT, |procs| {
+        use e2e::process::{Size, open_pty, set_winsize};
+        let (master, slave) = open_pty(Size {
+            cols: 100,
+            rows: 30,
+            width_px: 0,
+            height_px: 0,
+        })
+        .unwrap();
+        let mut demo = tetherd(&["demo"]);
+        demo.env("SHELL", "/bin/sh")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        e2e::process::become_pty_session_leader(&mut demo);
+        let mut demo = procs.spawn(&mut demo).unwrap();
+        let mut term = std::fs::File::from(master.try_clone().unwrap());
+        let fd = master.as_raw_fd();
+        let mut seen = Vec::new();
+        let mut expect = |needle: &str| {
+            let end = Instant::now() + Duration::from_secs(20);
+            while !String::from_utf8_lossy(&seen).contains(needle) {
+                assert!(
+                    Instant::now() < end,
+                    "no {needle:?} in {:?}",
+                    String::from_utf8_lossy(&seen)
+                );
+                let mut fds = [nix::poll::PollFd::new(
+                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).unwrap_or(0) > 0
+                {
+                    let mut buf = [0u8; 4096];
+                    let n = nix::unistd::read(
+                        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                        &mut buf,
+                    )
+                    .unwrap_or(0);
+                    seen.extend_from_slice(&buf[..n]);
+                }
+            }
+        };
+        expect("Detach with ctrl-p ctrl-q");
+        term.write_all(b"echo demo-$((6*7))\r").unwrap();
+        expect("demo-42");
+        term.write_all(b"stty size\r").unwrap();
+        expect("30 100");
+        set_winsize(
+            &master,
+            Size {
+                cols: 120,
+                rows: 40,
+                width_px: 0,
+                height_px: 0,
+            },
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        term.write_all(b"stty size\r").unwrap();
+        expect("40 120");
+        term.write_all(b"exit 5\r").unwrap();
+        assert_eq!(demo.wait().unwrap().code(), Some(5));
+    });
+}
