@@ -21,8 +21,10 @@ use crate::wire::{Reader, msg};
 
 mod messages;
 mod stream;
+mod tether;
 
 pub use stream::{client_stream, server_stream};
+pub use tether::tether_layer;
 
 /// The fuzzer's bytes as a source of choices; reads past the end yield zeros.
 pub struct Input<'a>(&'a [u8]);
@@ -311,6 +313,7 @@ mod tests {
             message_decoders(data);
             server_stream(data);
             client_stream(data);
+            tether_layer(data);
         }
         for sel in 0..=255u8 {
             packet_decoder(&[sel, 2, 0x10, 0, 7, 7, 7, 3, 0, 1]);
