@@ -445,7 +445,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (serde_json::json!({"bogus": 1}), "(top level)"),
+            (serde_json::json!({"bogus": 1}), "bogus"),
             (
                 serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "colour": "red"}]}),
                 "sessions[0]",

@@ -70,7 +70,7 @@ fn healthz_metrics_and_listing() {
             .unwrap();
         assert_eq!(
             web,
-            &json!({"id":"web","kind":"primary","state":"exited","exit_code":3,"connection":1,"output_end":15})
+            &json!({"id":"web","kind":"primary","state":"exited","exit_code":3,"connection":1,"output_end":15,"tty":false})
         );
         let (status, one) = get_json(&api, Method::GET, "/v1/containers/running").await;
         assert_eq!(
