@@ -435,7 +435,9 @@ impl Guest {
             start_gate: None,
             stop_signal: Signal::SIGTERM,
             tty_size: tty.unwrap_or((80, 24)),
-            overflow: Overflow::DropOldest,
+            // Its requester is attached from the first byte: hold the process
+            // back rather than drop output, as SSH does.
+            overflow: Overflow::Block,
             ..primary.clone()
         };
         spec.env.extend(env);
