@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use rand_core::RngCore;
 
 use crate::auth::{Authenticated, ClientAuth, ServerAuth};
@@ -96,6 +96,21 @@ impl Connection {
         let result = self.process(now);
         self.check(result)?;
         Ok(data.len())
+    }
+
+    /// Like [`Connection::handle_input`], taking ownership of the bytes: when a
+    /// caller reads into one large `BytesMut` and splits each read off it, the
+    /// input is never copied (decryption happens in place, and channel data
+    /// reaches the application as slices of the caller's buffer).
+    pub fn handle_input_bytes(&mut self, now: Instant, data: BytesMut) -> Result<usize> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        let len = data.len();
+        self.transport.feed_bytes(data);
+        let result = self.process(now);
+        self.check(result)?;
+        Ok(len)
     }
 
     /// Ciphertext to write to the peer.

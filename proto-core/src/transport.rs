@@ -145,6 +145,16 @@ impl Transport {
         self.inbuf.extend_from_slice(data);
     }
 
+    /// Appends received bytes the caller no longer needs, without copying when
+    /// they continue the buffer (consecutive reads split from one allocation).
+    pub fn feed_bytes(&mut self, data: BytesMut) {
+        if self.inbuf.is_empty() {
+            self.inbuf = data;
+        } else {
+            self.inbuf.unsplit(data);
+        }
+    }
+
     /// Ciphertext ready to write, if any.
     pub fn take_transmit(&mut self) -> Option<Bytes> {
         (!self.out.is_empty()).then(|| self.out.split().freeze())

@@ -155,4 +155,5 @@ fn one_byte_at_a_time_gives_the_same_events_and_bytes_as_whole_input() {
     let whole = scenario(Chunking::Whole);
     assert_eq!(scenario(Chunking::OneByte), whole);
     assert_eq!(scenario(Chunking::Random(99)), whole);
+    assert_eq!(scenario(Chunking::RandomOwned(99)), whole);
 }

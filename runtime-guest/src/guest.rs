@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use event_listener::Event;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use proto_core::outlog::{Overflow, Stream};
@@ -236,10 +236,11 @@ impl Guest {
     }
 
     async fn read_output(&self, id: &str, fd: OwnedFd, stream: Stream) -> std::io::Result<()> {
-        let mut file = Async::new(File::from(fd))?;
-        // Reads land in a shared buffer and leave it as `Bytes` without a copy;
-        // a fresh buffer is allocated when the rest gets small.
-        let mut buf = BytesMut::zeroed(READ_BUFFER);
+        let file = Async::new(File::from(fd))?;
+        // Reads land in the spare capacity of a shared buffer (no zero-fill)
+        // and leave it as `Bytes` without a copy; a fresh buffer starts when
+        // the rest gets small.
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
             let room = loop {
                 let Some((room, space)) = self.with(id, |s| (s.log.space(), s.space.clone()))
@@ -255,18 +256,28 @@ impl Guest {
                 }
                 listener.await;
             };
-            if buf.len() < READ_BUFFER / 4 {
-                buf = BytesMut::zeroed(READ_BUFFER);
+            if buf.capacity() < READ_BUFFER / 4 {
+                buf = BytesMut::with_capacity(READ_BUFFER);
             }
-            let want = room.min(buf.len());
-            let n = match file.read(&mut buf[..want]).await {
+            let read = file
+                .read_with(|f| {
+                    let spare = buf.spare_capacity_mut();
+                    let want = room.min(spare.len());
+                    let (filled, _) =
+                        rustix::io::read(f, &mut spare[..want]).map_err(std::io::Error::from)?;
+                    Ok(filled.len())
+                })
+                .await;
+            let n = match read {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 // A pty master reads EIO once every slave is closed: end of output.
                 Err(e) if e.raw_os_error() == Some(nix::libc::EIO) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let chunk = buf.split_to(n).freeze();
+            // SAFETY: `read` initialized the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(n) };
+            let chunk = buf.split().freeze();
             self.with(id, |s| s.log.push_bytes(stream, chunk));
             self.notify();
         }

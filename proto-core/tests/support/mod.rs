@@ -22,6 +22,8 @@ pub enum Chunking {
     OneByte,
     /// Random splits, seeded.
     Random(u64),
+    /// Random splits handed over as owned `BytesMut` pieces of one buffer.
+    RandomOwned(u64),
 }
 
 /// A byte-level tap on one direction: sees the stream offset and the bytes in
@@ -196,18 +198,26 @@ impl Pair {
             if to.conn.is_closed() {
                 continue;
             }
+            // Owned input: pieces split off one buffer, as a zero-copy reader does.
+            let mut owned = bytes::BytesMut::from(&bytes[..]);
             let mut rest = &bytes[..];
             while !rest.is_empty() {
                 let n = match self.chunking {
                     Chunking::Whole => rest.len(),
                     Chunking::OneByte => 1,
-                    Chunking::Random(_) => {
+                    Chunking::Random(_) | Chunking::RandomOwned(_) => {
                         1 + (self.chunk_rng.next_u32() as usize % rest.len().min(4096))
                     }
                 };
                 let (head, tail) = rest.split_at(n);
                 rest = tail;
-                if let Err(e) = to.conn.handle_input(self.now, head) {
+                let result = match self.chunking {
+                    Chunking::RandomOwned(_) => {
+                        to.conn.handle_input_bytes(self.now, owned.split_to(n))
+                    }
+                    _ => to.conn.handle_input(self.now, head),
+                };
+                if let Err(e) = result {
                     to.error.get_or_insert(e);
                     break;
                 }
