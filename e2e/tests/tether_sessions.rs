@@ -322,3 +322,84 @@ fn an_id_that_never_appears_times_out_and_a_late_one_wakes_its_waiter() {
         });
     });
 }
+
+#[test]
+fn sessions_run_as_their_user_in_their_cwd_with_their_env() {
+    with_timeout(LIMIT, |procs| {
+        if !nix::unistd::Uid::effective().is_root() {
+            e2e::require_or_skip(
+                "running a session as another user",
+                "the test is not running as root",
+            );
+            return;
+        }
+        let nobody = nix::unistd::User::from_name("nobody")
+            .unwrap()
+            .expect("a `nobody` user");
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let mut config = fx.config(
+            "who",
+            &["/bin/sh", "-c", "id -u; id -g; pwd; echo \"$GREETING\""],
+        );
+        config["sessions"][0]["user"] = "nobody".into();
+        config["sessions"][0]["cwd"] = "/tmp".into();
+        config["sessions"][0]["env"] = serde_json::json!({"GREETING": "hello there"});
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx.appliance.attach("who", options(false)).await.unwrap();
+            let (out, err, exit) = read_all(&mut att).await;
+            let expect = format!("{}\n{}\n/tmp\nhello there\n", nobody.uid, nobody.gid);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                expect,
+                "{}",
+                String::from_utf8_lossy(&err)
+            );
+            assert_eq!(exit, Some(ExitStatus::Code(0)));
+        });
+    });
+}
+
+#[test]
+fn a_guest_on_a_clean_link_uses_the_direct_listener_without_link_sync() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let direct = fx
+            .appliance
+            .spawn_listener("127.0.0.1:0".parse().unwrap(), false)
+            .unwrap();
+        let mut config = fx.config("direct", &["/bin/sh", "-c", "echo no sync needed"]);
+        config["link"] = format!("tcp:{direct},sync=off").into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx.appliance.attach("direct", options(false)).await.unwrap();
+            assert_eq!(read_all(&mut att).await.0, b"no sync needed\n");
+        });
+    });
+}
+
+#[test]
+fn a_program_that_cannot_start_exits_127_with_the_reason_on_stderr() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let config = fx.config("missing", &["/no/such/program"]);
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let mut att = fx
+                .appliance
+                .attach("missing", options(false))
+                .await
+                .unwrap();
+            let (_, err, exit) = read_all(&mut att).await;
+            assert!(
+                String::from_utf8_lossy(&err).contains("/no/such/program"),
+                "{}",
+                String::from_utf8_lossy(&err)
+            );
+            assert_eq!(exit, Some(ExitStatus::Code(127)));
+        });
+    });
+}
