@@ -234,14 +234,14 @@ fn a_silently_dead_link_is_detected_within_15_seconds() {
             let stalled = Instant::now();
             while fx.appliance.links() > 0 {
                 assert!(
-                    stalled.elapsed() < Duration::from_secs(16),
+                    stalled.elapsed() < Duration::from_secs(15),
                     "the dead link was not noticed in time"
                 );
                 smol::Timer::after(Duration::from_millis(100)).await;
             }
             let took = stalled.elapsed();
             assert!(
-                took >= Duration::from_secs(5),
+                took >= Duration::from_secs(4),
                 "noticed suspiciously early: {took:?}"
             );
             eprintln!("dead link detected after {took:?}");

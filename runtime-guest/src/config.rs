@@ -388,7 +388,7 @@ impl Config {
             link,
             shell: raw.shell.unwrap_or_else(|| "/bin/sh".into()),
             exit_linger: duration("exit_linger", &raw.exit_linger, Duration::from_secs(30))?,
-            keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(5))?,
+            keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(4))?,
             raw_os: OsConfig {
                 hostname: raw.hostname,
                 domainname: raw.domainname,
