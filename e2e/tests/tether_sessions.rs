@@ -403,3 +403,162 @@ fn a_program_that_cannot_start_exits_127_with_the_reason_on_stderr() {
         });
     });
 }
+
+#[test]
+fn detaching_from_a_block_session_does_not_wedge_it() {
+    // A detached attachment must close its channel: a channel left open kept
+    // its reader pinned, and a `block` session then stopped for good.
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let mut config = fx.config("wedge", &["/bin/sh", "-c", "seq 1 1000000"]);
+        config["sessions"][0]["overflow"] = "block".into();
+        config["sessions"][0]["output_buffer"] = (64 * 1024).into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        let expect: Vec<u8> = (1..=1_000_000)
+            .flat_map(|i: u32| format!("{i}\n").into_bytes())
+            .collect();
+        smol::block_on(async {
+            let mut first = fx.appliance.attach("wedge", options(false)).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < 100_000 {
+                if let Some(Output::Stdout(b)) = first.next().await {
+                    got.extend_from_slice(&b);
+                }
+            }
+            let offset = first.offset();
+            drop(first);
+            smol::Timer::after(Duration::from_millis(300)).await;
+            let mut second = fx
+                .appliance
+                .attach(
+                    "wedge",
+                    AttachOptions {
+                        from: From::Offset(offset),
+                        ..options(false)
+                    },
+                )
+                .await
+                .unwrap();
+            let (out, _, exit) = read_all(&mut second).await;
+            got.extend_from_slice(&out);
+            assert_eq!(got.len(), expect.len());
+            assert!(got == expect, "output lost or duplicated across the detach");
+            assert_eq!(exit, Some(ExitStatus::Code(0)));
+        });
+    });
+}
+
+#[test]
+fn a_guest_cannot_claim_a_container_pinned_to_another_guest() {
+    with_timeout(LIMIT, |procs| {
+        use e2e::fixtures::host_key_of;
+        let dir = tempfile::tempdir().unwrap();
+        let known = std::collections::HashMap::from([
+            ("a".to_string(), *host_key_of("a").public()),
+            ("b".to_string(), *host_key_of("b").public()),
+        ]);
+        let fx = Fixture::with_known(Some(known));
+        let _a = Guest::start(
+            &procs,
+            dir.path(),
+            &fx.config("a", &["/bin/sh", "-c", "echo from-a; exec sleep 60"]),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        // Guest b also names sessions "a" and "a-exec9": not its to claim. Its
+        // own "b-extra" is fine.
+        let mut b = fx.config("b", &["/bin/sh", "-c", "exec sleep 60"]);
+        for (id, text) in [("a", "from-b"), ("a-exec9", "from-b"), ("b-extra", "extra")] {
+            b["sessions"].as_array_mut().unwrap().push(serde_json::json!({"id": id, "cmd": ["/bin/sh", "-c", format!("echo {text}; exec sleep 60")]}));
+        }
+        let _b = Guest::start(&procs, dir.path(), &b);
+        smol::block_on(async {
+            let mut extra = fx
+                .appliance
+                .attach("b-extra", options(false))
+                .await
+                .unwrap();
+            read_until(&mut extra, "extra").await;
+            let mut att = fx.appliance.attach("a", options(false)).await.unwrap();
+            assert_eq!(
+                read_until(&mut att, "\n").await,
+                "from-a\n",
+                "attach a reaches guest a"
+            );
+            assert!(fx.appliance.get("a-exec9").await.is_err());
+        });
+    });
+}
+
+#[test]
+fn stdin_for_a_process_that_does_not_read_is_bounded() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let _guest = Guest::start(
+            &procs,
+            dir.path(),
+            &fx.config("deaf", &["/bin/sh", "-c", "exec sleep 60"]),
+        );
+        smol::block_on(async {
+            let att = fx.appliance.attach("deaf", options(true)).await.unwrap();
+            let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+            let mut written = 0usize;
+            let writing = async {
+                loop {
+                    att.write_stdin(chunk.clone()).await.unwrap();
+                    written += chunk.len();
+                }
+            };
+            futures_lite::future::or(writing, async {
+                smol::Timer::after(Duration::from_secs(2)).await;
+            })
+            .await;
+            // The guest's window (2 MiB), tetherd's queue (1 MiB) and a pipe:
+            // then writers wait instead of tetherd buffering without bound.
+            assert!(
+                written < 5 << 20,
+                "tetherd accepted {written} bytes for a process that reads nothing"
+            );
+            assert!(written >= 2 << 20, "only {written} bytes accepted");
+        });
+    });
+}
+
+#[test]
+fn exited_execs_are_forgotten_beyond_a_bound() {
+    // Every exec ever run stayed listed: the container list eventually outgrew
+    // a packet and the link could never come up again.
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let _guest = Guest::start(
+            &procs,
+            dir.path(),
+            &fx.config("busy", &["/bin/sh", "-c", "exec sleep 60"]),
+        );
+        smol::block_on(async {
+            for _ in 0..80 {
+                let exec = ExecOptions {
+                    command: vec!["true".into()],
+                    timeout: APPEAR,
+                    ..Default::default()
+                };
+                let mut att = fx.appliance.exec("busy", exec).await.unwrap();
+                assert_eq!(read_all(&mut att).await.2, Some(ExitStatus::Code(0)));
+            }
+            let execs = fx
+                .appliance
+                .list()
+                .await
+                .into_iter()
+                .filter(|c| c.kind == "exec")
+                .count();
+            assert!((60..=65).contains(&execs), "{execs} execs still listed");
+            assert!(
+                fx.appliance.get("busy-exec80").await.is_ok(),
+                "the newest stays"
+            );
+        });
+    });
+}

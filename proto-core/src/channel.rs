@@ -1,7 +1,7 @@
 //! Channel bookkeeping (RFC 4254 section 5): the id table, both windows,
 //! EOF/CLOSE state, and the order in which request replies must go out.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::event::ChannelId;
 
@@ -170,69 +170,64 @@ impl Channel {
     }
 }
 
-/// The channels of one connection, by local id.
+/// The channels of one connection, by local id. Ids are not reused while the
+/// connection lives (until the 32-bit counter wraps), so a message or command
+/// still in flight for a closed channel can never land on a newer one.
 #[derive(Debug)]
 pub struct Channels {
-    slots: Vec<Option<Channel>>,
-    live: usize,
+    slots: BTreeMap<u32, Channel>,
+    next: u32,
     max: usize,
 }
 
 impl Channels {
     pub fn new(max: usize) -> Self {
         Self {
-            slots: Vec::new(),
-            live: 0,
+            slots: BTreeMap::new(),
+            next: 0,
             max,
         }
     }
 
-    /// Stores a channel under a free id; `None` when the table is full.
+    /// Stores a channel under a fresh id; `None` when the table is full.
     pub fn insert(&mut self, channel: Channel) -> Option<ChannelId> {
-        if self.live >= self.max {
+        if self.slots.len() >= self.max {
             return None;
         }
-        self.live += 1;
-        if let Some(i) = self.slots.iter().position(Option::is_none) {
-            self.slots[i] = Some(channel);
-            return Some(ChannelId(i as u32));
+        while self.slots.contains_key(&self.next) {
+            self.next = self.next.wrapping_add(1);
         }
-        self.slots.push(Some(channel));
-        Some(ChannelId(self.slots.len() as u32 - 1))
+        let id = self.next;
+        self.next = self.next.wrapping_add(1);
+        self.slots.insert(id, channel);
+        Some(ChannelId(id))
     }
 
     pub fn get(&self, id: ChannelId) -> Option<&Channel> {
-        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+        self.slots.get(&id.0)
     }
 
     pub fn get_mut(&mut self, id: ChannelId) -> Option<&mut Channel> {
-        self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+        self.slots.get_mut(&id.0)
     }
 
     pub fn remove(&mut self, id: ChannelId) -> Option<Channel> {
-        let c = self.slots.get_mut(id.0 as usize).and_then(Option::take);
-        if c.is_some() {
-            self.live -= 1;
-        }
-        c
+        self.slots.remove(&id.0)
     }
 
     /// Every live channel.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (ChannelId, &mut Channel)> {
-        self.slots
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, c)| c.as_mut().map(|c| (ChannelId(i as u32), c)))
+        self.slots.iter_mut().map(|(&i, c)| (ChannelId(i), c))
     }
 
     /// Live channels.
     pub fn len(&self) -> usize {
-        self.live
+        self.slots.len()
     }
 
     /// Whether no channel is open.
     pub fn is_empty(&self) -> bool {
-        self.live == 0
+        self.slots.is_empty()
     }
 }
 
@@ -270,12 +265,17 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_reused_and_the_table_is_bounded() {
+    fn ids_are_not_reused_and_the_table_is_bounded() {
         let mut t = Channels::new(2);
         let a = t.insert(Channel::new(ChannelState::Open, 1)).unwrap();
-        let _b = t.insert(Channel::new(ChannelState::Open, 1)).unwrap();
+        let b = t.insert(Channel::new(ChannelState::Open, 1)).unwrap();
         assert!(t.insert(Channel::new(ChannelState::Open, 1)).is_none());
         t.remove(a);
-        assert_eq!(t.insert(Channel::new(ChannelState::Open, 1)), Some(a));
+        let c = t.insert(Channel::new(ChannelState::Open, 1)).unwrap();
+        assert!(
+            c != a && c != b,
+            "a closed channel's id is not handed out again"
+        );
+        assert_eq!(t.len(), 2);
     }
 }

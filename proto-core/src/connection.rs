@@ -615,6 +615,11 @@ impl Connection {
             return;
         };
         let remote = c.remote_id;
+        if c.close_sent {
+            // RFC 4254 5.3: nothing may follow our CLOSE on this channel.
+            while c.replies.pop_ready().is_some() {}
+            return;
+        }
         while let Some(success) = c.replies.pop_ready() {
             self.transport.send(|b| {
                 b.put_u8(if success {

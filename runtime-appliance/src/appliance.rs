@@ -163,13 +163,7 @@ impl Appliance {
             end_at: None,
             reattach_timeout: options.timeout,
         };
-        let request = tether::AttachRequest {
-            id: id.to_owned(),
-            stdin: plan.stdin,
-            stdout: plan.stdout,
-            stderr: plan.stderr,
-            from,
-        };
+        let request = plan.request(from);
         let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
         self.shared
             .counters

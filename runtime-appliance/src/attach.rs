@@ -15,12 +15,12 @@ use proto_core::tether::{self, AttachRequest};
 use tracing::{debug, info};
 
 use crate::api_types::{ApiError, Output};
-use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
+use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind, QueuedStdin, StdinGauge};
 use crate::registry::Shared;
 
 /// Requests from an `Attachment` to its driver.
 pub(crate) enum Control {
-    Stdin(Bytes),
+    Stdin(QueuedStdin),
     CloseStdin,
     Resize(u32, u32),
     Signal(String, Sender<bool>),
@@ -38,7 +38,7 @@ pub struct Attachment {
     offset: u64,
     rx: Receiver<Output>,
     ctl: Sender<Control>,
-    _driver: smol::Task<()>,
+    stdin: Arc<StdinGauge>,
 }
 
 impl Attachment {
@@ -49,10 +49,10 @@ impl Attachment {
         let out = self.rx.recv().await.ok()?;
         match &out {
             Output::Stdout(b) | Output::Stderr(b) => {
-                self.offset += b.len() as u64;
+                self.offset = self.offset.saturating_add(b.len() as u64);
                 let _ = self.ctl.try_send(Control::Consumed(b.len()));
             }
-            Output::Gap(n) => self.offset += n,
+            Output::Gap(n) => self.offset = self.offset.saturating_add(*n),
             Output::Exit(_) => {}
         }
         Some(out)
@@ -70,8 +70,19 @@ impl Attachment {
     }
 
     /// Writes to the process's stdin (needs `stdin` in the options).
+    /// Waits while a full queue of earlier input has not reached the guest.
     pub async fn write_stdin(&self, data: Bytes) -> Result<(), ApiError> {
-        self.send(Control::Stdin(data))
+        self.stdin.reserve(data.len()).await;
+        self.send(Control::Stdin(QueuedStdin {
+            data,
+            gauge: self.stdin.clone(),
+        }))
+    }
+
+    /// Resolves when `write_stdin` would not wait.
+    pub fn stdin_room(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let gauge = self.stdin.clone();
+        async move { gauge.room().await }
     }
 
     /// Closes the process's stdin (a terminal gets its EOF character).
@@ -111,6 +122,22 @@ pub(crate) struct Plan {
     pub reattach_timeout: Duration,
 }
 
+impl Plan {
+    /// The guest channel for this plan. A data attachment always asks for
+    /// both streams and filters here: the offset counts both, so only then
+    /// does it stay exact for re-attaching (docs/PROTOCOL.md 4.2).
+    pub fn request(&self, from: u64) -> AttachRequest {
+        let data = self.stdin || self.stdout || self.stderr;
+        AttachRequest {
+            id: self.id.clone(),
+            stdin: self.stdin,
+            stdout: data,
+            stderr: data,
+            from,
+        }
+    }
+}
+
 /// Starts a driver for an open channel and returns the attachment.
 pub(crate) fn start(
     shared: Arc<Shared>,
@@ -122,7 +149,9 @@ pub(crate) fn start(
     let (out_tx, out_rx) = async_channel::unbounded();
     let (ctl_tx, ctl_rx) = async_channel::unbounded();
     let id = plan.id.clone();
-    let driver = smol::spawn(drive(shared, plan, start, first, out_tx, ctl_rx));
+    // Detached: when the attachment is dropped, the driver sees its channels
+    // close and closes the guest channel (a detach) before it ends.
+    smol::spawn(drive(shared, plan, start, first, out_tx, ctl_rx)).detach();
     Attachment {
         id,
         tty,
@@ -130,7 +159,7 @@ pub(crate) fn start(
         offset: start,
         rx: out_rx,
         ctl: ctl_tx,
-        _driver: driver,
+        stdin: Arc::new(StdinGauge::default()),
     }
 }
 
@@ -142,13 +171,7 @@ pub(crate) async fn open(
     timeout: Duration,
 ) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
     let (_, link) = shared.wait_for(&plan.id, timeout).await?;
-    let request = AttachRequest {
-        id: plan.id.clone(),
-        stdin: plan.stdin,
-        stdout: plan.stdout,
-        stderr: plan.stderr,
-        from,
-    };
+    let request = plan.request(from);
     let channel = open_on(&link, OpenKind::Attach(request)).await?;
     Ok((channel, link))
 }
@@ -221,6 +244,22 @@ async fn drive(
                         data.truncate(room);
                     }
                     offset += data.len() as u64;
+                    let wanted = if ext.is_some() {
+                        plan.stderr
+                    } else {
+                        plan.stdout
+                    };
+                    if !wanted {
+                        // Not asked for: counted in the offset, and its window
+                        // returned at once.
+                        let _ = link
+                            .send(LinkCommand::Consumed {
+                                channel,
+                                n: data.len(),
+                            })
+                            .await;
+                        continue;
+                    }
                     outstanding += data.len();
                     let item = if ext.is_some() {
                         Output::Stderr(data)
@@ -236,7 +275,7 @@ async fn drive(
                     }
                 }
                 Step::Event(Some(ChannelEvent::Gap(lost))) => {
-                    offset += lost;
+                    offset = offset.saturating_add(lost);
                     let _ = out.send(Output::Gap(lost)).await;
                 }
                 Step::Event(Some(ChannelEvent::Exit(status))) => {

@@ -66,7 +66,7 @@ pub enum LinkCommand {
     },
     Send {
         channel: ChannelId,
-        data: Bytes,
+        data: QueuedStdin,
     },
     Eof {
         channel: ChannelId,
@@ -97,17 +97,69 @@ struct Chan {
     exec_id: Option<String>,
     replies: VecDeque<Option<Sender<bool>>>,
     /// Stdin the guest's window has no room for yet, then maybe EOF.
-    stdin: VecDeque<Bytes>,
+    stdin: VecDeque<QueuedStdin>,
     eof_after_stdin: bool,
+}
+
+/// How much stdin an attachment has handed over that the guest's window has
+/// not taken yet; writers wait while it is over [`STDIN_QUEUE_LIMIT`].
+#[derive(Default)]
+pub struct StdinGauge {
+    queued: std::sync::atomic::AtomicUsize,
+    drained: event_listener::Event,
+}
+
+/// Stdin tetherd holds per attachment at most (before writers wait).
+pub const STDIN_QUEUE_LIMIT: usize = 1 << 20;
+
+impl StdinGauge {
+    /// Waits until the queue has room.
+    pub async fn room(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let listener = self.drained.listen();
+            if self.queued.load(SeqCst) < STDIN_QUEUE_LIMIT {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Waits for room, then counts `n` more bytes as queued.
+    pub async fn reserve(&self, n: usize) {
+        self.room().await;
+        self.queued
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn release(&self, n: usize) {
+        self.queued
+            .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+        self.drained.notify(usize::MAX);
+    }
+}
+
+/// Stdin bytes on their way to the guest; whatever is dropped unsent (the
+/// channel or link went away) is released from its gauge.
+pub struct QueuedStdin {
+    pub data: Bytes,
+    pub gauge: std::sync::Arc<StdinGauge>,
+}
+
+impl Drop for QueuedStdin {
+    fn drop(&mut self) {
+        self.gauge.release(self.data.len());
+    }
 }
 
 impl Chan {
     /// Sends queued stdin as far as the window allows, then a queued EOF.
     fn flush_stdin(&mut self, conn: &mut Connection, channel: ChannelId) {
         while let Some(front) = self.stdin.front_mut() {
-            let n = conn.channel_send(channel, None, front).unwrap_or(0);
-            if n < front.len() {
-                *front = front.slice(n..);
+            let n = conn.channel_send(channel, None, &front.data).unwrap_or(0);
+            if n < front.data.len() {
+                front.gauge.release(n);
+                front.data = front.data.slice(n..);
                 if n == 0 {
                     return;
                 }
@@ -242,8 +294,16 @@ async fn serve(
             };
         }
         let timeout = conn.poll_timeout();
+        // A guest that sends but does not read would otherwise make us queue
+        // replies without bound: stop reading until it takes what is queued.
+        let can_read = pending_len < MAX_PENDING_WRITE || !conn.has_transmit();
         let wake = {
-            let read = async { Wake::Read(reader.read(stream).await) };
+            let read = async {
+                if !can_read {
+                    return future::pending().await;
+                }
+                Wake::Read(reader.read(stream).await)
+            };
             let write = async {
                 match pending.first() {
                     Some(front) => Wake::Wrote((&mut &*stream).write(front).await),
@@ -358,6 +418,9 @@ pub fn shell_quote(arg: &str) -> String {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        // Leave the map first: attachments woken below must not find this
+        // link again when they look for a new one.
+        self.shared.link_gone(self.generation);
         for (_, chan) in std::mem::take(&mut self.chans) {
             if let Some((_, reply, _)) = chan.opening {
                 let _ = reply.try_send(Err(ApiError::LinkDown("the guest link dropped".into())));
@@ -565,11 +628,15 @@ impl Link {
         };
         match kind {
             OpenKind::Attach(_) => {
-                let _ = reply.try_send(Ok(LinkChannel {
+                let opened = LinkChannel {
                     channel,
                     events,
                     exec_id: None,
-                }));
+                };
+                if reply.try_send(Ok(opened)).is_err() {
+                    // Whoever asked has gone meanwhile: nobody will close it.
+                    let _ = conn.channel_close(channel);
+                }
             }
             OpenKind::Exec { command, tty, env } => {
                 for (name, value) in &env {
@@ -615,11 +682,14 @@ impl Link {
             Some(None) => {
                 if let Some((_, reply, events)) = chan.opening.take() {
                     if success && chan.exec_id.is_some() {
-                        let _ = reply.try_send(Ok(LinkChannel {
+                        let opened = LinkChannel {
                             channel,
                             events,
                             exec_id: chan.exec_id.clone(),
-                        }));
+                        };
+                        if reply.try_send(Ok(opened)).is_err() {
+                            let _ = conn.channel_close(channel);
+                        }
                     } else {
                         let why = if success {
                             "the guest did not name the exec"

@@ -11,7 +11,7 @@ use async_channel::Sender;
 use event_listener::Event;
 use futures_lite::future;
 use proto_core::connmap::{ConnectionMap, Entry, MapEvent, WaiterId};
-use proto_core::tether::{self, ContainerInfo, Kind, State};
+use proto_core::tether::{self, ContainerInfo, State};
 use proto_core::{ClientConfig, HostKeyPolicy, PrivateKey, PublicKey};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -63,6 +63,19 @@ impl Registry {
             }
         }
     }
+}
+
+/// Whether a guest with host key `key` may serve container `id`: an id pinned
+/// to that key, or one named after it (`<id>-...`, as execs are). Any other id
+/// may belong to another guest, and claiming it would hijack its attachments.
+fn owns(known: &HashMap<String, PublicKey>, key: &PublicKey, id: &str) -> bool {
+    known.iter().any(|(pinned, k)| {
+        k == key
+            && (id == pinned
+                || id
+                    .strip_prefix(pinned.as_str())
+                    .is_some_and(|rest| rest.starts_with('-')))
+    })
 }
 
 /// Everything the appliance's tasks share.
@@ -152,9 +165,9 @@ impl Shared {
             (Some(known), Some(key)) => list
                 .into_iter()
                 .filter(|c| {
-                    let ok = c.kind == Kind::Exec || known.get(&c.id) == Some(&key);
+                    let ok = owns(known, &key, &c.id);
                     if !ok {
-                        warn!(link = generation, container = %c.id, "guest claims a container pinned to another host key; ignored");
+                        warn!(link = generation, container = %c.id, "guest claims a container its host key does not own; ignored");
                     }
                     ok
                 })

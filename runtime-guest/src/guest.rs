@@ -32,6 +32,9 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// Bytes read from a process's output at a time (its pipe holds 1 MiB).
 const READ_BUFFER: usize = 256 * 1024;
 
+/// Exited execs remembered (listed, attachable for their output) at most.
+const KEEP_EXITED_EXECS: usize = 64;
+
 /// Exit status of a session that could not start (as a shell reports it).
 const CANNOT_RUN: u32 = 127;
 /// Exit status of a start-gated session whose gate expired with `fail`.
@@ -88,8 +91,9 @@ impl Guest {
         self.ex.spawn(task).detach();
     }
 
-    /// Forgets every reader of link `link` (it went away).
+    /// Forgets every reader and credit of link `link` (it went away).
     pub fn drop_link_readers(&self, link: u64) {
+        self.drop_credits(link);
         for s in self.sessions.borrow_mut().values_mut() {
             let before = s.readers.len();
             s.readers.retain(|(l, _), _| *l != link);
@@ -118,9 +122,20 @@ impl Guest {
         self.link_seq.get()
     }
 
-    /// Credits for stdin bytes written since the last call.
-    pub fn take_credits(&self) -> Vec<(Credit, usize)> {
-        std::mem::take(&mut *self.credits.borrow_mut())
+    /// Credits of link `link` for stdin bytes written since the last call
+    /// (other links' credits stay for them).
+    pub fn take_credits(&self, link: u64) -> Vec<(Credit, usize)> {
+        let mut all = self.credits.borrow_mut();
+        let (mine, others) = std::mem::take(&mut *all)
+            .into_iter()
+            .partition(|(c, _)| c.link == link);
+        *all = others;
+        mine
+    }
+
+    /// Forgets the credits of a link that went away.
+    fn drop_credits(&self, link: u64) {
+        self.credits.borrow_mut().retain(|(c, _)| c.link != link);
     }
 
     fn notify(&self) {
@@ -427,6 +442,27 @@ impl Guest {
         self.notify();
     }
 
+    /// Forgets the oldest exited execs beyond [`KEEP_EXITED_EXECS`], so a
+    /// guest running execs for months keeps a bounded list (and the container
+    /// list always fits a packet).
+    fn prune_execs(&self) {
+        let mut sessions = self.sessions.borrow_mut();
+        let mut exited: Vec<(u64, String)> = sessions
+            .values()
+            .filter(|s| s.kind == Kind::Exec && s.state == State::Exited && s.readers.is_empty())
+            .filter_map(|s| {
+                let n = s.spec.id.rsplit_once("-exec")?.1.parse::<u64>().ok()?;
+                Some((n, s.spec.id.clone()))
+            })
+            .collect();
+        if exited.len() >= KEEP_EXITED_EXECS {
+            exited.sort();
+            for (_, id) in &exited[..exited.len() + 1 - KEEP_EXITED_EXECS] {
+                sessions.remove(id);
+            }
+        }
+    }
+
     /// Creates and starts an exec session; returns its id.
     pub fn add_exec(
         self: &Rc<Self>,
@@ -452,6 +488,7 @@ impl Guest {
             ..primary.clone()
         };
         spec.env.extend(env);
+        self.prune_execs();
         self.sessions
             .borrow_mut()
             .insert(id.clone(), Session::new(spec, Kind::Exec));

@@ -27,6 +27,11 @@ use crate::session::Credit;
 /// Most ciphertext taken from the connection and not yet written: beyond this
 /// the connection's own send buffer pushes back on channel output.
 const MAX_PENDING_WRITE: usize = 256 * 1024;
+/// How long a peer has for link sync (a serial line restarts it, so this
+/// only frees a slot held by a silent peer).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer has for key exchange and authentication.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Peers a listening link serves at once.
 const MAX_LISTEN_PEERS: usize = 16;
 /// Most output pulled from a log per channel per round.
@@ -76,7 +81,14 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
                 backoff = Duration::from_millis(100);
                 run_one(&guest, &stream, spec.sync).await;
             }
-            Err(e) => warn!("link {spec}: {e}; retrying in {backoff:?}"),
+            Err(e) => {
+                // Also for listeners: a persistent accept error (out of file
+                // descriptors, say) must not spin.
+                warn!("link {spec}: {e}; retrying in {backoff:?}");
+                Timer::after(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
         }
         if !listening {
             Timer::after(backoff).await;
@@ -123,6 +135,7 @@ fn server_config(guest: &Guest) -> proto_core::Config {
     tether::enable_guest(&mut config);
     config.keepalive_interval = Some(c.keepalive);
     config.keepalive_max = 2;
+    config.handshake_timeout = HANDSHAKE_TIMEOUT;
     config
 }
 
@@ -161,7 +174,17 @@ async fn serve(
     generation: u64,
 ) -> io::Result<()> {
     let leftover = if sync_first {
-        sync(stream).await?
+        // A serial line may wait for its appliance indefinitely; elsewhere a
+        // peer that never syncs must not hold a connection slot.
+        let deadline = Timer::after(SYNC_TIMEOUT);
+        future::or(sync(stream), async {
+            deadline.await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no link sync within 30 s",
+            ))
+        })
+        .await?
     } else {
         Vec::new()
     };
@@ -204,8 +227,16 @@ async fn serve(
             };
         }
         let timeout = conn.poll_timeout();
+        // A peer that sends but does not read would otherwise make us queue
+        // replies without bound: stop reading until it takes what is queued.
+        let can_read = pending_len < MAX_PENDING_WRITE || !conn.has_transmit();
         let wake = {
-            let read = async { Wake::Read(stream.read(&mut buf).await) };
+            let read = async {
+                if !can_read {
+                    return future::pending().await;
+                }
+                Wake::Read(stream.read(&mut buf).await)
+            };
             let write = async {
                 match pending.first() {
                     Some(front) => Wake::Wrote(stream.write(front).await),
@@ -627,10 +658,8 @@ impl Link {
         for id in touched {
             guest.with(&id, |s| s.apply_readers());
         }
-        for (credit, n) in guest.take_credits() {
-            if credit.link == self.generation {
-                let _ = conn.channel_consume(credit.channel, n);
-            }
+        for (credit, n) in guest.take_credits(self.generation) {
+            let _ = conn.channel_consume(credit.channel, n);
         }
         if conn.is_authenticated() {
             let list = guest.container_list();

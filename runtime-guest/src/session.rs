@@ -117,6 +117,7 @@ impl Session {
             self.log.finish();
             self.stdin.clear();
             self.stdin_open = false;
+            self.pty = None;
             self.stdin_ready.notify(usize::MAX);
             return true;
         }

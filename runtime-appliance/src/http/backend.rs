@@ -24,6 +24,9 @@ pub trait Session: Send + Sync + 'static {
     fn offset(&self) -> u64;
     fn next(&mut self) -> impl Future<Output = Option<Output>> + Send;
     fn write_stdin(&self, data: Bytes) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Resolves when `write_stdin` would not wait (holds no borrow of the
+    /// session, so output can be read meanwhile).
+    fn stdin_room(&self) -> impl Future<Output = ()> + Send + 'static;
     fn close_stdin(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn resize(&self, cols: u32, rows: u32) -> impl Future<Output = Result<(), ApiError>> + Send;
 }
@@ -77,6 +80,9 @@ impl Session for Attachment {
     }
     fn write_stdin(&self, data: Bytes) -> impl Future<Output = Result<(), ApiError>> + Send {
         Attachment::write_stdin(self, data)
+    }
+    fn stdin_room(&self) -> impl Future<Output = ()> + Send + 'static {
+        Attachment::stdin_room(self)
     }
     fn close_stdin(&self) -> impl Future<Output = Result<(), ApiError>> + Send {
         Attachment::close_stdin(self)

@@ -236,6 +236,10 @@ impl Session for FakeSession {
         }
         Some(self.step(out))
     }
+    fn stdin_room(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        std::future::ready(())
+    }
+
     async fn write_stdin(&self, data: Bytes) -> Result<(), ApiError> {
         self.record(format!("stdin {}", String::from_utf8_lossy(&data)));
         if let Some(tx) = &self.cat {

@@ -146,6 +146,8 @@ pub fn switching_protocols<S: Session>(
 enum Event {
     Out(Option<Output>),
     In(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    /// Held stdin can go now.
+    Room,
 }
 
 type Ws = WebSocketStream<HyperIo<Upgraded>>;
@@ -176,11 +178,23 @@ pub async fn run<B: Backend, S: Session>(
     let id = session.id().to_string();
     tracing::debug!(%id, protocol = protocol.name(), start = session.start(), "attach session started");
     let mut input_first = false;
+    // Stdin the guest has no room for yet: while it waits, output keeps
+    // flowing (the process may be blocked on it) and the client is not read.
+    let mut held: Option<bytes::Bytes> = None;
     loop {
         input_first = !input_first;
         let event = {
+            let room = held.is_some().then(|| session.stdin_room());
             let out = async { Event::Out(session.next().await) };
-            let inp = async { Event::In(ws.next().await) };
+            let inp = async {
+                match room {
+                    Some(room) => {
+                        room.await;
+                        Event::Room
+                    }
+                    None => Event::In(ws.next().await),
+                }
+            };
             if input_first {
                 future::or(inp, out).await
             } else {
@@ -248,8 +262,15 @@ pub async fn run<B: Backend, S: Session>(
                 let _ = ws.close(None).await;
                 return;
             }
+            Event::Room => {
+                if let Some(b) = held.take()
+                    && let Err(e) = session.write_stdin(b).await
+                {
+                    tracing::warn!(%id, error = %e, "attach session: writing stdin failed");
+                }
+            }
             Event::In(Some(Ok(Message::Binary(data)))) => {
-                input(&session, protocol, streams, &id, &data).await
+                held = input(&session, protocol, streams, &id, &data).await;
             }
             Event::In(Some(Ok(Message::Text(t)))) => {
                 tracing::debug!(%id, len = t.len(), "attach session: ignoring a text message");
@@ -259,25 +280,22 @@ pub async fn run<B: Backend, S: Session>(
     }
 }
 
-/// Applies one client message to the session. Bad messages are logged and
-/// ignored: the output stream stays up.
+/// Applies one client message to the session; stdin is returned for the
+/// caller to write when there is room. Bad messages are logged and ignored:
+/// the output stream stays up.
 async fn input<S: Session>(
     session: &S,
     protocol: Protocol,
     streams: Streams,
     id: &str,
     data: &bytes::Bytes,
-) {
+) -> Option<bytes::Bytes> {
     match k8s::parse_client(protocol, data) {
         Ok(ClientFrame::Stdin(_)) if !streams.stdin => {
             tracing::debug!(%id, "attach session: stdin data without stdin=1; ignored");
         }
         Ok(ClientFrame::Stdin(b)) if b.is_empty() => {}
-        Ok(ClientFrame::Stdin(b)) => {
-            if let Err(e) = session.write_stdin(b).await {
-                tracing::warn!(%id, error = %e, "attach session: writing stdin failed");
-            }
-        }
+        Ok(ClientFrame::Stdin(b)) => return Some(b),
         Ok(ClientFrame::Resize(size)) => {
             if let Err(e) = session.resize(size.width.into(), size.height.into()).await {
                 tracing::debug!(%id, error = %e, "attach session: resize failed");
@@ -293,6 +311,7 @@ async fn input<S: Session>(
         }
         Err(e) => tracing::debug!(%id, error = %e, "attach session: ignoring a bad message"),
     }
+    None
 }
 
 /// Sends a close frame and waits (briefly) for the client's reply.
