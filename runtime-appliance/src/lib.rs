@@ -7,6 +7,7 @@ pub mod appliance;
 mod attach;
 pub mod cli;
 mod guestlink;
+mod linkio;
 mod registry;
 
 pub use api_types::*;
