@@ -4,7 +4,7 @@
 It talks to a tether guest (the SSH server) over a direct TCP link (a guest
 `tcp-listen:` link: no link sync, PROTOCOL.md section 1) with AsyncSSH 2.24.1.
 AsyncSSH has no public API for custom global requests or channel types, so this
-uses its private hooks (see /work/shared/research/ssh.md section 3.1):
+uses its private hooks (`_process_<name>_global_request` and friends):
 `SSHConnection._make_global_request`, `SSHChannel._open`, and handler methods
 named `_process_<name>_request` / `_process_<name>_global_request`.
 
