@@ -6,9 +6,18 @@ use std::time::{Duration, Instant};
 use e2e::fixtures::{Dir, Fixture, Guest, Proxy};
 use e2e::{sha256_hex, with_timeout};
 use proto_core::link::{Frame, FrameKind};
-use runtime_appliance::{AttachOptions, ExitStatus, Output};
+use runtime_appliance::{AttachOptions, Attachment, ExitStatus, Output};
 
 const LIMIT: Duration = Duration::from_secs(120);
+
+/// Attaches to `id` with replay from 0, waiting up to 20 s for it to appear.
+async fn attach(fx: &Fixture, id: &str) -> Attachment {
+    let options = AttachOptions {
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    fx.appliance.attach(id, options).await.unwrap()
+}
 
 /// `seq 1 N` output, the reference stream of these tests.
 fn seq(n: u32) -> Vec<u8> {
@@ -35,17 +44,7 @@ fn a_link_cut_mid_stream_resumes_at_the_recorded_offset_byte_exact() {
         config["sessions"][0]["overflow"] = "block".into();
         let _guest = Guest::start(&procs, dir.path(), &config);
         smol::block_on(async {
-            let mut att = fx
-                .appliance
-                .attach(
-                    "cut",
-                    AttachOptions {
-                        timeout: Duration::from_secs(20),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
+            let mut att = attach(&fx, "cut").await;
             let mut out = Vec::new();
             let mut cuts = 0;
             let exit = loop {
@@ -121,17 +120,7 @@ fn noise_and_stale_frames_before_and_between_syncs_are_skipped() {
         config["link"] = format!("tcp:{}", proxy.addr).into();
         let _guest = Guest::start(&procs, dir.path(), &config);
         smol::block_on(async {
-            let mut att = fx
-                .appliance
-                .attach(
-                    "noisy",
-                    AttachOptions {
-                        timeout: Duration::from_secs(20),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
+            let mut att = attach(&fx, "noisy").await;
             assert_eq!(att.next().await, Some(Output::Stdout("through\n".into())));
             // Between syncs: cut, and greet the next connection with noise again.
             proxy.inject(Dir::ToAppliance, &noise);
@@ -180,17 +169,7 @@ fn a_bit_flip_in_the_ssh_stream_ends_that_connection_and_the_next_sync_recovers(
         config["sessions"][0]["output_buffer"] = (32 << 20).into();
         let _guest = Guest::start(&procs, dir.path(), &config);
         smol::block_on(async {
-            let mut att = fx
-                .appliance
-                .attach(
-                    "flip",
-                    AttachOptions {
-                        timeout: Duration::from_secs(20),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
+            let mut att = attach(&fx, "flip").await;
             let mut out = Vec::new();
             while out.len() < 100_000 {
                 if let Some(Output::Stdout(b)) = att.next().await {

@@ -12,6 +12,7 @@ use std::time::Instant;
 use async_channel::{Receiver, Sender};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncWriteExt, future};
+use proto_core::outbox::Outbox;
 use proto_core::tether::{self, AttachRequest, ContainerInfo};
 use proto_core::{ChannelId, ChannelRequest, Connection, Event, PtyRequest};
 use smol::{Async, Timer};
@@ -182,8 +183,7 @@ async fn serve(
         conn.handle_input(Instant::now(), &leftover)
             .map_err(io::Error::other)?;
     }
-    let mut pending: Vec<Bytes> = Vec::new();
-    let mut pending_len = 0usize;
+    let mut outbox = Outbox::new(MAX_PENDING_WRITE);
     let mut reader = ReadBuffer::default();
     enum Wake {
         Read(io::Result<BytesMut>),
@@ -193,23 +193,15 @@ async fn serve(
     }
     loop {
         link.handle_events(&mut conn);
-        while pending_len < MAX_PENDING_WRITE {
-            let Some(out) = conn.poll_transmit() else {
-                break;
-            };
-            pending_len += out.len();
-            pending.push(out);
-        }
-        if conn.is_closed() && pending.is_empty() {
+        outbox.fill(&mut conn);
+        if conn.is_closed() && outbox.is_empty() {
             return match conn.close_reason() {
                 Some(proto_core::Error::Closed) | None => Ok(()),
                 Some(e) => Err(io::Error::other(e.to_string())),
             };
         }
         let timeout = conn.poll_timeout();
-        // A guest that sends but does not read would otherwise make us queue
-        // replies without bound: stop reading until it takes what is queued.
-        let can_read = pending_len < MAX_PENDING_WRITE || !conn.has_transmit();
+        let can_read = outbox.may_read(&conn);
         let wake = {
             let read = async {
                 if !can_read {
@@ -218,7 +210,7 @@ async fn serve(
                 Wake::Read(reader.read(stream).await)
             };
             let write = async {
-                match pending.first() {
+                match outbox.front() {
                     Some(front) => Wake::Wrote((&mut &*stream).write(front).await),
                     None => future::pending().await,
                 }
@@ -246,14 +238,7 @@ async fn serve(
                 }
             }
             Wake::Read(Err(e)) | Wake::Wrote(Err(e)) => return Err(e),
-            Wake::Wrote(Ok(n)) => {
-                pending_len -= n;
-                if n == pending[0].len() {
-                    pending.remove(0);
-                } else {
-                    pending[0] = pending[0].slice(n..);
-                }
-            }
+            Wake::Wrote(Ok(n)) => outbox.advance(n),
             Wake::Command(Some(cmd)) => {
                 link.command(&mut conn, cmd);
                 while let Ok(cmd) = rx.try_recv() {

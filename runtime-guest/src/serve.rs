@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use proto_core::event::open_failure;
 use proto_core::link::Responder;
+use proto_core::outbox::Outbox;
 use proto_core::tether::{self, AttachRequest, State};
 use proto_core::{ChannelId, ChannelRequest, Connection, Event, PtyRequest, ServerConfig};
 use rand_chacha::ChaCha20Rng;
@@ -202,8 +203,7 @@ async fn serve(
         conn.handle_input(Instant::now(), &leftover)
             .map_err(io::Error::other)?;
     }
-    let mut pending: Vec<Bytes> = Vec::new();
-    let mut pending_len = 0usize;
+    let mut outbox = Outbox::new(MAX_PENDING_WRITE);
     let mut buf = vec![0u8; 64 * 1024];
     enum Wake {
         Read(io::Result<usize>),
@@ -215,23 +215,15 @@ async fn serve(
         let listener = guest.changed.listen();
         link.handle_events(&mut conn);
         link.pump(&mut conn);
-        while pending_len < MAX_PENDING_WRITE {
-            let Some(out) = conn.poll_transmit() else {
-                break;
-            };
-            pending_len += out.len();
-            pending.push(out);
-        }
-        if conn.is_closed() && pending.is_empty() {
+        outbox.fill(&mut conn);
+        if conn.is_closed() && outbox.is_empty() {
             return match conn.close_reason() {
                 Some(e) if !is_orderly(e) => Err(io::Error::other(e.to_string())),
                 _ => Ok(()),
             };
         }
         let timeout = conn.poll_timeout();
-        // A peer that sends but does not read would otherwise make us queue
-        // replies without bound: stop reading until it takes what is queued.
-        let can_read = pending_len < MAX_PENDING_WRITE || !conn.has_transmit();
+        let can_read = outbox.may_read(&conn);
         let wake = {
             let read = async {
                 if !can_read {
@@ -240,7 +232,7 @@ async fn serve(
                 Wake::Read(stream.read(&mut buf).await)
             };
             let write = async {
-                match pending.first() {
+                match outbox.front() {
                     Some(front) => Wake::Wrote(stream.write(front).await),
                     None => future::pending().await,
                 }
@@ -265,7 +257,7 @@ async fn serve(
             Wake::Read(Ok(n)) => {
                 if let Err(e) = conn.handle_input(Instant::now(), &buf[..n]) {
                     link.handle_events(&mut conn);
-                    flush_best_effort(stream, &mut conn, &mut pending).await;
+                    flush_best_effort(stream, &mut conn, &mut outbox).await;
                     return if is_orderly(&e) {
                         Ok(())
                     } else {
@@ -274,20 +266,12 @@ async fn serve(
                 }
             }
             Wake::Read(Err(e)) => return Err(e),
-            Wake::Wrote(Ok(n)) => {
-                pending_len -= n;
-                let front = &mut pending[0];
-                if n == front.len() {
-                    pending.remove(0);
-                } else {
-                    *front = front.slice(n..);
-                }
-            }
+            Wake::Wrote(Ok(n)) => outbox.advance(n),
             Wake::Wrote(Err(e)) => return Err(e),
             Wake::Changed => {}
             Wake::Timer => {
                 if let Err(e) = conn.handle_timeout(Instant::now()) {
-                    flush_best_effort(stream, &mut conn, &mut pending).await;
+                    flush_best_effort(stream, &mut conn, &mut outbox).await;
                     return Err(io::Error::other(e.to_string()));
                 }
             }
@@ -308,11 +292,9 @@ fn is_orderly(e: &proto_core::Error) -> bool {
 }
 
 /// Writes what is pending (a DISCONNECT, typically), giving up after a moment.
-async fn flush_best_effort(stream: &LinkStream, conn: &mut Connection, pending: &mut Vec<Bytes>) {
-    while let Some(out) = conn.poll_transmit() {
-        pending.push(out);
-    }
-    let all: Vec<u8> = pending.concat();
+async fn flush_best_effort(stream: &LinkStream, conn: &mut Connection, outbox: &mut Outbox) {
+    outbox.fill_all(conn);
+    let all = outbox.concat();
     let _ = future::or(async { stream.write_all(&all).await }, async {
         Timer::after(Duration::from_secs(1)).await;
         Ok(())
