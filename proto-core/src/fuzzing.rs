@@ -19,11 +19,13 @@ use crate::packet::{Opener, Sealer};
 use crate::request::ChannelRequest;
 use crate::wire::{Reader, msg};
 
+pub mod links;
 mod messages;
 mod stream;
 mod tether;
 
 pub use stream::{client_stream, server_stream};
+pub use links::tether_links;
 pub use tether::tether_layer;
 
 /// The fuzzer's bytes as a source of choices; reads past the end yield zeros.

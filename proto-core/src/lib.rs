@@ -21,6 +21,7 @@ pub mod event;
 pub mod kex;
 pub mod keys;
 pub mod link;
+pub mod linkspec;
 pub mod outbox;
 pub mod outlog;
 pub mod packet;

@@ -1,4 +1,4 @@
-//! The `@tether` extensions (docs/PROTOCOL.md section 4) as typed values with
+//! The `@tether` messages (docs/PROTOCOL.md section 4) as typed values with
 //! their RFC 4251 encodings, and the configuration that lets them through.
 
 use bytes::BufMut;
@@ -11,6 +11,8 @@ use crate::wire::{PutSsh, Reader};
 pub const CONTAINER_IDS: &str = "container-ids@tether";
 /// Channel type: attach to a session's stdio.
 pub const ATTACH: &str = "attach@tether";
+/// Channel request: the offset an attach channel's output starts at.
+pub const OFFSET: &str = "offset@tether";
 /// Channel request: output was lost before the replay point.
 pub const OUTPUT_GAP: &str = "output-gap@tether";
 /// Channel request: release a start-gated session.
@@ -43,11 +45,12 @@ pub fn enable_appliance(config: &mut Config) {
         .extend([CONTAINER_IDS.into(), FORKED.into()]);
     config
         .channel_requests
-        .extend([OUTPUT_GAP.into(), EXEC_ID.into()]);
+        .extend([OFFSET.into(), OUTPUT_GAP.into(), EXEC_ID.into()]);
 }
 
 /// What a session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Kind {
     /// The container's own process.
     Primary,
@@ -57,6 +60,7 @@ pub enum Kind {
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum State {
     /// Configured, not started (start-gated).
     Created,
@@ -190,9 +194,6 @@ impl AttachRequest {
     }
 }
 
-/// Channel request: the offset an attach channel's output starts at.
-pub const OFFSET: &str = "offset@tether";
-
 /// `offset@tether` data.
 pub fn encode_offset(offset: u64, b: &mut impl BufMut) {
     b.put_u64(offset);
@@ -221,6 +222,47 @@ pub fn encode_exec_id(id: &str, b: &mut impl BufMut) {
 /// Decodes `exec-id@tether` data.
 pub fn decode_exec_id(data: &[u8]) -> Result<String> {
     Ok(Reader::new(data, EXEC_ID).utf8()?.to_owned())
+}
+
+/// How a session's process ended, as `exit-status` or `exit-signal` carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(u32),
+    /// It was killed by this signal (name without "SIG").
+    Signal { name: String, core_dumped: bool },
+}
+
+impl ExitStatus {
+    /// Killed by `signal`.
+    pub fn signal(signal: super::Signal, core_dumped: bool) -> Self {
+        Self::Signal {
+            name: signal.name(),
+            core_dumped,
+        }
+    }
+
+    /// The shell's view: the code, or 128+N for signal N.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::Code(c) => *c,
+            Self::Signal { name, .. } => {
+                128 + super::Signal::parse(name).map_or(0, |s| s.number() as u32)
+            }
+        }
+    }
+
+    /// The channel request that reports it.
+    pub fn request(&self) -> crate::ChannelRequest {
+        match self {
+            Self::Code(code) => crate::ChannelRequest::ExitStatus { code: *code },
+            Self::Signal { name, core_dumped } => crate::ChannelRequest::ExitSignal {
+                name: name.clone(),
+                core_dumped: *core_dumped,
+                message: String::new(),
+            },
+        }
+    }
 }
 
 /// `fork@tether` data: the mode (only "quiesce").
