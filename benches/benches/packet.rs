@@ -119,6 +119,7 @@ impl RawAead {
                     seq: 0,
                 }
             }
+            other => unimplemented!("no raw AEAD baseline for {other:?}"),
         }
     }
 

@@ -46,11 +46,6 @@ pub struct ServerAuth {
 }
 
 impl ServerAuth {
-    /// Whether a client has authenticated.
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
     /// SSH_MSG_SERVICE_REQUEST.
     pub fn on_service_request(&mut self, t: &mut Transport, payload: &[u8]) -> Result<()> {
         let name = Reader::new(&payload[1..], "SERVICE_REQUEST").utf8()?;
@@ -203,11 +198,6 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
-    /// Whether the server has accepted us.
-    pub fn is_done(&self) -> bool {
-        self.state == ClientState::Done
-    }
-
     /// Starts authentication (after the first key exchange).
     pub fn start(&mut self, t: &mut Transport) {
         if self.state == ClientState::Idle {

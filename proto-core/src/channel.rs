@@ -66,11 +66,6 @@ impl<T> ReplyQueue<T> {
     pub fn len(&self) -> usize {
         self.slots.len()
     }
-
-    /// Whether no reply is owed.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
 }
 
 /// One channel.
@@ -223,11 +218,6 @@ impl Channels {
     /// Live channels.
     pub fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// Whether no channel is open.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 }
 

@@ -12,7 +12,7 @@ use crate::keys::{PrivateKey, PublicKey};
 pub enum HostKeyPolicy {
     /// Only these keys (tetherd pins each guest's key; it generated the guest's config).
     Pinned(Vec<PublicKey>),
-    /// Any key (development only; the key is still reported in `Event::HostKey`).
+    /// Any key (development only; the key is still reported by `Connection::host_key`).
     AcceptAny,
 }
 

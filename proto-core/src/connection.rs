@@ -7,7 +7,9 @@
 //! [`Connection::poll_timeout`] falls due. After every call that changes state,
 //! drain transmits and events before the next one (str0m's rule).
 //!
-//! Commands (`open_channel`, `channel_send`, ...) live in `commands.rs`.
+//! The impl is split by direction: commands the application gives
+//! (`open_channel`, `channel_send`, ...) in `connection/commands.rs`, requests
+//! the peer starts in `connection/inbound.rs`, the rest here.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -24,6 +26,7 @@ use crate::packet::Packet;
 use crate::transport::{Incoming, Transport};
 use crate::wire::{PutSsh, Reader, msg};
 
+mod commands;
 mod inbound;
 
 /// The name OpenSSH uses for keepalives, globally and per channel.

@@ -31,6 +31,7 @@ pub struct Entry {
 
 /// Something the map's user must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapEvent {
     /// A waited-for id appeared.
     Ready { waiter: WaiterId, entry: Entry },

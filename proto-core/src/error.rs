@@ -63,6 +63,7 @@ impl DisconnectReason {
 
 /// Everything that can end a connection, or make a command fail.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The peer's version line is missing, too long, or not SSH 2.0.
     #[error("version exchange: {0}")]

@@ -24,6 +24,7 @@ pub const EXTENDED_STDERR: u32 = 1;
 /// An event for the application. Drain them after every call that feeds input or
 /// time (`handle_input`, `handle_timeout`) and after commands.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A key exchange completed: the first, or a rekey.
     KexComplete {

@@ -24,8 +24,8 @@ mod messages;
 mod stream;
 mod tether;
 
-pub use stream::{client_stream, server_stream};
 pub use links::tether_links;
+pub use stream::{client_stream, server_stream};
 pub use tether::tether_layer;
 
 /// The fuzzer's bytes as a source of choices; reads past the end yield zeros.

@@ -9,9 +9,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod channel;
-mod commands;
+mod auth;
+mod channel;
 pub mod config;
 mod connection;
 pub mod connmap;
@@ -27,8 +26,8 @@ pub mod outlog;
 pub mod packet;
 pub mod request;
 pub mod tether;
-pub mod transport;
-pub mod wire;
+mod transport;
+mod wire;
 
 pub use auth::{Authenticated, Rejected};
 pub use config::{ClientConfig, Config, HostKeyPolicy, Role, ServerConfig};

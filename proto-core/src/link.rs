@@ -160,6 +160,9 @@ impl Initiator {
 
     fn send_hello(&mut self, now: Instant) {
         self.nonce = fresh_nonce(&mut *self.rng);
+        // A HELLO not yet written is stale now: only the newest is sent, so a
+        // flood of ANNOUNCEs cannot make the queue grow.
+        self.out.clear();
         self.out.extend_from_slice(
             &Frame {
                 kind: FrameKind::Hello,
@@ -240,7 +243,11 @@ pub struct Responder {
     scanner: Scanner,
     rng: Box<dyn RngCore + Send>,
     awaiting: Option<(u64, u64)>,
-    out: Vec<u8>,
+    /// An ANNOUNCE not yet written.
+    announce: Option<[u8; FRAME_LEN]>,
+    /// The answer to the latest HELLO, not yet written (older ones are
+    /// stale: a flood of HELLOs cannot make the queue grow).
+    ack: Option<[u8; FRAME_LEN]>,
     synced: bool,
 }
 
@@ -251,7 +258,8 @@ impl Responder {
             scanner: Scanner::default(),
             rng,
             awaiting: None,
-            out: Vec::new(),
+            announce: None,
+            ack: None,
             synced: false,
         }
     }
@@ -259,14 +267,12 @@ impl Responder {
     /// Asks the appliance to send HELLO now (after a fork or a link reset).
     pub fn announce(&mut self) {
         let nonce_b = fresh_nonce(&mut *self.rng);
-        self.out.extend_from_slice(
-            &Frame {
-                kind: FrameKind::Announce,
-                nonce_a: 0,
-                nonce_b,
-            }
-            .encode(),
-        );
+        let frame = Frame {
+            kind: FrameKind::Announce,
+            nonce_a: 0,
+            nonce_b,
+        };
+        self.announce = Some(frame.encode());
     }
 
     /// Feeds received bytes. Returns how many were consumed: once synced, the
@@ -289,7 +295,7 @@ impl Responder {
                         nonce_a,
                         nonce_b,
                     };
-                    self.out.extend_from_slice(&ack.encode());
+                    self.ack = Some(ack.encode());
                 }
                 Some(Frame {
                     kind: FrameKind::Ready,
@@ -306,7 +312,12 @@ impl Responder {
 
     /// Bytes to write.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        (!self.out.is_empty()).then(|| std::mem::take(&mut self.out))
+        let out: Vec<u8> = [self.announce.take(), self.ack.take()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        (!out.is_empty()).then_some(out)
     }
 
     /// Whether SSH may start.
@@ -539,12 +550,39 @@ mod tests {
     }
 
     #[test]
-    fn endless_noise_uses_bounded_memory() {
+    fn a_flood_of_frames_queues_only_the_latest_answer() {
+        // Ten thousand stale HELLOs in one read: the guest answers only the last.
         let mut guest = Responder::new(rng(2));
-        let noise: Vec<u8> = (0..1_000_000u32)
-            .map(|i| if i % 7 == 0 { 0x16 } else { (i * 31) as u8 })
+        guest.announce();
+        let hellos: Vec<u8> = (1..=10_000u64)
+            .flat_map(|n| {
+                Frame {
+                    kind: FrameKind::Hello,
+                    nonce_a: n,
+                    nonce_b: 0,
+                }
+                .encode()
+            })
             .collect();
-        assert_eq!(guest.handle_input(&noise), noise.len());
-        assert!(guest.scanner.window.len() < FRAME_LEN);
+        assert_eq!(guest.handle_input(&hellos), hellos.len());
+        let out = guest.poll_transmit().unwrap();
+        assert_eq!(out.len(), 2 * FRAME_LEN, "the ANNOUNCE and one HELLO-ACK");
+        let ack = Frame::decode(out[FRAME_LEN..].try_into().unwrap()).unwrap();
+        assert_eq!((ack.kind, ack.nonce_a), (FrameKind::HelloAck, 10_000));
+        // Ten thousand ANNOUNCEs: the appliance sends one fresh HELLO.
+        let t0 = Instant::now();
+        let mut app = Initiator::new(t0, rng(1));
+        let announces: Vec<u8> = (1..=10_000u64)
+            .flat_map(|n| {
+                Frame {
+                    kind: FrameKind::Announce,
+                    nonce_a: 0,
+                    nonce_b: n,
+                }
+                .encode()
+            })
+            .collect();
+        assert_eq!(app.handle_input(t0, &announces), announces.len());
+        assert_eq!(app.poll_transmit().unwrap().len(), FRAME_LEN);
     }
 }

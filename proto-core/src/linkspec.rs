@@ -10,7 +10,14 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// The schemes a SPEC may start with.
-pub const SCHEMES: [&str; 6] = ["serial", "tcp", "tcp-listen", "vsock", "vsock-listen", "unix"];
+pub const SCHEMES: [&str; 6] = [
+    "serial",
+    "tcp",
+    "tcp-listen",
+    "vsock",
+    "vsock-listen",
+    "unix",
+];
 
 /// Where a link goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,43 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::connection::Connection;
+use crate::tether::{ApplianceLink, GuestLink};
+
+/// Something that produces ciphertext for a socket: a `Connection`, or a
+/// tether link over one.
+pub trait Transmit {
+    /// The next bytes to write.
+    fn poll_transmit(&mut self) -> Option<Bytes>;
+    /// Whether `poll_transmit` has something.
+    fn has_transmit(&self) -> bool;
+}
+
+impl Transmit for Connection {
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        Connection::poll_transmit(self)
+    }
+    fn has_transmit(&self) -> bool {
+        Connection::has_transmit(self)
+    }
+}
+
+impl Transmit for GuestLink {
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        GuestLink::poll_transmit(self)
+    }
+    fn has_transmit(&self) -> bool {
+        GuestLink::has_transmit(self)
+    }
+}
+
+impl Transmit for ApplianceLink {
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        ApplianceLink::poll_transmit(self)
+    }
+    fn has_transmit(&self) -> bool {
+        ApplianceLink::has_transmit(self)
+    }
+}
 
 /// Transmits waiting for the socket.
 #[derive(Debug)]
@@ -29,7 +66,7 @@ impl Outbox {
     }
 
     /// Takes what the connection has to send, up to the limit.
-    pub fn fill(&mut self, conn: &mut Connection) {
+    pub fn fill(&mut self, conn: &mut impl Transmit) {
         while self.len < self.limit {
             let Some(out) = conn.poll_transmit() else {
                 break;
@@ -41,7 +78,7 @@ impl Outbox {
 
     /// Takes everything the connection has to send, ignoring the limit (a
     /// last flush before closing, typically a DISCONNECT).
-    pub fn fill_all(&mut self, conn: &mut Connection) {
+    pub fn fill_all(&mut self, conn: &mut impl Transmit) {
         while let Some(out) = conn.poll_transmit() {
             self.len += out.len();
             self.queue.push_back(out);
@@ -75,7 +112,7 @@ impl Outbox {
     /// Whether to read more input now. Not while the outbox is full and the
     /// connection has still more to send: a peer that sends but never reads
     /// would otherwise make us queue replies without bound.
-    pub fn may_read(&self, conn: &Connection) -> bool {
+    pub fn may_read(&self, conn: &impl Transmit) -> bool {
         self.len < self.limit || !conn.has_transmit()
     }
 

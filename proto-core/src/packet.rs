@@ -55,9 +55,9 @@ impl OpeningCipher for Plain {
 pub struct Sealer {
     cipher: Box<dyn SealingCipher>,
     /// The sequence number of the next packet.
-    pub seq: u32,
+    pub(crate) seq: u32,
     /// Bytes sealed since the counter was last reset (drives rekeying).
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl Default for Sealer {
@@ -132,7 +132,7 @@ impl Sealer {
 #[derive(Debug)]
 pub struct Packet {
     /// Its sequence number (for SSH_MSG_UNIMPLEMENTED).
-    pub seq: u32,
+    pub(crate) seq: u32,
     /// The payload, starting with the message number (never empty).
     pub payload: Bytes,
 }
@@ -141,9 +141,9 @@ pub struct Packet {
 pub struct Opener {
     cipher: Box<dyn OpeningCipher>,
     /// The sequence number of the next packet.
-    pub seq: u32,
+    pub(crate) seq: u32,
     /// Bytes opened since the counter was last reset (drives rekeying).
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// The length of the packet being received, once its first bytes are in.
     pending_len: Option<usize>,
 }

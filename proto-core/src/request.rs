@@ -24,6 +24,7 @@ pub struct PtyRequest {
 
 /// A channel request.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChannelRequest {
     /// `pty-req`.
     Pty(PtyRequest),

@@ -55,6 +55,22 @@ struct Raw {
 impl Raw {
     /// Runs version exchange, key exchange and (optionally) authentication.
     fn new(authenticate: bool) -> Self {
+        let mut raw = Self::keyed();
+        raw.send(&payload(|b| {
+            b.put_u8(msg::SERVICE_REQUEST);
+            b.put_string(b"ssh-userauth");
+        }))
+        .unwrap();
+        if authenticate {
+            raw.send(&raw.auth_request(PublicKey::from_bytes([1; 32])))
+                .unwrap();
+            assert!(raw.server.is_authenticated());
+        }
+        raw
+    }
+
+    /// A server past its first key exchange, before any service request.
+    fn keyed() -> Self {
         let mut raw = Raw {
             server: server(),
             received: Vec::new(),
@@ -72,16 +88,6 @@ impl Raw {
         .unwrap();
         raw.send(&[msg::NEWKEYS]).unwrap();
         raw.encrypted = true;
-        raw.send(&payload(|b| {
-            b.put_u8(msg::SERVICE_REQUEST);
-            b.put_string(b"ssh-userauth");
-        }))
-        .unwrap();
-        if authenticate {
-            raw.send(&raw.auth_request(PublicKey::from_bytes([1; 32])))
-                .unwrap();
-            assert!(raw.server.is_authenticated());
-        }
         raw
     }
 
@@ -298,15 +304,25 @@ fn failed_authentication_is_bounded() {
     assert_disconnected(&raw, DisconnectReason::NoMoreAuthMethodsAvailable);
 }
 
+fn service_request(name: &[u8]) -> Vec<u8> {
+    payload(|b| {
+        b.put_u8(msg::SERVICE_REQUEST);
+        b.put_string(name);
+    })
+}
+
 #[test]
 fn a_service_other_than_userauth_is_refused() {
+    let mut raw = Raw::keyed();
+    let err = raw.send(&service_request(b"ssh-connection")).unwrap_err();
+    assert_eq!(err, Error::Service("ssh-connection".into()));
+    assert_disconnected(&raw, DisconnectReason::ServiceNotAvailable);
+}
+
+#[test]
+fn asking_for_userauth_twice_is_refused() {
     let mut raw = Raw::new(false);
-    let err = raw
-        .send(&payload(|b| {
-            b.put_u8(msg::SERVICE_REQUEST);
-            b.put_string(b"ssh-userauth");
-        }))
-        .unwrap_err();
+    let err = raw.send(&service_request(b"ssh-userauth")).unwrap_err();
     assert_eq!(err, Error::Service("ssh-userauth".into()));
     assert_disconnected(&raw, DisconnectReason::ServiceNotAvailable);
 }

@@ -199,11 +199,6 @@ impl Transport {
         &*self.provider
     }
 
-    /// The injected RNG.
-    pub fn rng(&mut self) -> &mut dyn RngCore {
-        &mut *self.rng
-    }
-
     fn our_kex_in_flight(&self) -> bool {
         matches!(
             self.kex,
@@ -213,7 +208,7 @@ impl Transport {
 
     /// Sends a payload built by `build` now, bypassing the kex queue (for kex and
     /// transport messages, which may always be sent).
-    pub fn send_now(&mut self, build: impl FnOnce(&mut BytesMut)) {
+    fn send_now(&mut self, build: impl FnOnce(&mut BytesMut)) {
         let start = Sealer::begin(&mut self.out);
         build(&mut self.out);
         self.sealer.finish(&mut self.out, start, &mut *self.rng);

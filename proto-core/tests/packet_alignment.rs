@@ -28,11 +28,11 @@ fn aead_packet_length_is_a_multiple_of_the_block_size_as_openssh_requires() {
         let length_reader = AwsLcProvider.opener(alg, &key, &iv);
         let mut opener = Opener::default();
         opener.rekey(AwsLcProvider.opener(alg, &key, &iv));
-        for payload_len in 1..200usize {
+        for (seq, payload_len) in (1..200usize).enumerate() {
             let mut wire = BytesMut::new();
             let start = Sealer::begin(&mut wire);
             wire.put_bytes(0x5a, payload_len);
-            let seq = sealer.seq;
+            let seq = seq as u32;
             sealer.finish(&mut wire, start, &mut rng);
             let len = length_reader.packet_length(seq, [wire[0], wire[1], wire[2], wire[3]]);
             assert_eq!(

@@ -91,66 +91,7 @@ pub struct ExecOptions {
     pub timeout: Duration,
 }
 
-/// How a process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// It exited with this code.
-    Code(u32),
-    /// It was killed by this signal (name without "SIG").
-    Signal { name: String, core_dumped: bool },
-}
-
-impl ExitStatus {
-    /// The shell's view: the code, or 128+N for signal N.
-    pub fn code(&self) -> u32 {
-        match self {
-            Self::Code(c) => *c,
-            Self::Signal { name, .. } => 128 + signal_number(name).unwrap_or(0),
-        }
-    }
-}
-
-/// The Linux number of a signal name without "SIG" (also `RTMIN+n`).
-pub fn signal_number(name: &str) -> Option<u32> {
-    let name = name.strip_prefix("SIG").unwrap_or(name);
-    if let Some(n) = name.strip_prefix("RTMIN+") {
-        return n.parse::<u32>().ok().map(|n| 34 + n);
-    }
-    Some(match name {
-        "HUP" => 1,
-        "INT" => 2,
-        "QUIT" => 3,
-        "ILL" => 4,
-        "TRAP" => 5,
-        "ABRT" => 6,
-        "BUS" => 7,
-        "FPE" => 8,
-        "KILL" => 9,
-        "USR1" => 10,
-        "SEGV" => 11,
-        "USR2" => 12,
-        "PIPE" => 13,
-        "ALRM" => 14,
-        "TERM" => 15,
-        "STKFLT" => 16,
-        "CHLD" => 17,
-        "CONT" => 18,
-        "STOP" => 19,
-        "TSTP" => 20,
-        "TTIN" => 21,
-        "TTOU" => 22,
-        "URG" => 23,
-        "XCPU" => 24,
-        "XFSZ" => 25,
-        "VTALRM" => 26,
-        "PROF" => 27,
-        "WINCH" => 28,
-        "IO" => 29,
-        "PWR" => 30,
-        "SYS" => 31,
-        _ => return None,
-    })
-}
+pub use proto_core::tether::ExitStatus;
 
 /// One piece of an attachment's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +170,5 @@ mod tests {
             128 + 36
         );
         assert_eq!(ExitStatus::Code(3).code(), 3);
-        assert_eq!(signal_number("SIGTERM"), Some(15));
-        assert_eq!(signal_number("NOPE"), None);
     }
 }

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use proto_core::tether::{self, State};
+use proto_core::tether::{self, Cursor, LIVE, Signal, State};
 use proto_core::{ChannelRequest, PrivateKey, PublicKey};
 use smol::Async;
 use tracing::warn;
 
 use crate::api_types::*;
-pub use crate::attach::Attachment;
-use crate::attach::{self, Plan};
-use crate::guestlink::{self, LinkCommand, OpenKind, shell_quote};
+pub use crate::attachment::Attachment;
+use crate::attachment::{self, Plan};
+use crate::guestlink::{self, LinkCommand, OpenKind};
 use crate::registry::Shared;
 
 /// How long a signal or start request waits for its container by default.
@@ -94,24 +94,16 @@ impl Appliance {
 
     /// Sends a signal (name without "SIG", e.g. "TERM") to a container's process group.
     pub async fn signal(&self, id: &str, signal: &str) -> Result<(), ApiError> {
-        let name = signal
-            .strip_prefix("SIG")
-            .unwrap_or(signal)
-            .to_ascii_uppercase();
-        if signal_number(&name).is_none() {
+        let Some(signal) = Signal::parse(signal) else {
             return Err(ApiError::BadRequest(format!("unknown signal {signal:?}")));
-        }
-        match attach::control_request(
-            &self.shared,
-            id,
-            ChannelRequest::Signal { name: name.clone() },
-            CONTROL_TIMEOUT,
-        )
-        .await?
-        {
+        };
+        let request = ChannelRequest::Signal {
+            name: signal.name(),
+        };
+        match attachment::control_request(&self.shared, id, request, CONTROL_TIMEOUT).await? {
             true => Ok(()),
             false => Err(ApiError::Refused(format!(
-                "{id} is not running; SIG{name} not delivered"
+                "{id} is not running; SIG{signal} not delivered"
             ))),
         }
     }
@@ -122,7 +114,7 @@ impl Appliance {
             name: tether::START.into(),
             data: Default::default(),
         };
-        match attach::control_request(&self.shared, id, request, CONTROL_TIMEOUT).await? {
+        match attachment::control_request(&self.shared, id, request, CONTROL_TIMEOUT).await? {
             true => Ok(()),
             false => Err(ApiError::Refused(format!("{id} is not waiting to start"))),
         }
@@ -153,29 +145,21 @@ impl Appliance {
         let (entry, link) = self.shared.wait_for(id, options.timeout).await?;
         let from = match options.from {
             From::Offset(n) => n,
-            From::Live => self.fresh_end(&link, id).await?,
+            // The guest resolves it and says where output starts.
+            From::Live => LIVE,
         };
         let plan = Plan {
             id: id.to_owned(),
             stdin: options.stdin,
-            stdout: options.stdout,
-            stderr: options.stderr,
-            end_at: None,
+            cursor: Cursor::new(from, options.stdout, options.stderr, None),
             reattach_timeout: options.timeout,
         };
-        let request = plan.request(from);
-        let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
+        let att = attachment::attach(self.shared.clone(), plan, entry.info.tty, link).await?;
         self.shared
             .counters
             .attaches
             .fetch_add(1, Ordering::Relaxed);
-        Ok(attach::start(
-            self.shared.clone(),
-            plan,
-            entry.info.tty,
-            from,
-            (channel, link),
-        ))
+        Ok(att)
     }
 
     /// Starts a process in a container; it becomes its own container id
@@ -192,26 +176,21 @@ impl Appliance {
             .collect::<Vec<_>>()
             .join(" ");
         let tty = options.tty.then(|| options.size.unwrap_or((80, 24)));
-        let channel = attach::open_on(
-            &link,
-            OpenKind::Exec {
-                command,
-                tty,
-                env: options.env.clone(),
-            },
-        )
-        .await?;
+        let kind = OpenKind::Exec {
+            command,
+            tty,
+            env: options.env.clone(),
+        };
+        let channel = attachment::open_on(&link, kind).await?;
         let exec_id = channel.exec_id.clone().unwrap_or_default();
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
         let plan = Plan {
             id: exec_id,
             stdin: true,
-            stdout: true,
-            stderr: true,
-            end_at: None,
+            cursor: Cursor::new(0, true, true, None),
             reattach_timeout: options.timeout,
         };
-        let att = attach::start(self.shared.clone(), plan, options.tty, 0, (channel, link));
+        let att = attachment::start(self.shared.clone(), plan, options.tty, (channel, link));
         if !options.stdin {
             let _ = att.close_stdin().await;
         }
@@ -222,14 +201,6 @@ impl Appliance {
     /// existed when the call was made (no `Output::Exit` then).
     pub async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<Attachment, ApiError> {
         let timeout = Duration::from_secs(10);
-        let plan = |end_at| Plan {
-            id: id.to_owned(),
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            end_at,
-            reattach_timeout: timeout,
-        };
         let Some((info, generation)) = self.shared.info(id) else {
             return Err(ApiError::NotFound(id.into()));
         };
@@ -244,22 +215,13 @@ impl Appliance {
         } else {
             Some(self.fresh_end(&link, id).await?)
         };
-        let plan = plan(end_at);
-        let request = tether::AttachRequest {
+        let plan = Plan {
             id: id.to_owned(),
             stdin: false,
-            stdout: true,
-            stderr: true,
-            from,
+            cursor: Cursor::new(from, true, true, end_at),
+            reattach_timeout: timeout,
         };
-        let channel = attach::open_on(&link, OpenKind::Attach(request)).await?;
-        Ok(attach::start(
-            self.shared.clone(),
-            plan,
-            false,
-            from,
-            (channel, link),
-        ))
+        attachment::attach(self.shared.clone(), plan, false, link).await
     }
 
     /// Live guest links.
@@ -326,5 +288,31 @@ impl Appliance {
             &[("", c.conflicts.load(Ordering::Relaxed))],
         );
         m
+    }
+}
+
+/// Quotes an argument for `sh -c`, which is how SSH's `exec` runs a command.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_quoted_for_sh() {
+        assert_eq!(shell_quote("ls"), "ls");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
     }
 }

@@ -1,7 +1,8 @@
-//! One guest link: link sync (on serial-bridge listeners), then an SSH client
-//! connection to the guest. It registers the guest's containers in the map and
-//! carries channels for attachments, execs, signals and start gates. Other tasks
-//! talk to it through [`LinkCommand`]s; it answers on per-request channels.
+//! One guest link as a task: link sync (on serial-bridge listeners), then
+//! proto-core's `ApplianceLink` driven by link-driver's loop. Other tasks talk
+//! to it through [`LinkCommand`]s and get answers on per-request channels; the
+//! link's container lists go to the shared map. The protocol's rules are the
+//! link's; this module only routes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -11,20 +12,18 @@ use std::time::Instant;
 
 use async_channel::{Receiver, Sender};
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncWriteExt, future};
-use proto_core::outbox::Outbox;
-use proto_core::tether::{self, AttachRequest, ContainerInfo};
-use proto_core::{ChannelId, ChannelRequest, Connection, Event, PtyRequest};
-use smol::{Async, Timer};
+use link_driver::{End, Link};
+use proto_core::outbox::Transmit;
+use proto_core::tether::{
+    ApplianceEvent, ApplianceLink, AttachRequest, ContainerInfo, ExitStatus, ListId, Open,
+};
+use proto_core::{ChannelId, ChannelRequest};
+use smol::Async;
 use tracing::{debug, info, warn};
 
-use crate::api_types::{ApiError, ExitStatus};
-pub use crate::linkio::{QueuedStdin, StdinGauge, shell_quote};
-use crate::linkio::{ReadBuffer, sync_link};
+use crate::api_types::ApiError;
 use crate::registry::Shared;
-
-/// Most ciphertext taken from the connection and not yet written.
-const MAX_PENDING_WRITE: usize = 256 * 1024;
+use crate::stdin::{QueuedStdin, StdinGauge};
 
 /// What a channel delivers to its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +53,8 @@ pub enum OpenKind {
 pub struct LinkChannel {
     pub channel: ChannelId,
     pub events: Receiver<ChannelEvent>,
+    /// For an attach: where its output starts (`offset@tether`).
+    pub offset: Option<u64>,
     /// For execs: the id the guest gave the new container.
     pub exec_id: Option<String>,
 }
@@ -65,6 +66,12 @@ pub enum LinkCommand {
     Open {
         kind: OpenKind,
         reply: Reply<LinkChannel>,
+    },
+    /// Open a control channel to container `id`, send `request`, answer.
+    Control {
+        id: String,
+        request: ChannelRequest,
+        reply: Reply<bool>,
     },
     Send {
         channel: ChannelId,
@@ -91,37 +98,33 @@ pub enum LinkCommand {
     },
 }
 
-/// A channel on this link.
+/// A channel's user, as the link task knows it.
 struct Chan {
     events: Sender<ChannelEvent>,
-    /// Set until the open completes (for execs: until `exec` is answered).
-    opening: Option<(OpenKind, Reply<LinkChannel>, Receiver<ChannelEvent>)>,
-    exec_id: Option<String>,
-    replies: VecDeque<Option<Sender<bool>>>,
-    /// Stdin the guest's window has no room for yet, then maybe EOF.
-    stdin: VecDeque<QueuedStdin>,
-    eof_after_stdin: bool,
+    /// Until `Opened`: who asked, and the receiver to hand over.
+    opening: Option<(Reply<LinkChannel>, Receiver<ChannelEvent>)>,
+    /// A control channel's asker.
+    control: Option<Reply<bool>>,
+    /// Who waits for request replies, in order.
+    replies: VecDeque<Sender<bool>>,
+    /// Stdin handed to the link and not yet sent, and whose it is.
+    stdin: Option<(Arc<StdinGauge>, usize)>,
 }
 
 impl Chan {
-    /// Sends queued stdin as far as the window allows, then a queued EOF.
-    fn flush_stdin(&mut self, conn: &mut Connection, channel: ChannelId) {
-        while let Some(front) = self.stdin.front_mut() {
-            let n = conn.channel_send(channel, None, &front.data).unwrap_or(0);
-            if n < front.data.len() {
-                front.gauge.release(n);
-                front.data = front.data.slice(n..);
-                if n == 0 {
-                    return;
-                }
-                continue;
-            }
-            self.stdin.pop_front();
-        }
-        if std::mem::take(&mut self.eof_after_stdin) {
-            let _ = conn.channel_eof(channel);
+    fn new(events: Sender<ChannelEvent>) -> Self {
+        Self {
+            events,
+            opening: None,
+            control: None,
+            replies: VecDeque::new(),
+            stdin: None,
         }
     }
+}
+
+fn down(why: &str) -> ApiError {
+    ApiError::LinkDown(format!("{why}: the guest connection is not ready"))
 }
 
 /// Runs a guest link until it drops. `sync` runs link sync first.
@@ -133,24 +136,14 @@ pub async fn run(shared: Arc<Shared>, stream: Async<TcpStream>, sync: bool) {
         .map(|a| a.to_string())
         .unwrap_or_default();
     info!(link = generation, %peer, sync, "guest link accepted");
-    let (tx, rx) = async_channel::unbounded();
-    let result = serve(&shared, &stream, sync, generation, tx, rx).await;
+    let result = serve(&shared, &stream, sync, generation).await;
     shared.link_gone(generation);
     match result {
-        Ok(()) => info!(link = generation, "guest link closed"),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            info!(link = generation, "the guest closed the link")
-        }
-        Err(e) => warn!(link = generation, "guest link ended: {e}"),
+        Ok(End::Orderly) => info!(link = generation, "guest link closed"),
+        Ok(End::Eof) => info!(link = generation, "the guest closed the link"),
+        Ok(end) => warn!(link = generation, "guest link ended: {end}"),
+        Err(e) => warn!(link = generation, "guest link ended before SSH: {e}"),
     }
-}
-
-struct Link {
-    shared: Arc<Shared>,
-    generation: u64,
-    chans: BTreeMap<ChannelId, Chan>,
-    /// Our container-ids requests awaiting a reply; `None` is our own refresh.
-    lists: VecDeque<Option<Reply<Vec<ContainerInfo>>>>,
 }
 
 async fn serve(
@@ -158,147 +151,123 @@ async fn serve(
     stream: &Async<TcpStream>,
     sync: bool,
     generation: u64,
-    tx: Sender<LinkCommand>,
-    rx: Receiver<LinkCommand>,
-) -> io::Result<()> {
+) -> io::Result<End> {
     stream.get_ref().set_nodelay(true)?;
-    let leftover = if sync {
-        sync_link(stream).await?
+    let first = if sync {
+        link_driver::sync::as_appliance(stream).await?
     } else {
-        Vec::new()
+        BytesMut::new()
     };
-    let mut conn = Connection::new(
-        shared.client_config(),
-        Instant::now(),
-        crate::registry::rng(),
-    );
-    let mut link = Link {
+    let (tx, rx) = async_channel::unbounded();
+    let link = ApplianceLink::new(shared.client_config(), Instant::now(), link_driver::rng());
+    let mut side = ApplianceSide {
         shared: shared.clone(),
         generation,
+        link,
         chans: BTreeMap::new(),
-        lists: VecDeque::new(),
+        lists: BTreeMap::new(),
+        rx: rx.clone(),
     };
     shared.link_up(generation, tx);
-    if !leftover.is_empty() {
-        conn.handle_input(Instant::now(), &leftover)
-            .map_err(io::Error::other)?;
-    }
-    let mut outbox = Outbox::new(MAX_PENDING_WRITE);
-    let mut reader = ReadBuffer::default();
-    enum Wake {
-        Read(io::Result<BytesMut>),
-        Wrote(io::Result<usize>),
-        Command(Option<LinkCommand>),
-        Timer,
-    }
-    loop {
-        link.handle_events(&mut conn);
-        outbox.fill(&mut conn);
-        if conn.is_closed() && outbox.is_empty() {
-            return match conn.close_reason() {
-                Some(proto_core::Error::Closed) | None => Ok(()),
-                Some(e) => Err(io::Error::other(e.to_string())),
-            };
-        }
-        let timeout = conn.poll_timeout();
-        let can_read = outbox.may_read(&conn);
-        let wake = {
-            let read = async {
-                if !can_read {
-                    return future::pending().await;
-                }
-                Wake::Read(reader.read(stream).await)
-            };
-            let write = async {
-                match outbox.front() {
-                    Some(front) => Wake::Wrote((&mut &*stream).write(front).await),
-                    None => future::pending().await,
-                }
-            };
-            let command = async { Wake::Command(rx.recv().await.ok()) };
-            let timer = async {
-                match timeout {
-                    Some(t) => {
-                        Timer::at(t).await;
-                        Wake::Timer
-                    }
-                    None => future::pending().await,
-                }
-            };
-            future::or(write, future::or(read, future::or(command, timer))).await
-        };
-        match wake {
-            Wake::Read(Ok(chunk)) if chunk.is_empty() => {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            Wake::Read(Ok(chunk)) => {
-                if let Err(e) = conn.handle_input_bytes(Instant::now(), chunk) {
-                    link.handle_events(&mut conn);
-                    return Err(io::Error::other(e.to_string()));
-                }
-            }
-            Wake::Read(Err(e)) | Wake::Wrote(Err(e)) => return Err(e),
-            Wake::Wrote(Ok(n)) => outbox.advance(n),
-            Wake::Command(Some(cmd)) => {
-                link.command(&mut conn, cmd);
-                while let Ok(cmd) = rx.try_recv() {
-                    link.command(&mut conn, cmd);
-                }
-            }
-            Wake::Command(None) => {}
-            Wake::Timer => {
-                if let Err(e) = conn.handle_timeout(Instant::now()) {
-                    return Err(io::Error::other(e.to_string()));
-                }
-            }
-        }
-    }
+    Ok(link_driver::drive(stream, &mut side, first, || {
+        let rx = rx.clone();
+        async move { rx.recv().await.ok() }
+    })
+    .await)
 }
 
-fn encode<F: FnOnce(&mut BytesMut)>(f: F) -> Bytes {
-    let mut b = BytesMut::new();
-    f(&mut b);
-    b.freeze()
+/// An `ApplianceLink` and the users of its channels.
+struct ApplianceSide {
+    shared: Arc<Shared>,
+    generation: u64,
+    link: ApplianceLink,
+    chans: BTreeMap<ChannelId, Chan>,
+    lists: BTreeMap<ListId, Reply<Vec<ContainerInfo>>>,
+    rx: Receiver<LinkCommand>,
 }
 
-impl Drop for Link {
+impl Drop for ApplianceSide {
     fn drop(&mut self) {
         // Leave the map first: attachments woken below must not find this
         // link again when they look for a new one.
         self.shared.link_gone(self.generation);
+        let gone = || ApiError::LinkDown("the guest link dropped".into());
         for (_, chan) in std::mem::take(&mut self.chans) {
-            if let Some((_, reply, _)) = chan.opening {
-                let _ = reply.try_send(Err(ApiError::LinkDown("the guest link dropped".into())));
+            if let Some((reply, _)) = chan.opening {
+                let _ = reply.try_send(Err(gone()));
+            }
+            if let Some(reply) = chan.control {
+                let _ = reply.try_send(Err(gone()));
+            }
+            if let Some((gauge, queued)) = chan.stdin {
+                gauge.release(queued);
             }
             let _ = chan.events.try_send(ChannelEvent::Closed);
         }
-        for waiter in self.lists.drain(..).flatten() {
-            let _ = waiter.try_send(Err(ApiError::LinkDown("the guest link dropped".into())));
+        for (_, waiter) in std::mem::take(&mut self.lists) {
+            let _ = waiter.try_send(Err(gone()));
+        }
+        // Commands still queued are answered by being dropped.
+        self.rx.close();
+    }
+}
+
+impl Transmit for ApplianceSide {
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.link.poll_transmit()
+    }
+    fn has_transmit(&self) -> bool {
+        self.link.has_transmit()
+    }
+}
+
+impl Link for ApplianceSide {
+    type Wake = Option<LinkCommand>;
+
+    fn handle_input(&mut self, now: Instant, data: BytesMut) -> proto_core::Result<()> {
+        self.link.handle_input_bytes(now, data)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) -> proto_core::Result<()> {
+        self.link.handle_timeout(now)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout()
+    }
+
+    fn close_reason(&self) -> Option<&proto_core::Error> {
+        self.link.close_reason()
+    }
+
+    fn work(&mut self) {
+        while let Some(event) = self.link.poll_event() {
+            self.event(event);
+        }
+    }
+
+    fn woken(&mut self, command: Option<LinkCommand>) {
+        let Some(command) = command else { return };
+        self.command(command);
+        while let Ok(command) = self.rx.try_recv() {
+            self.command(command);
         }
     }
 }
 
-impl Link {
-    fn command(&mut self, conn: &mut Connection, cmd: LinkCommand) {
-        let down =
-            |what: &str| ApiError::LinkDown(format!("{what}: the guest connection is not ready"));
-        match cmd {
+impl ApplianceSide {
+    fn command(&mut self, command: LinkCommand) {
+        match command {
             LinkCommand::Open { kind, reply } => {
-                let (channel_type, data) = match &kind {
-                    OpenKind::Attach(req) => (tether::ATTACH, encode(|b| req.encode(b))),
-                    OpenKind::Exec { .. } => ("session", Bytes::new()),
+                let what = match kind {
+                    OpenKind::Attach(req) => Open::Attach(req),
+                    OpenKind::Exec { command, tty, env } => Open::Exec { command, tty, env },
                 };
-                match conn.open_channel(channel_type, &data) {
+                match self.link.open(what) {
                     Ok(channel) => {
-                        let (etx, erx) = async_channel::unbounded();
-                        let chan = Chan {
-                            events: etx,
-                            opening: Some((kind, reply, erx)),
-                            exec_id: None,
-                            replies: VecDeque::new(),
-                            stdin: VecDeque::new(),
-                            eof_after_stdin: false,
-                        };
+                        let (tx, rx) = async_channel::unbounded();
+                        let mut chan = Chan::new(tx);
+                        chan.opening = Some((reply, rx));
                         self.chans.insert(channel, chan);
                     }
                     Err(e) => {
@@ -306,271 +275,160 @@ impl Link {
                     }
                 }
             }
-            LinkCommand::Send { channel, data } => {
-                if let Some(chan) = self.chans.get_mut(&channel) {
-                    chan.stdin.push_back(data);
-                    chan.flush_stdin(conn, channel);
+            LinkCommand::Control { id, request, reply } => match self.link.control(&id, request) {
+                Ok(channel) => {
+                    let (tx, _) = async_channel::unbounded();
+                    let mut chan = Chan::new(tx);
+                    chan.control = Some(reply);
+                    self.chans.insert(channel, chan);
                 }
-            }
-            LinkCommand::Eof { channel } => {
-                if let Some(chan) = self.chans.get_mut(&channel) {
-                    chan.eof_after_stdin = true;
-                    chan.flush_stdin(conn, channel);
+                Err(e) => {
+                    let _ = reply.try_send(Err(down(&e.to_string())));
                 }
+            },
+            LinkCommand::Send { channel, mut data } => {
+                let Some(chan) = self.chans.get_mut(&channel) else {
+                    return; // dropping `data` releases it
+                };
+                let bytes = std::mem::take(&mut data.data);
+                let (gauge, queued) = chan.stdin.get_or_insert_with(|| (data.gauge.clone(), 0));
+                debug_assert!(Arc::ptr_eq(gauge, &data.gauge));
+                *queued += bytes.len();
+                self.link.send_stdin(channel, bytes);
             }
+            LinkCommand::Eof { channel } => self.link.close_stdin(channel),
             LinkCommand::Close { channel } => {
                 debug!(link = self.generation, ?channel, "closing channel");
-                let _ = conn.channel_close(channel);
+                self.link.close(channel);
             }
             LinkCommand::Request {
                 channel,
                 request,
                 reply,
             } => {
-                let ok = conn
-                    .channel_request(channel, &request, reply.is_some())
-                    .is_ok();
-                if let Some(chan) = self.chans.get_mut(&channel).filter(|_| ok) {
-                    if reply.is_some() {
-                        chan.replies.push_back(reply);
+                let sent = self.link.request(channel, &request, reply.is_some());
+                match (sent, reply, self.chans.get_mut(&channel)) {
+                    (Ok(()), Some(reply), Some(chan)) => chan.replies.push_back(reply),
+                    (_, Some(reply), _) => {
+                        let _ = reply.try_send(false);
                     }
-                } else if let Some(reply) = reply {
-                    let _ = reply.try_send(false);
+                    _ => {}
                 }
             }
-            LinkCommand::Consumed { channel, n } => {
-                let _ = conn.channel_consume(channel, n);
-            }
-            LinkCommand::List { reply } => {
-                match conn.global_request(tether::CONTAINER_IDS, &[], true) {
-                    Ok(()) => self.lists.push_back(Some(reply)),
-                    Err(e) => {
-                        let _ = reply.try_send(Err(down(&e.to_string())));
-                    }
+            LinkCommand::Consumed { channel, n } => self.link.consumed(channel, n),
+            LinkCommand::List { reply } => match self.link.list() {
+                Ok(id) => {
+                    self.lists.insert(id, reply);
                 }
-            }
+                Err(e) => {
+                    let _ = reply.try_send(Err(down(&e.to_string())));
+                }
+            },
         }
     }
 
-    fn handle_events(&mut self, conn: &mut Connection) {
-        while let Some(event) = conn.poll_event() {
-            self.event(conn, event);
-        }
-    }
-
-    fn event(&mut self, conn: &mut Connection, event: Event) {
+    fn event(&mut self, event: ApplianceEvent) {
         match event {
-            Event::Authenticated(_) => {
-                info!(link = self.generation, host_key = ?conn.host_key(), "guest authenticated");
-                if conn
-                    .global_request(tether::CONTAINER_IDS, &[], true)
-                    .is_ok()
-                {
-                    self.lists.push_back(None);
+            ApplianceEvent::Authenticated => {
+                let key = self.link.connection().host_key();
+                info!(link = self.generation, host_key = ?key, "guest authenticated");
+            }
+            ApplianceEvent::Containers { list, reply } => {
+                let key = self.link.connection().host_key().copied();
+                self.shared.update(self.generation, key, list.clone());
+                if let Some(w) = reply.and_then(|r| self.lists.remove(&r)) {
+                    let _ = w.try_send(Ok(list));
                 }
             }
-            Event::GlobalReply { success, data } => {
-                let waiter = self.lists.pop_front().flatten();
-                let list = if success {
-                    tether::decode_container_ids(&data)
-                        .map_err(|e| ApiError::LinkDown(format!("bad container list: {e}")))
-                } else {
-                    Err(ApiError::LinkDown(
-                        "the guest refused to list its containers".into(),
-                    ))
-                };
-                if let Ok(list) = &list {
-                    self.shared
-                        .update(self.generation, conn.host_key().copied(), list.clone());
-                }
-                if let Some(w) = waiter {
-                    let _ = w.try_send(list);
+            ApplianceEvent::ListFailed { reply, reason } => {
+                warn!(link = self.generation, "container list: {reason}");
+                if let Some(w) = reply.and_then(|r| self.lists.remove(&r)) {
+                    let _ = w.try_send(Err(ApiError::LinkDown(reason)));
                 }
             }
-            Event::GlobalRequest {
-                name,
-                data,
-                want_reply,
+            ApplianceEvent::Opened {
+                channel,
+                offset,
+                exec_id,
             } => {
-                if name == tether::CONTAINER_IDS {
-                    match tether::decode_container_ids(&data) {
-                        Ok(list) => {
-                            self.shared
-                                .update(self.generation, conn.host_key().copied(), list)
-                        }
-                        Err(e) => warn!(link = self.generation, "bad container-ids push: {e}"),
+                debug!(link = self.generation, ?channel, "channel opened");
+                let Some(chan) = self.chans.get_mut(&channel) else {
+                    return;
+                };
+                if let Some((reply, events)) = chan.opening.take() {
+                    let opened = LinkChannel {
+                        channel,
+                        events,
+                        offset,
+                        exec_id,
+                    };
+                    if reply.try_send(Ok(opened)).is_err() {
+                        // Whoever asked has gone meanwhile: nobody will close it.
+                        self.link.close(channel);
                     }
                 }
-                if want_reply {
-                    let _ = conn.global_reply(name == tether::CONTAINER_IDS, Bytes::new());
+            }
+            ApplianceEvent::OpenFailed { channel, reason } => {
+                if let Some(chan) = self.chans.remove(&channel) {
+                    self.forget(chan, ApiError::Refused(reason));
                 }
             }
-            Event::ChannelOpened { channel } => {
-                debug!(link = self.generation, ?channel, "channel opened");
-                self.opened(conn, channel)
-            }
-            Event::ChannelOpenFailed {
-                channel,
-                description,
-                ..
-            } => {
-                if let Some(chan) = self.chans.remove(&channel)
-                    && let Some((_, reply, _)) = chan.opening
-                {
-                    let _ = reply.try_send(Err(ApiError::Refused(description)));
-                }
-            }
-            Event::ChannelData { channel, ext, data } => {
+            ApplianceEvent::Data { channel, ext, data } => {
                 if let Some(chan) = self.chans.get(&channel) {
                     let _ = chan.events.try_send(ChannelEvent::Data { ext, data });
                 } else {
-                    let _ = conn.channel_consume(channel, data.len());
+                    self.link.consumed(channel, data.len());
                 }
             }
-            Event::ChannelRequest {
-                channel,
-                request,
-                want_reply,
-            } => {
-                self.channel_request(channel, request);
-                if want_reply {
-                    let _ = conn.channel_reply(channel, false);
-                }
+            ApplianceEvent::Gap { channel, lost } => self.deliver(channel, ChannelEvent::Gap(lost)),
+            ApplianceEvent::Exit { channel, status } => {
+                self.deliver(channel, ChannelEvent::Exit(status))
             }
-            Event::ChannelReply { channel, success } => self.reply(conn, channel, success),
-            Event::ChannelClosed { channel } => {
-                if let Some(chan) = self.chans.remove(&channel) {
-                    if let Some((_, reply, _)) = chan.opening {
-                        let _ = reply.try_send(Err(ApiError::Refused(
-                            "the guest closed the channel".into(),
-                        )));
-                    }
-                    let _ = chan.events.try_send(ChannelEvent::Closed);
-                }
-            }
-            Event::ChannelWritable { channel } => {
-                if let Some(chan) = self.chans.get_mut(&channel) {
-                    chan.flush_stdin(conn, channel);
-                }
-            }
-            Event::ChannelEof { .. } | Event::KexComplete { .. } | Event::AuthRejected(_) => {}
-            Event::ChannelOpen { channel, .. } => {
-                let _ = conn.reject_channel(
-                    channel,
-                    proto_core::event::open_failure::ADMINISTRATIVELY_PROHIBITED,
-                    "the appliance accepts no channels",
-                );
-            }
-        }
-    }
-
-    fn opened(&mut self, conn: &mut Connection, channel: ChannelId) {
-        let Some(chan) = self.chans.get_mut(&channel) else {
-            return;
-        };
-        let Some((kind, reply, events)) = chan.opening.take() else {
-            return;
-        };
-        match kind {
-            OpenKind::Attach(_) => {
-                let opened = LinkChannel {
-                    channel,
-                    events,
-                    exec_id: None,
+            ApplianceEvent::Reply { channel, success } => {
+                let Some(chan) = self.chans.get_mut(&channel) else {
+                    return;
                 };
-                if reply.try_send(Ok(opened)).is_err() {
-                    // Whoever asked has gone meanwhile: nobody will close it.
-                    let _ = conn.channel_close(channel);
+                if let Some(reply) = chan.control.take() {
+                    let _ = reply.try_send(Ok(success));
+                } else if let Some(reply) = chan.replies.pop_front() {
+                    let _ = reply.try_send(success);
                 }
             }
-            OpenKind::Exec { command, tty, env } => {
-                for (name, value) in &env {
-                    let req = ChannelRequest::Env {
-                        name: name.clone(),
-                        value: Bytes::copy_from_slice(value.as_bytes()),
-                    };
-                    let _ = conn.channel_request(channel, &req, false);
+            ApplianceEvent::StdinSent { channel, n } => {
+                if let Some((gauge, queued)) =
+                    self.chans.get_mut(&channel).and_then(|c| c.stdin.as_mut())
+                {
+                    gauge.release(n);
+                    *queued = queued.saturating_sub(n);
                 }
-                if let Some((cols, rows)) = tty {
-                    let pty = PtyRequest {
-                        term: "xterm".into(),
-                        cols,
-                        rows,
-                        width_px: 0,
-                        height_px: 0,
-                        modes: Bytes::from_static(&[0]),
-                    };
-                    let _ = conn.channel_request(channel, &ChannelRequest::Pty(pty), false);
-                }
-                let _ = conn.channel_request(
-                    channel,
-                    &ChannelRequest::Exec {
-                        command: command.clone().into(),
-                    },
-                    true,
-                );
-                chan.replies.push_back(None);
-                chan.opening = Some((OpenKind::Exec { command, tty, env }, reply, events));
             }
+            ApplianceEvent::Closed { channel } => {
+                if let Some(chan) = self.chans.remove(&channel) {
+                    let closed = ApiError::Refused("the guest closed the channel".into());
+                    self.forget(chan, closed);
+                }
+            }
+            _ => {}
         }
     }
 
-    fn reply(&mut self, conn: &mut Connection, channel: ChannelId, success: bool) {
-        let Some(chan) = self.chans.get_mut(&channel) else {
-            return;
-        };
-        match chan.replies.pop_front() {
-            Some(Some(waiter)) => {
-                let _ = waiter.try_send(success);
-            }
-            // The reply to an exec's `exec` request completes the open.
-            Some(None) => {
-                if let Some((_, reply, events)) = chan.opening.take() {
-                    if success && chan.exec_id.is_some() {
-                        let opened = LinkChannel {
-                            channel,
-                            events,
-                            exec_id: chan.exec_id.clone(),
-                        };
-                        if reply.try_send(Ok(opened)).is_err() {
-                            let _ = conn.channel_close(channel);
-                        }
-                    } else {
-                        let why = if success {
-                            "the guest did not name the exec"
-                        } else {
-                            "the guest refused the exec"
-                        };
-                        let _ = reply.try_send(Err(ApiError::Refused(why.into())));
-                        let _ = conn.channel_close(channel);
-                    }
-                }
-            }
-            None => debug!(link = self.generation, "unexpected channel reply"),
+    fn deliver(&self, channel: ChannelId, event: ChannelEvent) {
+        if let Some(chan) = self.chans.get(&channel) {
+            let _ = chan.events.try_send(event);
         }
     }
 
-    fn channel_request(&mut self, channel: ChannelId, request: ChannelRequest) {
-        let Some(chan) = self.chans.get_mut(&channel) else {
-            return;
-        };
-        let event = match request {
-            ChannelRequest::ExitStatus { code } => ChannelEvent::Exit(ExitStatus::Code(code)),
-            ChannelRequest::ExitSignal {
-                name, core_dumped, ..
-            } => ChannelEvent::Exit(ExitStatus::Signal { name, core_dumped }),
-            ChannelRequest::Other { name, data } if name == tether::OUTPUT_GAP => {
-                match tether::decode_output_gap(&data) {
-                    Ok(lost) => ChannelEvent::Gap(lost),
-                    Err(_) => return,
-                }
-            }
-            ChannelRequest::Other { name, data } if name == tether::EXEC_ID => {
-                chan.exec_id = tether::decode_exec_id(&data).ok();
-                return;
-            }
-            _ => return,
-        };
-        let _ = chan.events.try_send(event);
+    /// A channel is gone: whoever still waits on it hears why.
+    fn forget(&self, chan: Chan, why: ApiError) {
+        if let Some((reply, _)) = chan.opening {
+            let _ = reply.try_send(Err(why.clone()));
+        }
+        if let Some(reply) = chan.control {
+            let _ = reply.try_send(Err(why));
+        }
+        if let Some((gauge, queued)) = chan.stdin {
+            gauge.release(queued);
+        }
+        let _ = chan.events.try_send(ChannelEvent::Closed);
     }
 }

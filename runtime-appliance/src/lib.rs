@@ -4,14 +4,15 @@
 
 pub mod api_types;
 pub mod appliance;
-mod attach;
+mod attachment;
 pub mod cli;
 mod guestlink;
-mod linkio;
 mod registry;
+mod stdin;
 
 pub use api_types::*;
-pub use appliance::{Appliance, Attachment};
+pub use appliance::{Appliance, Attachment, shell_quote};
 pub mod client;
+mod demo;
 pub mod http;
 pub mod server_commands;

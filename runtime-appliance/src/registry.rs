@@ -11,20 +11,13 @@ use async_channel::Sender;
 use event_listener::Event;
 use futures_lite::future;
 use proto_core::connmap::{ConnectionMap, Entry, MapEvent, WaiterId};
-use proto_core::tether::{self, ContainerInfo, State};
+use proto_core::tether::{ContainerInfo, State};
 use proto_core::{ClientConfig, HostKeyPolicy, PrivateKey, PublicKey};
-use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
 use smol::Timer;
 use tracing::warn;
 
 use crate::api_types::{ApiError, ContainerView};
 use crate::guestlink::LinkCommand;
-
-/// A fresh RNG seeded by the OS.
-pub fn rng() -> Box<dyn rand_core::RngCore + Send> {
-    Box::new(ChaCha20Rng::from_entropy())
-}
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -60,6 +53,7 @@ impl Registry {
                     counters.conflicts.fetch_add(1, Ordering::Relaxed);
                     warn!(container = %id, serving, other, "two live guest links claim this container; the newer serves it");
                 }
+                _ => {}
             }
         }
     }
@@ -103,7 +97,6 @@ impl Shared {
             key: Some(key),
             host_keys,
         });
-        tether::enable_appliance(&mut client);
         // Two unanswered keepalives 4 s apart end a link: a dead one is noticed
         // 8 to 12 s after it died, within the 15 s users were promised.
         client.keepalive_interval = Some(Duration::from_secs(4));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto_core::outlog::Overflow;
+use proto_core::tether::Signal;
 use proto_core::{PrivateKey, PublicKey};
 use serde::Deserialize;
 
@@ -161,7 +162,7 @@ pub struct SessionSpec {
     pub tty: bool,
     pub stdin: bool,
     pub start_gate: Option<(Duration, GateExpiry)>,
-    pub stop_signal: nix::sys::signal::Signal,
+    pub stop_signal: Signal,
     pub output_buffer: usize,
     pub overflow: Overflow,
     pub tty_size: (u16, u16),
@@ -220,20 +221,6 @@ fn duration(
         Some(s) => humantime::parse_duration(s)
             .map_err(|e| err(path, format!("not a duration like \"30s\": {e}"))),
     }
-}
-
-/// Parses a signal name (`TERM`, `SIGTERM`) or number.
-pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
-    use std::str::FromStr;
-    if let Ok(n) = s.parse::<i32>() {
-        return nix::sys::signal::Signal::try_from(n).ok();
-    }
-    let name = if s.starts_with("SIG") {
-        s.to_owned()
-    } else {
-        format!("SIG{s}")
-    };
-    nix::sys::signal::Signal::from_str(&name.to_ascii_uppercase()).ok()
 }
 
 impl Config {
@@ -313,8 +300,8 @@ impl Config {
                 return Err(err(at("cmd"), "must name a program"));
             }
             let stop_signal = match &s.stop_signal {
-                None => nix::sys::signal::Signal::SIGTERM,
-                Some(name) => parse_signal(name)
+                None => Signal::TERM,
+                Some(name) => Signal::parse(name)
                     .ok_or_else(|| err(at("stop_signal"), format!("unknown signal {name:?}")))?,
             };
             let start_gate = if s.start_gated {

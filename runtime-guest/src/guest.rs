@@ -1,10 +1,12 @@
-//! The guest's shared state and what acts on it: starting sessions, moving
-//! output from processes into the logs, input from links into processes,
-//! collecting exits, signals, resizes and start gates. Everything runs on one
+//! The guest's processes and what acts on them. The protocol's view of every
+//! session (state, exit, output log, readers, credits) is proto-core's
+//! `Sessions`; this module holds what only the OS has: process ids, pipes and
+//! ptys, the tasks that move output into the logs and input out of them, and
+//! carries out what links ask for (`GuestEvent`s). Everything runs on one
 //! thread (a `LocalExecutor`), so state is `RefCell`s and wake-ups are `Event`s.
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
@@ -13,17 +15,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use event_listener::Event;
 use futures_lite::AsyncWriteExt;
-use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use proto_core::outlog::{Overflow, Stream};
-use proto_core::tether::{ContainerInfo, Kind, State};
+use proto_core::PtyRequest;
+use proto_core::outlog::Stream;
+use proto_core::tether::{
+    self, Credit, ExitStatus, GuestEvent, Kind, SessionEvent, Sessions, Signal, State,
+};
 use smol::{Async, LocalExecutor, Timer};
 use tracing::{info, warn};
 
 use crate::config::{Config, GateExpiry, SessionSpec};
 use crate::process::{self, SpawnSpec};
-use crate::reaper::ExitInfo;
-use crate::session::{Credit, Session, StdinItem};
 
 /// How long output may keep flowing after a process exited (a background child
 /// can hold its pipes open), before the session is declared finished anyway.
@@ -32,58 +34,92 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// Bytes read from a process's output at a time (its pipe holds 1 MiB).
 const READ_BUFFER: usize = 256 * 1024;
 
-/// Exited execs remembered (listed, attachable for their output) at most.
-const KEEP_EXITED_EXECS: usize = 64;
-
 /// Exit status of a session that could not start (as a shell reports it).
 const CANNOT_RUN: u32 = 127;
 /// Exit status of a start-gated session whose gate expired with `fail`.
 const GATE_FAILED: u32 = 125;
 
+/// Input waiting for the process.
+enum StdinItem {
+    Data(Bytes, Credit),
+    /// Close stdin (a terminal gets its EOF character instead).
+    Eof,
+}
+
+/// A session's process, as the OS knows it.
+struct Proc {
+    pid: Option<Pid>,
+    /// The reaper's report; the session finishes once its output is all in.
+    exit: Option<ExitStatus>,
+    stop_signal: Signal,
+    /// Output streams not yet at end of file.
+    outputs_open: u8,
+    /// Reader tasks, dropped (cancelled) if output must be cut off.
+    tasks: Vec<smol::Task<()>>,
+    /// The pty master, for resizing.
+    pty: Option<Rc<OwnedFd>>,
+    stdin: VecDeque<StdinItem>,
+    /// Wakes the stdin writer.
+    stdin_ready: Rc<Event>,
+    /// Wakes output readers waiting for room under the `block` policy.
+    space: Rc<Event>,
+}
+
+impl Proc {
+    fn new(stop_signal: Signal) -> Self {
+        Self {
+            pid: None,
+            exit: None,
+            stop_signal,
+            outputs_open: 0,
+            tasks: Vec::new(),
+            pty: None,
+            stdin: VecDeque::new(),
+            stdin_ready: Rc::new(Event::new()),
+            space: Rc::new(Event::new()),
+        }
+    }
+}
+
 /// The guest.
 pub struct Guest {
     pub config: Config,
-    sessions: RefCell<BTreeMap<String, Session>>,
+    /// Every session as the protocol sees it; links borrow it per call.
+    pub sessions: RefCell<Sessions>,
+    procs: RefCell<BTreeMap<String, Proc>>,
     /// Anything a link might want to send changed: output, states, credits.
     pub changed: Event,
-    credits: RefCell<Vec<(Credit, usize)>>,
-    exec_seq: Cell<u64>,
-    link_seq: Cell<u64>,
     ex: Rc<LocalExecutor<'static>>,
-    /// The primary's exit has been reported to an appliance.
-    pub exit_reported: Cell<bool>,
 }
 
 impl Guest {
     /// The guest with its configured sessions created (not started).
     pub fn new(config: Config, ex: Rc<LocalExecutor<'static>>) -> Rc<Self> {
-        let sessions = config
-            .sessions
-            .iter()
-            .map(|s| {
-                let kind = if s.id == config.id {
-                    Kind::Primary
-                } else {
-                    Kind::Exec
-                };
-                (s.id.clone(), Session::new(s.clone(), kind))
-            })
-            .collect();
+        let mut sessions = Sessions::new(&config.id, config.primary().output_buffer);
+        let mut procs = BTreeMap::new();
+        for s in &config.sessions {
+            let kind = if s.id == config.id {
+                Kind::Primary
+            } else {
+                Kind::Exec
+            };
+            sessions.add(tether::SessionSpec {
+                id: s.id.clone(),
+                kind,
+                tty: s.tty,
+                stdin: s.stdin,
+                output_buffer: s.output_buffer,
+                overflow: s.overflow,
+            });
+            procs.insert(s.id.clone(), Proc::new(s.stop_signal));
+        }
         Rc::new(Self {
             config,
             sessions: RefCell::new(sessions),
+            procs: RefCell::new(procs),
             changed: Event::new(),
-            credits: RefCell::new(Vec::new()),
-            exec_seq: Cell::new(0),
-            link_seq: Cell::new(0),
             ex,
-            exit_reported: Cell::new(false),
         })
-    }
-
-    /// Runs `f` on session `id`.
-    pub fn with<R>(&self, id: &str, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
-        self.sessions.borrow_mut().get_mut(id).map(f)
     }
 
     /// Runs a task on the guest's executor.
@@ -91,116 +127,164 @@ impl Guest {
         self.ex.spawn(task).detach();
     }
 
-    /// Forgets every reader and credit of link `link` (it went away).
-    pub fn drop_link_readers(&self, link: u64) {
-        self.drop_credits(link);
-        for s in self.sessions.borrow_mut().values_mut() {
-            let before = s.readers.len();
-            s.readers.retain(|(l, _), _| *l != link);
-            if s.readers.len() != before {
-                s.apply_readers();
-            }
-        }
-        self.notify();
-    }
-
-    /// Runs `f` on every session.
-    pub fn each(&self, mut f: impl FnMut(&mut Session)) {
-        for s in self.sessions.borrow_mut().values_mut() {
-            f(s);
-        }
-    }
-
-    /// What `container-ids@tether` reports.
-    pub fn container_list(&self) -> Vec<ContainerInfo> {
-        self.sessions.borrow().values().map(Session::info).collect()
-    }
-
-    /// A fresh link generation number.
-    pub fn next_link(&self) -> u64 {
-        self.link_seq.set(self.link_seq.get() + 1);
-        self.link_seq.get()
-    }
-
-    /// Credits of link `link` for stdin bytes written since the last call
-    /// (other links' credits stay for them).
-    pub fn take_credits(&self, link: u64) -> Vec<(Credit, usize)> {
-        let mut all = self.credits.borrow_mut();
-        let (mine, others) = std::mem::take(&mut *all)
-            .into_iter()
-            .partition(|(c, _)| c.link == link);
-        *all = others;
-        mine
-    }
-
-    /// Forgets the credits of a link that went away.
-    fn drop_credits(&self, link: u64) {
-        self.credits.borrow_mut().retain(|(c, _)| c.link != link);
-    }
-
     fn notify(&self) {
         self.changed.notify(usize::MAX);
+    }
+
+    fn with<R>(&self, id: &str, f: impl FnOnce(&mut Proc) -> R) -> Option<R> {
+        self.procs.borrow_mut().get_mut(id).map(f)
+    }
+
+    /// Carries out what a link asks for.
+    pub fn carry_out(self: &Rc<Self>, link: u64, event: GuestEvent) {
+        match event {
+            GuestEvent::Authenticated(who) => {
+                info!(link, user = %who.user, key = ?who.key, "appliance authenticated");
+            }
+            GuestEvent::AuthRejected(r) => {
+                let key = r.key.map_or_else(|| "none".into(), |k| k.fingerprint());
+                warn!(link, user = %r.user, method = %r.method, %key, "refused authentication: {}", r.reason);
+            }
+            GuestEvent::Exec {
+                session,
+                command,
+                pty,
+                env,
+            } => self.start_exec(&session, command, pty, env),
+            GuestEvent::Start { session } => self.start(&session),
+            GuestEvent::Stdin {
+                session,
+                data,
+                credit,
+            } => self.queue_stdin(&session, StdinItem::Data(data, credit)),
+            GuestEvent::CloseStdin { session } => self.queue_stdin(&session, StdinItem::Eof),
+            GuestEvent::Signal { session, signal } => {
+                if let Err(e) = self.signal(&session, signal) {
+                    warn!(link, %session, "cannot deliver SIG{signal}: {e}");
+                }
+            }
+            GuestEvent::Resize {
+                session,
+                cols,
+                rows,
+            } => {
+                let pty = self.with(&session, |p| p.pty.clone()).flatten();
+                if let Some(pty) = pty
+                    && let Err(e) = process::resize(&pty, cols, rows)
+                {
+                    warn!(link, %session, "cannot resize the terminal: {e}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Acts on what the sessions report: room in a `block` log, execs forgotten.
+    pub fn after_links(&self) {
+        loop {
+            let event = self.sessions.borrow_mut().poll_event();
+            match event {
+                Some(SessionEvent::Room { session }) => {
+                    self.with(&session, |p| p.space.notify(usize::MAX));
+                }
+                Some(SessionEvent::Forgotten { session }) => {
+                    self.procs.borrow_mut().remove(&session);
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
     }
 
     /// Starts every configured session that is not start-gated, and arms the
     /// gates of the others.
     pub fn start_configured(self: &Rc<Self>) {
-        let ids: Vec<(String, Option<(Duration, GateExpiry)>)> = self
+        let gates: Vec<(String, Option<(Duration, GateExpiry)>)> = self
             .config
             .sessions
             .iter()
             .map(|s| (s.id.clone(), s.start_gate))
             .collect();
-        for (id, gate) in ids {
-            match gate {
-                None => self.start(&id),
-                Some((timeout, expiry)) => {
-                    let guest = self.clone();
-                    self.ex
-                        .spawn(async move {
-                            Timer::after(timeout).await;
-                            if guest.with(&id, |s| s.state == State::Created) == Some(true) {
-                                info!(session = %id, "start gate timed out after {timeout:?}: {expiry:?}");
-                                match expiry {
-                                    GateExpiry::Start => guest.start(&id),
-                                    GateExpiry::Fail => guest.fail(&id, GATE_FAILED, "start gate timed out; not started"),
-                                }
-                            }
-                        })
-                        .detach();
+        for (id, gate) in gates {
+            let Some((timeout, expiry)) = gate else {
+                self.start(&id);
+                continue;
+            };
+            let guest = self.clone();
+            self.spawn(async move {
+                Timer::after(timeout).await;
+                if guest.sessions.borrow().state(&id) == Some(State::Created) {
+                    info!(session = %id, "start gate timed out after {timeout:?}: {expiry:?}");
+                    match expiry {
+                        GateExpiry::Start => guest.start(&id),
+                        GateExpiry::Fail => {
+                            guest.fail(&id, GATE_FAILED, "start gate timed out; not started")
+                        }
+                    }
                 }
-            }
+            });
         }
-    }
-
-    /// Releases a start-gated session. False if it already started.
-    pub fn release_gate(self: &Rc<Self>, id: &str) -> bool {
-        if self.with(id, |s| s.state == State::Created) != Some(true) {
-            return false;
-        }
-        self.start(id);
-        true
     }
 
     fn fail(&self, id: &str, code: u32, why: &str) {
-        self.with(id, |s| {
-            s.log
-                .push(Stream::Stderr, format!("tether: {why}\n").as_bytes());
-            s.exit = Some(ExitInfo::code(code));
-            s.outputs_open = 0;
-            s.settle();
-        });
+        self.sessions.borrow_mut().fail(id, code, why);
         self.notify();
     }
 
-    /// Starts session `id`'s process; a failure to start becomes its exit.
-    pub fn start(self: &Rc<Self>, id: &str) {
-        let Some(spec) = self.with(id, |s| s.spec.clone()) else {
+    /// Starts configured session `id`'s process.
+    fn start(self: &Rc<Self>, id: &str) {
+        if self.sessions.borrow().state(id) != Some(State::Created) {
+            return;
+        }
+        let Some(spec) = self.config.sessions.iter().find(|s| s.id == id) else {
             return;
         };
         let tty = spec.tty.then_some(spec.tty_size);
+        self.launch(spec, tty);
+    }
+
+    /// Starts an exec's process: the primary's cwd, user and environment,
+    /// plus `env`, running `command` through the shell.
+    fn start_exec(
+        self: &Rc<Self>,
+        id: &str,
+        command: Option<String>,
+        pty: Option<PtyRequest>,
+        env: Vec<(String, String)>,
+    ) {
+        let primary = self.config.primary();
+        let shell = self.config.shell.clone();
+        let cmd = match command {
+            Some(c) => vec![shell, "-c".into(), c],
+            None => vec![shell],
+        };
+        let mut all_env = primary.env.clone();
+        all_env.extend(env);
+        if let Some(p) = pty.as_ref().filter(|p| !p.term.is_empty()) {
+            all_env.insert("TERM".into(), p.term.clone());
+        }
+        let size = pty.map(|p| (clamp(p.cols), clamp(p.rows)));
+        let spec = SessionSpec {
+            id: id.to_owned(),
+            cmd,
+            env: all_env,
+            tty: size.is_some(),
+            stdin: true,
+            start_gate: None,
+            stop_signal: Signal::TERM,
+            ..primary.clone()
+        };
+        self.procs
+            .borrow_mut()
+            .insert(id.to_owned(), Proc::new(Signal::TERM));
+        self.launch(&spec, size);
+    }
+
+    /// Spawns a session's process; a failure to start becomes its exit.
+    fn launch(self: &Rc<Self>, spec: &SessionSpec, tty: Option<(u16, u16)>) {
+        let (id, cmd) = (spec.id.as_str(), &spec.cmd);
         let spawned = process::spawn(&SpawnSpec {
-            cmd: &spec.cmd,
+            cmd,
             env: &spec.env,
             cwd: spec.cwd.as_deref(),
             user: spec.user.as_deref(),
@@ -214,7 +298,7 @@ impl Guest {
                 return self.fail(id, CANNOT_RUN, &e.to_string());
             }
         };
-        info!(session = %id, pid = spawned.pid.as_raw(), "started {:?}", spec.cmd);
+        info!(session = %id, pid = spawned.pid.as_raw(), "started {cmd:?}");
         let mut tasks = vec![self.spawn_reader(id, spawned.stdout, Stream::Stdout)];
         if let Some(err) = spawned.stderr {
             tasks.push(self.spawn_reader(id, err, Stream::Stderr));
@@ -224,14 +308,13 @@ impl Guest {
             let eof = pty.as_deref().map(process::eof_char);
             self.spawn_stdin_writer(id, stdin, eof);
         }
-        self.with(id, |s| {
-            s.pid = Some(spawned.pid);
-            s.state = State::Running;
-            s.outputs_open = tasks.len() as u8;
-            s.tasks = tasks;
-            s.pty = pty;
-            s.stdin_open = spec.stdin;
+        self.with(id, |p| {
+            p.pid = Some(spawned.pid);
+            p.outputs_open = tasks.len() as u8;
+            p.tasks = tasks;
+            p.pty = pty;
         });
+        self.sessions.borrow_mut().started(id);
         self.notify();
     }
 
@@ -242,11 +325,8 @@ impl Guest {
             if let Err(e) = guest.read_output(&id, fd, stream).await {
                 warn!(session = %id, "output {stream:?}: {e}");
             }
-            guest.with(&id, |s| {
-                s.outputs_open = s.outputs_open.saturating_sub(1);
-                s.settle();
-            });
-            guest.notify();
+            guest.with(&id, |p| p.outputs_open = p.outputs_open.saturating_sub(1));
+            guest.settle(&id);
         })
     }
 
@@ -258,16 +338,13 @@ impl Guest {
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
         loop {
             let room = loop {
-                let Some((room, space)) = self.with(id, |s| (s.log.space(), s.space.clone()))
-                else {
+                let Some(space) = self.with(id, |p| p.space.clone()) else {
                     return Ok(());
                 };
+                let listener = space.listen();
+                let room = self.sessions.borrow().space(id);
                 if room > 0 {
                     break room;
-                }
-                let listener = space.listen();
-                if self.with(id, |s| s.log.space()).unwrap_or(1) > 0 {
-                    continue;
                 }
                 listener.await;
             };
@@ -293,7 +370,7 @@ impl Guest {
             // SAFETY: `read` initialized the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(n) };
             let chunk = buf.split().freeze();
-            self.with(id, |s| s.log.push_bytes(stream, chunk));
+            self.sessions.borrow_mut().push_output(id, stream, chunk);
             self.notify();
         }
     }
@@ -301,87 +378,66 @@ impl Guest {
     fn spawn_stdin_writer(self: &Rc<Self>, id: &str, fd: OwnedFd, eof_char: Option<u8>) {
         let guest = self.clone();
         let id = id.to_owned();
-        self.ex
-            .spawn(async move {
-                let Ok(mut file) = Async::new(File::from(fd)) else {
+        self.spawn(async move {
+            let Ok(mut file) = Async::new(File::from(fd)) else {
+                return;
+            };
+            loop {
+                let Some((item, ready)) =
+                    guest.with(&id, |p| (p.stdin.pop_front(), p.stdin_ready.clone()))
+                else {
                     return;
                 };
-                loop {
-                    let Some((item, ready)) =
-                        guest.with(&id, |s| (s.stdin.pop_front(), s.stdin_ready.clone()))
-                    else {
-                        return;
-                    };
-                    match item {
-                        Some(StdinItem::Data { data, credit }) => {
-                            // A process that stopped reading (or exited) loses the
-                            // input, but the sender's window must still reopen.
-                            let _ = file.write_all(&data).await;
-                            guest.credits.borrow_mut().push((credit, data.len()));
-                            guest.notify();
+                match item {
+                    Some(StdinItem::Data(data, credit)) => {
+                        // A process that stopped reading (or exited) loses the
+                        // input, but the sender's window must still reopen.
+                        let _ = file.write_all(&data).await;
+                        guest
+                            .sessions
+                            .borrow_mut()
+                            .stdin_written(credit, data.len());
+                        guest.notify();
+                    }
+                    Some(StdinItem::Eof) => match eof_char {
+                        Some(c) => {
+                            let _ = file.write_all(&[c]).await;
                         }
-                        Some(StdinItem::Eof) => match eof_char {
-                            Some(c) => {
-                                let _ = file.write_all(&[c]).await;
-                            }
-                            None => return, // dropping the pipe closes it
-                        },
-                        None => {
-                            if guest
-                                .with(&id, |s| s.state == State::Exited)
-                                .unwrap_or(true)
-                            {
-                                return;
-                            }
-                            let listener = ready.listen();
-                            if guest.with(&id, |s| s.stdin.is_empty()) == Some(true) {
-                                listener.await;
-                            }
+                        None => return, // dropping the pipe closes it
+                    },
+                    None => {
+                        if guest.sessions.borrow().state(&id) != Some(State::Running) {
+                            return;
+                        }
+                        let listener = ready.listen();
+                        if guest.with(&id, |p| p.stdin.is_empty()) == Some(true) {
+                            listener.await;
                         }
                     }
                 }
-            })
-            .detach();
-    }
-
-    /// Queues input for session `id`. False (with the credit returned at once)
-    /// if its stdin is closed.
-    pub fn write_stdin(&self, id: &str, data: Bytes, credit: Credit) -> bool {
-        let len = data.len();
-        let queued = self
-            .with(id, |s| {
-                if !s.stdin_open {
-                    return false;
-                }
-                s.stdin.push_back(StdinItem::Data { data, credit });
-                s.stdin_ready.notify(1);
-                true
-            })
-            .unwrap_or(false);
-        if !queued {
-            self.credits.borrow_mut().push((credit, len));
-            self.notify();
-        }
-        queued
-    }
-
-    /// Closes session `id`'s stdin after what is queued.
-    pub fn close_stdin(&self, id: &str) {
-        self.with(id, |s| {
-            if s.stdin_open {
-                s.stdin.push_back(StdinItem::Eof);
-                if s.pty.is_none() {
-                    s.stdin_open = false;
-                }
-                s.stdin_ready.notify(1);
             }
         });
     }
 
-    /// Sends a signal to session `id`'s process group.
-    pub fn signal(&self, id: &str, signal: Signal) -> std::io::Result<()> {
+    /// Queues input for a session's stdin writer. Without one (no stdin, or
+    /// the process ended) data is dropped and its credit returned at once.
+    fn queue_stdin(&self, id: &str, item: StdinItem) {
+        let running = self.sessions.borrow().state(id) == Some(State::Running);
+        if running && let Some(p) = self.procs.borrow_mut().get_mut(id) {
+            p.stdin.push_back(item);
+            p.stdin_ready.notify(1);
+            return;
+        }
+        if let StdinItem::Data(data, credit) = item {
+            self.sessions.borrow_mut().stdin_written(credit, data.len());
+            self.notify();
+        }
+    }
+
+    /// Sends a signal to a session's process group.
+    fn signal(&self, id: &str, signal: Signal) -> std::io::Result<()> {
         let pid = self
-            .with(id, |s| s.pid.filter(|_| s.exit.is_none()))
+            .with(id, |p| p.pid.filter(|_| p.exit.is_none()))
             .flatten();
         match pid {
             Some(pid) => process::signal_group(pid, signal),
@@ -392,120 +448,69 @@ impl Guest {
         }
     }
 
-    /// Resizes session `id`'s terminal.
-    pub fn resize(&self, id: &str, cols: u32, rows: u32) -> std::io::Result<()> {
-        let pty = self.with(id, |s| s.pty.clone()).flatten();
-        match pty {
-            Some(pty) => process::resize(
-                &pty,
-                cols.min(u16::MAX as u32) as u16,
-                rows.min(u16::MAX as u32) as u16,
-            ),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "the session has no terminal",
-            )),
-        }
-    }
-
     /// Records a process exit reported by the reaper.
-    pub fn on_exit(self: &Rc<Self>, pid: Pid, exit: ExitInfo) {
+    pub fn on_exit(self: &Rc<Self>, pid: Pid, exit: ExitStatus) {
         let id = self
-            .sessions
+            .procs
             .borrow()
-            .values()
-            .find(|s| s.pid == Some(pid) && s.exit.is_none())
-            .map(|s| s.spec.id.clone());
+            .iter()
+            .find(|(_, p)| p.pid == Some(pid) && p.exit.is_none())
+            .map(|(id, _)| id.clone());
         let Some(id) = id else { return }; // an orphan we reaped as subreaper
-        info!(session = %id, code = exit.code, "exited");
-        let settled = self.with(&id, |s| {
-            s.exit = Some(exit);
-            s.settle()
-        });
-        if settled == Some(false) {
+        info!(session = %id, code = exit.code(), "exited");
+        self.with(&id, |p| p.exit = Some(exit));
+        if !self.settle(&id) {
             // Give the output a moment to drain, then cut it off.
             let guest = self.clone();
-            self.ex
-                .spawn(async move {
-                    Timer::after(OUTPUT_GRACE).await;
-                    guest.with(&id, |s| {
-                        if s.state != State::Exited {
-                            s.tasks.clear();
-                            s.outputs_open = 0;
-                            s.settle();
-                        }
-                    });
-                    guest.notify();
-                })
-                .detach();
+            self.spawn(async move {
+                Timer::after(OUTPUT_GRACE).await;
+                guest.with(&id, |p| {
+                    p.tasks.clear();
+                    p.outputs_open = 0;
+                });
+                guest.settle(&id);
+            });
         }
-        self.notify();
     }
 
-    /// Forgets the oldest exited execs beyond [`KEEP_EXITED_EXECS`], so a
-    /// guest running execs for months keeps a bounded list (and the container
-    /// list always fits a packet).
-    fn prune_execs(&self) {
-        let mut sessions = self.sessions.borrow_mut();
-        let mut exited: Vec<(u64, String)> = sessions
-            .values()
-            .filter(|s| s.kind == Kind::Exec && s.state == State::Exited && s.readers.is_empty())
-            .filter_map(|s| {
-                let n = s.spec.id.rsplit_once("-exec")?.1.parse::<u64>().ok()?;
-                Some((n, s.spec.id.clone()))
+    /// Finishes a session once its process has ended and its output is all
+    /// in. True if it is finished.
+    fn settle(&self, id: &str) -> bool {
+        let done = self
+            .with(id, |p| {
+                let done = p.exit.is_some() && p.outputs_open == 0;
+                if !done {
+                    return None;
+                }
+                p.pty = None;
+                p.stdin_ready.notify(usize::MAX);
+                let unwritten = std::mem::take(&mut p.stdin);
+                p.exit.clone().map(|exit| (exit, unwritten))
             })
-            .collect();
-        if exited.len() >= KEEP_EXITED_EXECS {
-            exited.sort();
-            for (_, id) in &exited[..exited.len() + 1 - KEEP_EXITED_EXECS] {
-                sessions.remove(id);
+            .flatten();
+        let Some((exit, unwritten)) = done else {
+            return false;
+        };
+        let mut sessions = self.sessions.borrow_mut();
+        for item in unwritten {
+            if let StdinItem::Data(data, credit) = item {
+                sessions.stdin_written(credit, data.len());
             }
         }
-    }
-
-    /// Creates and starts an exec session; returns its id.
-    pub fn add_exec(
-        self: &Rc<Self>,
-        cmd: Vec<String>,
-        tty: Option<(u16, u16)>,
-        env: Vec<(String, String)>,
-    ) -> String {
-        let n = self.exec_seq.get() + 1;
-        self.exec_seq.set(n);
-        let primary = self.config.primary();
-        let id = format!("{}-exec{n}", self.config.id);
-        let mut spec = SessionSpec {
-            id: id.clone(),
-            cmd,
-            tty: tty.is_some(),
-            stdin: true,
-            start_gate: None,
-            stop_signal: Signal::SIGTERM,
-            tty_size: tty.unwrap_or((80, 24)),
-            // Its requester is attached from the first byte: hold the process
-            // back rather than drop output, as SSH does.
-            overflow: Overflow::Block,
-            ..primary.clone()
-        };
-        spec.env.extend(env);
-        self.prune_execs();
-        self.sessions
-            .borrow_mut()
-            .insert(id.clone(), Session::new(spec, Kind::Exec));
-        self.start(&id);
-        id
+        sessions.finish(id, exit);
+        drop(sessions);
+        self.notify();
+        true
     }
 
     /// The primary session's exit, once it has exited.
-    pub fn primary_exit(&self) -> Option<ExitInfo> {
-        self.with(&self.config.id, |s| {
-            if s.state == State::Exited {
-                s.exit.clone()
-            } else {
-                None
-            }
-        })
-        .flatten()
+    pub fn primary_exit(&self) -> Option<ExitStatus> {
+        self.sessions.borrow().exit(&self.config.id).cloned()
+    }
+
+    /// Whether an appliance has heard of the primary's exit.
+    pub fn exit_reported(&self) -> bool {
+        self.sessions.borrow().exit_reported()
     }
 
     /// Stops every process still running (the container is stopping): each
@@ -513,11 +518,11 @@ impl Guest {
     pub async fn stop_all(&self, grace: Duration) {
         let running = |guest: &Self| -> Vec<(Pid, Signal)> {
             guest
-                .sessions
+                .procs
                 .borrow()
                 .values()
-                .filter(|s| s.exit.is_none())
-                .filter_map(|s| s.pid.map(|p| (p, s.spec.stop_signal)))
+                .filter(|p| p.exit.is_none())
+                .filter_map(|p| p.pid.map(|pid| (pid, p.stop_signal)))
                 .collect()
         };
         for (pid, signal) in running(self) {
@@ -532,15 +537,18 @@ impl Guest {
             .await;
         }
         for (pid, _) in running(self) {
-            let _ = process::signal_group(pid, Signal::SIGKILL);
+            let _ = process::signal_group(pid, Signal::KILL);
         }
     }
 
     /// Forwards a signal tether received to the primary session.
     pub fn forward_to_primary(&self, signal: Signal) {
-        let primary = self.config.id.clone();
-        if let Err(e) = self.signal(&primary, signal) {
-            warn!("cannot forward {signal} to the primary session: {e}");
+        if let Err(e) = self.signal(&self.config.id, signal) {
+            warn!("cannot forward SIG{signal} to the primary session: {e}");
         }
     }
+}
+
+fn clamp(n: u32) -> u16 {
+    n.clamp(1, u16::MAX as u32) as u16
 }

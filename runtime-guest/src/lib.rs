@@ -11,7 +11,6 @@ pub mod linkspec;
 pub mod process;
 pub mod reaper;
 pub mod serve;
-pub mod session;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -59,11 +58,11 @@ pub fn run(config: Config) -> u32 {
             listener.await;
         };
         info!(
-            code = exit.code,
+            code = exit.code(),
             "primary session exited; waiting up to {linger:?} for the appliance to hear of it"
         );
         let deadline = Instant::now() + linger;
-        while !guest.exit_reported.get() && Instant::now() < deadline {
+        while !guest.exit_reported() && Instant::now() < deadline {
             let listener = guest.changed.listen();
             future::or(listener, async {
                 Timer::at(deadline).await;
@@ -71,7 +70,7 @@ pub fn run(config: Config) -> u32 {
             .await;
         }
         guest.stop_all(Duration::from_secs(2)).await;
-        exit.code
+        exit.code()
     }))
 }
 
@@ -85,8 +84,8 @@ async fn forward_signals(guest: Rc<Guest>) {
         return;
     };
     while let Some(Ok(sig)) = signals.next().await {
-        if let Ok(sig) = nix::sys::signal::Signal::try_from(sig as i32) {
-            info!("forwarding {sig} to the primary session");
+        if let Some(sig) = proto_core::tether::Signal::from_number(sig as i32) {
+            info!("forwarding SIG{sig} to the primary session");
             guest.forward_to_primary(sig);
         }
     }

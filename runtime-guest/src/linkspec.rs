@@ -6,52 +6,17 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use smol::Async;
 
 pub use proto_core::linkspec::{Endpoint, LinkSpec};
 
-/// An open link: a byte stream that can be read and written at the same time
-/// (through shared references, so the I/O loop never blocks one on the other).
+/// An open link: a byte stream that can be read and written at the same time.
 pub enum LinkStream {
     Tcp(Async<TcpStream>),
     Unix(Async<UnixStream>),
     /// Serial devices and vsock sockets.
     Fd(Async<File>),
-}
-
-impl LinkStream {
-    /// Reads some bytes.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => (&mut &*s).read(buf).await,
-            Self::Unix(s) => (&mut &*s).read(buf).await,
-            Self::Fd(s) => (&mut &*s).read(buf).await,
-        }
-    }
-
-    /// Writes some bytes.
-    pub async fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => (&mut &*s).write(buf).await,
-            Self::Unix(s) => (&mut &*s).write(buf).await,
-            Self::Fd(s) => (&mut &*s).write(buf).await,
-        }
-    }
-
-    /// Writes all of `buf`.
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            let n = self.write(buf).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            buf = &buf[n..];
-        }
-        Ok(())
-    }
 }
 
 /// Something that yields links: a connector that dials, or a listener.

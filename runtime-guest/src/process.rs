@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::pty::{Winsize, openpty};
-use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, User};
+use proto_core::tether::Signal;
 
 /// Bytes a process's output pipe holds.
 const PIPE_SIZE: i32 = 1 << 20;
@@ -219,7 +219,12 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Spawned> {
 
 /// Sends `signal` to the process group led by `pid`.
 pub fn signal_group(pid: Pid, signal: Signal) -> io::Result<()> {
-    killpg(pid, signal).map_err(io::Error::from)
+    // Raw numbers, so real-time signals (`RTMIN+n`) reach the process too.
+    // SAFETY: killpg takes two integers and touches no memory of ours.
+    match unsafe { nix::libc::killpg(pid.as_raw(), signal.number()) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 /// Sets a terminal's size (the kernel then sends SIGWINCH to its foreground group).

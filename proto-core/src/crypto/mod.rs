@@ -14,6 +14,7 @@ pub use aws::AwsLcProvider;
 
 /// A key exchange method (all hash with SHA-256).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum KexAlg {
     /// `mlkem768x25519-sha256`: hybrid ML-KEM-768 + X25519 (post-quantum).
     MlKem768X25519,
@@ -48,6 +49,7 @@ impl KexAlg {
 
 /// A packet cipher (all AEAD: the MAC is implicit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CipherAlg {
     /// `aes256-gcm@openssh.com` (RFC 5647 as OpenSSH uses it).
     Aes256Gcm,

@@ -237,7 +237,10 @@ impl LinkPair {
                 data,
                 credit,
             } => {
-                rt.stdin.entry(session).or_default().extend_from_slice(&data);
+                rt.stdin
+                    .entry(session)
+                    .or_default()
+                    .extend_from_slice(&data);
                 if rt.hold_stdin {
                     rt.held.push((credit, data.len()));
                 } else {
@@ -281,10 +284,15 @@ impl LinkPair {
         let (mut lost, mut exit) = (0, None);
         for e in &self.events {
             match e {
-                ApplianceEvent::Data { channel: c, data: d, .. } if *c == channel => {
-                    data.extend_from_slice(d)
-                }
-                ApplianceEvent::Gap { channel: c, lost: l } if *c == channel => lost += l,
+                ApplianceEvent::Data {
+                    channel: c,
+                    data: d,
+                    ..
+                } if *c == channel => data.extend_from_slice(d),
+                ApplianceEvent::Gap {
+                    channel: c,
+                    lost: l,
+                } if *c == channel => lost += l,
                 ApplianceEvent::Exit { channel: c, status } if *c == channel => {
                     exit = Some(status.clone())
                 }
@@ -300,7 +308,9 @@ impl LinkPair {
             .events
             .iter()
             .map(|e| match e {
-                ApplianceEvent::Data { channel: c, data, .. } if *c == channel => data.len(),
+                ApplianceEvent::Data {
+                    channel: c, data, ..
+                } if *c == channel => data.len(),
                 _ => 0,
             })
             .sum();
@@ -344,7 +354,11 @@ pub fn tether_links(data: &[u8]) {
         };
         match input.u8() % 14 {
             0 => {
-                let from = if input.u8() & 1 == 0 { LIVE } else { input.u16() as u64 };
+                let from = if input.u8() & 1 == 0 {
+                    LIVE
+                } else {
+                    input.u16() as u64
+                };
                 if let Ok(c) = pair.appliance.open(LinkPair::attach(from, true)) {
                     channels.push(c);
                 }
@@ -379,15 +393,20 @@ pub fn tether_links(data: &[u8]) {
                 };
                 let bytes: Vec<u8> = (0..room).map(|i| (written + i as u64) as u8).collect();
                 written += room as u64;
-                pair.sessions.push_output(PRIMARY, stream, Bytes::from(bytes));
+                pair.sessions
+                    .push_output(PRIMARY, stream, Bytes::from(bytes));
             }
             4 => pair.sessions.started(PRIMARY),
-            5 => pair.sessions.finish(PRIMARY, ExitStatus::Code(input.u8() as u32)),
+            5 => pair
+                .sessions
+                .finish(PRIMARY, ExitStatus::Code(input.u8() as u32)),
             6 => {
                 if let Some(c) = pick(&mut input, &channels) {
                     let _ = pair.appliance.request(
                         c,
-                        &ChannelRequest::Signal { name: "TERM".into() },
+                        &ChannelRequest::Signal {
+                            name: "TERM".into(),
+                        },
                         true,
                     );
                 }

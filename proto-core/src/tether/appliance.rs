@@ -298,7 +298,9 @@ impl ApplianceLink {
                 chan.stdin.push_back(data);
                 self.flush_stdin(channel);
             }
-            _ => self.events.push_back(ApplianceEvent::StdinSent { channel, n }),
+            _ => self
+                .events
+                .push_back(ApplianceEvent::StdinSent { channel, n }),
         }
     }
 
@@ -340,7 +342,10 @@ impl ApplianceLink {
         if let Some(chan) = self.chans.get_mut(&channel) {
             let dropped: usize = chan.stdin.drain(..).map(|b| b.len()).sum();
             if dropped > 0 {
-                self.events.push_back(ApplianceEvent::StdinSent { channel, n: dropped });
+                self.events.push_back(ApplianceEvent::StdinSent {
+                    channel,
+                    n: dropped,
+                });
             }
         }
         let _ = self.conn.channel_close(channel);
@@ -356,7 +361,8 @@ impl ApplianceLink {
         while let Some(front) = chan.stdin.front_mut() {
             let n = self.conn.channel_send(channel, None, front).unwrap_or(0);
             if n > 0 {
-                self.events.push_back(ApplianceEvent::StdinSent { channel, n });
+                self.events
+                    .push_back(ApplianceEvent::StdinSent { channel, n });
             }
             if n < front.len() {
                 *front = front.slice(n..);
@@ -379,7 +385,11 @@ impl ApplianceLink {
         match event {
             Event::Authenticated(_) => {
                 self.events.push_back(ApplianceEvent::Authenticated);
-                if self.conn.global_request(m::CONTAINER_IDS, &[], true).is_ok() {
+                if self
+                    .conn
+                    .global_request(m::CONTAINER_IDS, &[], true)
+                    .is_ok()
+                {
                     self.lists.push_back(None);
                 }
             }
@@ -471,7 +481,8 @@ impl ApplianceLink {
     fn drop_stdin(&mut self, channel: ChannelId, chan: Chan) {
         let n: usize = chan.stdin.iter().map(Bytes::len).sum();
         if n > 0 {
-            self.events.push_back(ApplianceEvent::StdinSent { channel, n });
+            self.events
+                .push_back(ApplianceEvent::StdinSent { channel, n });
         }
     }
 
@@ -484,7 +495,8 @@ impl ApplianceLink {
         match chan.pending.take() {
             None => {}
             Some(Pending::Control(request)) => {
-                if self.conn.channel_request(channel, &request, true).is_ok() {
+                let sent = self.conn.channel_request(channel, &request, true);
+                if sent.is_ok() {
                     chan.waiters.push_back(Waiter::Control);
                 }
             }
@@ -540,16 +552,19 @@ impl ApplianceLink {
             return;
         };
         match request {
-            ChannelRequest::Other { name, data } if name == m::OFFSET => {
-                if chan.kind == Kind::Attach && chan.phase == Phase::Confirmed {
-                    chan.phase = Phase::Open;
-                    let offset = m::decode_offset(&data).ok();
-                    self.events.push_back(ApplianceEvent::Opened {
-                        channel,
-                        offset,
-                        exec_id: None,
-                    });
-                }
+            // Only first on an attach channel does it say where output starts.
+            ChannelRequest::Other { name, data }
+                if name == m::OFFSET
+                    && chan.kind == Kind::Attach
+                    && chan.phase == Phase::Confirmed =>
+            {
+                chan.phase = Phase::Open;
+                let offset = m::decode_offset(&data).ok();
+                self.events.push_back(ApplianceEvent::Opened {
+                    channel,
+                    offset,
+                    exec_id: None,
+                });
             }
             ChannelRequest::Other { name, data } if name == m::EXEC_ID => {
                 chan.exec_id = m::decode_exec_id(&data).ok();
@@ -563,14 +578,16 @@ impl ApplianceLink {
             ChannelRequest::ExitStatus { code } => {
                 self.report_open(channel);
                 let status = ExitStatus::Code(code);
-                self.events.push_back(ApplianceEvent::Exit { channel, status });
+                self.events
+                    .push_back(ApplianceEvent::Exit { channel, status });
             }
             ChannelRequest::ExitSignal {
                 name, core_dumped, ..
             } => {
                 self.report_open(channel);
                 let status = ExitStatus::Signal { name, core_dumped };
-                self.events.push_back(ApplianceEvent::Exit { channel, status });
+                self.events
+                    .push_back(ApplianceEvent::Exit { channel, status });
             }
             _ => {}
         }
@@ -600,18 +617,18 @@ impl ApplianceLink {
                     });
                 }
                 _ => {
-                        let reason = if success {
-                            "the guest did not name the exec"
-                        } else {
-                            "the guest refused the exec"
-                        };
-                        chan.phase = Phase::Failed;
-                        self.events.push_back(ApplianceEvent::OpenFailed {
-                            channel,
-                            reason: reason.into(),
-                        });
-                        let _ = self.conn.channel_close(channel);
-                    }
+                    let reason = if success {
+                        "the guest did not name the exec"
+                    } else {
+                        "the guest refused the exec"
+                    };
+                    chan.phase = Phase::Failed;
+                    self.events.push_back(ApplianceEvent::OpenFailed {
+                        channel,
+                        reason: reason.into(),
+                    });
+                    let _ = self.conn.channel_close(channel);
+                }
             },
             None => {}
         }

@@ -84,7 +84,8 @@ impl Cursor {
 
     /// Whether the attachment has all it wanted (`end_at` reached).
     pub fn at_end(&self) -> bool {
-        self.end_at.is_some_and(|end| self.offset != LIVE && self.offset >= end)
+        self.end_at
+            .is_some_and(|end| self.offset != LIVE && self.offset >= end)
     }
 
     /// Output arrived on the current channel.
@@ -141,7 +142,10 @@ mod tests {
             c.data(None, Bytes::from_static(b"out")),
             Delivery::Stdout(Bytes::from_static(b"out"))
         );
-        assert_eq!(c.data(Some(1), Bytes::from_static(b"err!")), Delivery::Skip(4));
+        assert_eq!(
+            c.data(Some(1), Bytes::from_static(b"err!")),
+            Delivery::Skip(4)
+        );
         c.gap(5);
         assert_eq!(c.offset(), 22);
         assert_eq!(c.request("web", false).from, 22);

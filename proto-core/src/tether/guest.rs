@@ -90,7 +90,6 @@ struct Attached {
     done: bool,
 }
 
-
 /// The guest's side of one link.
 pub struct GuestLink {
     conn: Connection,
@@ -520,9 +519,10 @@ impl GuestLink {
         let primary = s.primary();
         let exited = s.state(primary) == Some(State::Exited);
         let pushed = self.pushed == Some(s.version());
-        let open = self.roles.values().any(|r| {
-            matches!(r, Role::Attached(a) if a.session == primary && !a.done)
-        });
+        let open = self
+            .roles
+            .values()
+            .any(|r| matches!(r, Role::Attached(a) if a.session == primary && !a.done));
         if exited && pushed && !open {
             s.note_exit_reported();
         }

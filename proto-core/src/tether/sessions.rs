@@ -197,7 +197,8 @@ impl Sessions {
         for (_, id) in exited.drain(..=exited.len() - KEEP_EXITED_EXECS) {
             self.sessions.remove(&id);
             self.version += 1;
-            self.events.push_back(SessionEvent::Forgotten { session: id });
+            self.events
+                .push_back(SessionEvent::Forgotten { session: id });
         }
     }
 
@@ -405,7 +406,10 @@ mod tests {
         assert_eq!(s.exit("web"), None);
         s.finish("web", ExitStatus::signal(super::super::Signal::TERM, false));
         let info = &s.list()[0];
-        assert_eq!((info.state, info.exit_status, info.output_end), (State::Exited, 143, 2));
+        assert_eq!(
+            (info.state, info.exit_status, info.output_end),
+            (State::Exited, 143, 2)
+        );
         // Output after the end is not taken.
         s.push_output("web", Stream::Stdout, Bytes::from_static(b"late"));
         assert_eq!(s.list()[0].output_end, 2);
@@ -422,8 +426,14 @@ mod tests {
         let execs = s.ids().filter(|id| id.contains("-exec")).count();
         assert!(execs <= KEEP_EXITED_EXECS + 1, "{execs}");
         assert!(s.state("web-exec1").is_none());
-        assert!(s.state(&format!("web-exec{}", KEEP_EXITED_EXECS + 10)).is_some());
-        assert!(matches!(s.poll_event(), Some(SessionEvent::Forgotten { .. })));
+        assert!(
+            s.state(&format!("web-exec{}", KEEP_EXITED_EXECS + 10))
+                .is_some()
+        );
+        assert!(matches!(
+            s.poll_event(),
+            Some(SessionEvent::Forgotten { .. })
+        ));
     }
 
     #[test]
@@ -431,6 +441,9 @@ mod tests {
         let mut s = sessions();
         s.fail("web", 127, "no such file");
         assert_eq!(s.exit("web"), Some(&ExitStatus::Code(127)));
-        assert_eq!(s.list()[0].output_end, "tether: no such file\n".len() as u64);
+        assert_eq!(
+            s.list()[0].output_end,
+            "tether: no such file\n".len() as u64
+        );
     }
 }

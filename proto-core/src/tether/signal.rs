@@ -7,8 +7,8 @@ use std::fmt;
 /// Linux numbers 1..=31, in order.
 const NAMES: [&str; 31] = [
     "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
-    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU",
-    "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
 ];
 
 /// glibc's SIGRTMIN (the kernel's 32 and 33 are reserved for the C library).
@@ -90,7 +90,10 @@ mod tests {
         }
         assert_eq!(Signal::parse("RTMIN+2").map(Signal::number), Some(36));
         assert_eq!(Signal::parse("SIGRTMIN").map(Signal::number), Some(34));
-        assert_eq!(Signal::parse("64").map(|s| s.name()), Some("RTMIN+30".into()));
+        assert_eq!(
+            Signal::parse("64").map(|s| s.name()),
+            Some("RTMIN+30".into())
+        );
         for n in 1..=31 {
             let s = Signal::from_number(n).unwrap();
             assert_eq!(Signal::parse(&s.name()), Some(s));
@@ -99,7 +102,9 @@ mod tests {
 
     #[test]
     fn unknown_signals_are_refused() {
-        for text in ["", "NOPE", "0", "32", "33", "65", "-1", "RTMIN+31", "RTMIN+-1", "SIG"] {
+        for text in [
+            "", "NOPE", "0", "32", "33", "65", "-1", "RTMIN+31", "RTMIN+-1", "SIG",
+        ] {
             assert_eq!(Signal::parse(text), None, "{text:?}");
         }
     }

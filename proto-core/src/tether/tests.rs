@@ -19,7 +19,10 @@ fn connected(buffer: usize, overflow: Overflow) -> LinkPair {
     pair.split = Some(FuzzRng::new(3));
     pair.drive();
     let events = pair.take_events();
-    assert!(events.contains(&ApplianceEvent::Authenticated), "{events:?}");
+    assert!(
+        events.contains(&ApplianceEvent::Authenticated),
+        "{events:?}"
+    );
     pair
 }
 
@@ -51,8 +54,14 @@ fn output_written_before_attach_is_replayed_after_a_gap_report() {
     assert_eq!((lost, exit), (15, None));
     assert_eq!(data, bytes(15..25));
     // The gap is reported before the data that follows it.
-    let gap_at = pair.events.iter().position(|e| matches!(e, ApplianceEvent::Gap { .. }));
-    let data_at = pair.events.iter().position(|e| matches!(e, ApplianceEvent::Data { .. }));
+    let gap_at = pair
+        .events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Gap { .. }));
+    let data_at = pair
+        .events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Data { .. }));
     assert!(gap_at < data_at);
 }
 
@@ -60,11 +69,13 @@ fn output_written_before_attach_is_replayed_after_a_gap_report() {
 fn a_live_attach_learns_the_exact_offset_it_starts_at() {
     let mut pair = connected(1 << 20, Overflow::DropOldest);
     pair.sessions.started(PRIMARY);
-    pair.sessions.push_output(PRIMARY, Stream::Stdout, bytes(0..5));
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stdout, bytes(0..5));
     let ch = pair.appliance.open(LinkPair::attach(LIVE, false)).unwrap();
     pair.drive();
     assert_eq!(opened(&pair, ch), Some((Some(5), None)));
-    pair.sessions.push_output(PRIMARY, Stream::Stderr, bytes(5..8));
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stderr, bytes(5..8));
     pair.drive();
     assert_eq!(pair.received(ch).0, bytes(5..8));
 }
@@ -117,7 +128,11 @@ fn a_block_log_holds_the_process_back_until_the_appliance_consumes() {
     pair.consume_all(ch);
     pair.drive();
     assert!(pair.sessions.space(PRIMARY) > 0, "consuming makes room");
-    assert_eq!(pair.received(ch).0, bytes(0..written), "nothing lost or doubled");
+    assert_eq!(
+        pair.received(ch).0,
+        bytes(0..written),
+        "nothing lost or doubled"
+    );
 }
 
 #[test]
@@ -296,7 +311,11 @@ fn reattach_after_a_link_drop_resumes_at_the_exact_offset() {
         // Output on both streams; stderr is not wanted but counts.
         let mut total = 0u32;
         for i in 0..20u32 {
-            let stream = if i % 3 == 0 { Stream::Stderr } else { Stream::Stdout };
+            let stream = if i % 3 == 0 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            };
             let n = 1000 + i * 37;
             pair.sessions
                 .push_output(PRIMARY, stream, bytes(total..total + n));
@@ -311,12 +330,14 @@ fn reattach_after_a_link_drop_resumes_at_the_exact_offset() {
         let cut = (seed as usize * 7919) % wire.len();
         let _ = pair.appliance.handle_input(pair.now, &wire[..cut]);
         let mut stdout = Vec::new();
-        let mut feed = |cursor: &mut Cursor, events: Vec<ApplianceEvent>, want: crate::ChannelId| {
+        let mut feed = |cursor: &mut Cursor,
+                        events: Vec<ApplianceEvent>,
+                        want: crate::ChannelId| {
             for e in events {
                 match e {
-                    ApplianceEvent::Opened { channel, offset, .. } if channel == want => {
-                        cursor.opened(offset)
-                    }
+                    ApplianceEvent::Opened {
+                        channel, offset, ..
+                    } if channel == want => cursor.opened(offset),
                     ApplianceEvent::Data { channel, ext, data } if channel == want => {
                         if let Delivery::Stdout(d) = cursor.data(ext, data) {
                             stdout.extend_from_slice(&d);
@@ -371,7 +392,8 @@ fn container_list_changes_are_pushed_without_asking() {
     pair.sessions.started(PRIMARY);
     pair.drive();
     assert_eq!(states(&mut pair), [(State::Running, 0)]);
-    pair.sessions.push_output(PRIMARY, Stream::Stdout, bytes(0..10));
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stdout, bytes(0..10));
     pair.drive();
     assert_eq!(states(&mut pair), [], "output alone is not pushed");
     pair.sessions.finish(PRIMARY, ExitStatus::Code(7));
@@ -448,7 +470,12 @@ fn any_split_of_the_link_gives_the_same_events_with_real_crypto() {
         (pair.events, pair.runtime.stdin)
     };
     let whole = run(None);
-    assert!(whole.0.iter().any(|e| matches!(e, ApplianceEvent::Exit { .. })));
+    assert!(
+        whole
+            .0
+            .iter()
+            .any(|e| matches!(e, ApplianceEvent::Exit { .. }))
+    );
     for seed in 1..4 {
         assert!(run(Some(seed)) == whole, "split {seed} differs");
     }

@@ -2,7 +2,7 @@
 //! they talk to tetherd's HTTP API (see `docs/API.md`).
 
 pub mod api;
-pub mod attach;
+pub mod session;
 pub mod term;
 pub mod ws;
 
@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::cli::{ApiArgs, AttachArgs, Command, ExecArgs, IdArgs, KillArgs, LogsArgs};
 use crate::http::OFFSET_HEADER;
 use api::{Api, ClientError, encode};
-use attach::{Outcome, RECONNECT_FOR, Resume, Terminal};
+use session::{Outcome, RECONNECT_FOR, Resume, Terminal};
 
 /// Exit code for a failure of the client itself (not the container's).
 const FAILED: u8 = 1;
@@ -335,7 +335,7 @@ async fn interactive(
     } else {
         None
     };
-    let outcome = attach::run(api, conn, resume, &mut terminal).await;
+    let outcome = session::run(api, conn, resume, &mut terminal).await;
     drop(guard);
     match outcome? {
         Outcome::Exited(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::attach::{self, Outcome, Resume, Terminal};
+use super::session::{self, Outcome, Resume, Terminal};
 use super::term::{CTRL_P, CTRL_Q};
 use super::{ContainerRow, format_table, stream_logs, ws};
 use crate::api_types::*;
@@ -88,7 +88,7 @@ fn attach_survives_a_dropped_stream_without_duplicates() {
         let conn = ws::connect(&api, "/v1/containers/flaky/attach")
             .await
             .unwrap();
-        attach::run(&api, conn, resume("flaky"), &mut term).await
+        session::run(&api, conn, resume("flaky"), &mut term).await
     });
     assert_eq!(outcome.unwrap(), Outcome::Exited(7));
     assert_eq!(out.text(), want_out);
@@ -123,7 +123,7 @@ fn attach_gives_up_when_resuming_is_impossible() {
             id: None,
             ..resume("flaky")
         };
-        attach::run(&api, conn, no_resume, &mut term).await
+        session::run(&api, conn, no_resume, &mut term).await
     })
     .unwrap_err();
     assert!(err.to_string().contains("without an exit status"), "{err}");
@@ -143,7 +143,7 @@ fn exec_session_forwards_stdin_and_eof_then_exits() {
             .unwrap();
         tx.send(Bytes::from_static(b"abc")).await.unwrap();
         drop(tx); // EOF: [255, 0] closes the exec's stdin; the fake exits 0.
-        attach::run(&api, conn, resume("box.exec1"), &mut term).await
+        session::run(&api, conn, resume("box.exec1"), &mut term).await
     });
     assert_eq!(outcome.unwrap(), Outcome::Exited(0));
     assert_eq!(out.text(), "argv: cat\nabc");
@@ -164,12 +164,12 @@ fn ctrl_p_ctrl_q_detaches_and_a_lone_ctrl_p_passes_after_a_pause() {
             .await
             .unwrap();
         tx.send(Bytes::from_static(&[b'a', CTRL_P])).await.unwrap();
-        smol::Timer::after(attach::DETACH_WAIT * 3).await;
+        smol::Timer::after(session::DETACH_WAIT * 3).await;
         tx.send(Bytes::from_static(&[CTRL_P, b'b', CTRL_P]))
             .await
             .unwrap();
         tx.send(Bytes::from_static(&[CTRL_Q, b'z'])).await.unwrap();
-        attach::run(&api, conn, resume("sh"), &mut term).await
+        session::run(&api, conn, resume("sh"), &mut term).await
     });
     assert_eq!(outcome.unwrap(), Outcome::Detached);
     // The server applies input asynchronously: wait for the last of it.
@@ -305,7 +305,7 @@ fn attach_leaves_the_container_stdin_open_at_local_eof() {
         let conn = ws::connect(&api, "/v1/containers/web/attach?stdin=1")
             .await
             .unwrap();
-        attach::run(&api, conn, resume("web"), &mut term).await
+        session::run(&api, conn, resume("web"), &mut term).await
     });
     assert_eq!(outcome.unwrap(), Outcome::Exited(2));
     assert_eq!(out.text(), "hello\nbye\n");

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::api_types::{From, signal_number};
+use proto_core::tether::Signal;
+
+use crate::api_types::From;
 
 use super::response::HttpError;
 
@@ -178,34 +180,11 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 /// The canonical signal name (upper case, without `SIG`) for a name
 /// (`TERM`, `SIGTERM`, `term`, `RTMIN+2`) or a number (`15`).
 pub fn parse_signal(v: &str) -> Result<String, HttpError> {
-    let bad = || {
+    Signal::parse(v).map(Signal::name).ok_or_else(|| {
         HttpError::bad_request(format!(
             "unknown signal {v:?} (use a name such as TERM, SIGKILL, HUP, RTMIN+2, or a number 1-64)"
         ))
-    };
-    let upper = v.trim().to_ascii_uppercase();
-    if let Ok(n) = upper.parse::<u32>() {
-        return signal_name(n).ok_or_else(bad);
-    }
-    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-    match signal_number(name) {
-        Some(n) if (1..=64).contains(&n) => Ok(name.to_string()),
-        _ => Err(bad()),
-    }
-}
-
-/// The name (without `SIG`) of Linux signal number `n`.
-pub fn signal_name(n: u32) -> Option<String> {
-    const NAMES: [&str; 31] = [
-        "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
-        "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
-        "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
-    ];
-    match n {
-        1..=31 => NAMES.get(n as usize - 1).map(|s| s.to_string()),
-        34..=64 => Some(format!("RTMIN+{}", n - 34)),
-        _ => None,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -309,10 +288,6 @@ mod tests {
         for bad in ["NOPE", "0", "32", "65", "", "RTMIN+40", "-9"] {
             let err = parse_signal(bad).unwrap_err();
             assert_eq!(err.status.as_u16(), 400, "{bad}");
-        }
-        for n in (1..=31).chain(34..=64) {
-            let name = signal_name(n).unwrap();
-            assert_eq!(signal_number(&name), Some(n), "{name}");
         }
     }
 }

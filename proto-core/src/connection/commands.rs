@@ -3,8 +3,8 @@
 
 use bytes::{BufMut, Bytes};
 
+use super::{Connection, GlobalWaiter};
 use crate::channel::{Channel, ChannelState};
-use crate::connection::{Connection, GlobalWaiter};
 use crate::error::{DisconnectReason, Error, Result};
 use crate::event::ChannelId;
 use crate::request::ChannelRequest;

@@ -1,8 +1,8 @@
 //! Attachments: a container's output stream and its input, kept across link
 //! drops. A driver task owns the guest channel; when the link drops before the
 //! process has exited, it waits for the container to come back and re-attaches
-//! from exactly the offset it had delivered, so the stream stays byte-exact
-//! with no duplicates.
+//! from exactly the offset it had delivered (proto-core's `Cursor` keeps that
+//! position), so the stream stays byte-exact with no duplicates.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +11,13 @@ use async_channel::{Receiver, Sender};
 use bytes::Bytes;
 use futures_lite::future;
 use proto_core::ChannelRequest;
-use proto_core::tether::{self, AttachRequest};
+use proto_core::tether::{Cursor, Delivery};
 use tracing::{debug, info};
 
 use crate::api_types::{ApiError, Output};
-use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind, QueuedStdin, StdinGauge};
+use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
 use crate::registry::Shared;
+use crate::stdin::{QueuedStdin, StdinGauge};
 
 /// Requests from an `Attachment` to its driver.
 pub(crate) enum Control {
@@ -114,44 +115,46 @@ impl Attachment {
 pub(crate) struct Plan {
     pub id: String,
     pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
-    /// Stop at this offset (logs without follow).
-    pub end_at: Option<u64>,
+    /// Where the output stands and what of it is wanted.
+    pub cursor: Cursor,
     /// How long to wait for the container to come back after a link drop.
     pub reattach_timeout: Duration,
 }
 
 impl Plan {
-    /// The guest channel for this plan. A data attachment always asks for
-    /// both streams and filters here: the offset counts both, so only then
-    /// does it stay exact for re-attaching (docs/PROTOCOL.md 4.2).
-    pub fn request(&self, from: u64) -> AttachRequest {
-        let data = self.stdin || self.stdout || self.stderr;
-        AttachRequest {
-            id: self.id.clone(),
-            stdin: self.stdin,
-            stdout: data,
-            stderr: data,
-            from,
-        }
+    /// The guest channel for this plan, from where the cursor stands.
+    fn open_kind(&self) -> OpenKind {
+        OpenKind::Attach(self.cursor.request(&self.id, self.stdin))
     }
+}
+
+/// Opens the first channel of `plan` on `link` and starts its driver. `tty`
+/// is what the container list says.
+pub(crate) async fn attach(
+    shared: Arc<Shared>,
+    plan: Plan,
+    tty: bool,
+    link: Sender<LinkCommand>,
+) -> Result<Attachment, ApiError> {
+    let channel = open_on(&link, plan.open_kind()).await?;
+    Ok(start(shared, plan, tty, (channel, link)))
 }
 
 /// Starts a driver for an open channel and returns the attachment.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    plan: Plan,
+    mut plan: Plan,
     tty: bool,
-    start: u64,
     first: (LinkChannel, Sender<LinkCommand>),
 ) -> Attachment {
+    plan.cursor.opened(first.0.offset);
+    let start = plan.cursor.offset();
     let (out_tx, out_rx) = async_channel::unbounded();
     let (ctl_tx, ctl_rx) = async_channel::unbounded();
     let id = plan.id.clone();
     // Detached: when the attachment is dropped, the driver sees its channels
     // close and closes the guest channel (a detach) before it ends.
-    smol::spawn(drive(shared, plan, start, first, out_tx, ctl_rx)).detach();
+    smol::spawn(drive(shared, plan, first, out_tx, ctl_rx)).detach();
     Attachment {
         id,
         tty,
@@ -161,19 +164,6 @@ pub(crate) fn start(
         ctl: ctl_tx,
         stdin: Arc::new(StdinGauge::default()),
     }
-}
-
-/// Opens an attach channel for `plan` from `from`.
-pub(crate) async fn open(
-    shared: &Shared,
-    plan: &Plan,
-    from: u64,
-    timeout: Duration,
-) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
-    let (_, link) = shared.wait_for(&plan.id, timeout).await?;
-    let request = plan.request(from);
-    let channel = open_on(&link, OpenKind::Attach(request)).await?;
-    Ok((channel, link))
 }
 
 /// Opens a channel on a link.
@@ -197,19 +187,14 @@ enum Step {
 
 async fn drive(
     shared: Arc<Shared>,
-    plan: Plan,
-    mut offset: u64,
+    mut plan: Plan,
     first: (LinkChannel, Sender<LinkCommand>),
     out: Sender<Output>,
     ctl: Receiver<Control>,
 ) {
     let mut current = Some(first);
-    // Bytes delivered on earlier channels that the consumer has not yet
-    // acknowledged: their credit must not go to the current channel.
-    let mut old_outstanding = 0usize;
-    let mut outstanding = 0usize;
     loop {
-        if plan.end_at.is_some_and(|end| offset >= end) {
+        if plan.cursor.at_end() {
             return;
         }
         let (lc, link) = match current.take() {
@@ -219,9 +204,17 @@ async fn drive(
                     .counters
                     .reattaches
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let offset = plan.cursor.offset();
                 info!(container = %plan.id, offset, "re-attaching after a link drop");
-                match open(&shared, &plan, offset, plan.reattach_timeout).await {
-                    Ok(c) => c,
+                let opened = match shared.wait_for(&plan.id, plan.reattach_timeout).await {
+                    Ok((_, link)) => open_on(&link, plan.open_kind()).await.map(|c| (c, link)),
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(c) => {
+                        plan.cursor.opened(c.0.offset);
+                        c
+                    }
                     Err(e) => {
                         info!(container = %plan.id, "cannot re-attach: {e}");
                         return;
@@ -230,53 +223,38 @@ async fn drive(
             }
         };
         let channel = lc.channel;
-        old_outstanding += std::mem::take(&mut outstanding);
         loop {
             let step = future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
                 Step::Control(ctl.recv().await.ok())
             })
             .await;
-            match step {
+            let command = match step {
                 Step::Event(Some(ChannelEvent::Data { ext, data })) => {
-                    let mut data = data;
-                    if let Some(end) = plan.end_at {
-                        let room = end.saturating_sub(offset) as usize;
-                        data.truncate(room);
-                    }
-                    offset += data.len() as u64;
-                    let wanted = if ext.is_some() {
-                        plan.stderr
-                    } else {
-                        plan.stdout
+                    let item = match plan.cursor.data(ext, data) {
+                        Delivery::Skip(n) => {
+                            // Not asked for: counted in the offset, and its
+                            // window returned at once.
+                            let _ = link.send(LinkCommand::Consumed { channel, n }).await;
+                            None
+                        }
+                        Delivery::Stdout(d) => Some(Output::Stdout(d)),
+                        Delivery::Stderr(d) => Some(Output::Stderr(d)),
                     };
-                    if !wanted {
-                        // Not asked for: counted in the offset, and its window
-                        // returned at once.
-                        let _ = link
-                            .send(LinkCommand::Consumed {
-                                channel,
-                                n: data.len(),
-                            })
-                            .await;
-                        continue;
-                    }
-                    outstanding += data.len();
-                    let item = if ext.is_some() {
-                        Output::Stderr(data)
-                    } else {
-                        Output::Stdout(data)
-                    };
-                    if out.send(item).await.is_err() {
+                    if let Some(item) = item
+                        && out.send(item).await.is_err()
+                    {
                         break;
                     }
-                    if plan.end_at.is_some_and(|end| offset >= end) {
+                    if plan.cursor.at_end() {
                         let _ = link.send(LinkCommand::Close { channel }).await;
                         return;
                     }
+                    continue;
                 }
                 Step::Event(Some(ChannelEvent::Gap(lost))) => {
-                    offset = offset.saturating_add(lost);
+                    plan.cursor.gap(lost);
                     let _ = out.send(Output::Gap(lost)).await;
+                    continue;
                 }
                 Step::Event(Some(ChannelEvent::Exit(status))) => {
                     let _ = out.send(Output::Exit(status)).await;
@@ -284,44 +262,40 @@ async fn drive(
                     return;
                 }
                 Step::Event(Some(ChannelEvent::Closed)) | Step::Event(None) => {
+                    let offset = plan.cursor.offset();
                     debug!(container = %plan.id, offset, "channel closed before the process exited");
                     break;
                 }
-                Step::Control(Some(c)) => {
-                    let cmd = match c {
-                        Control::Stdin(data) => LinkCommand::Send { channel, data },
-                        Control::CloseStdin => LinkCommand::Eof { channel },
-                        Control::Resize(cols, rows) => LinkCommand::Request {
-                            channel,
-                            request: ChannelRequest::WindowChange {
-                                cols,
-                                rows,
-                                width_px: 0,
-                                height_px: 0,
-                            },
-                            reply: None,
+                Step::Control(Some(c)) => match c {
+                    Control::Stdin(data) => LinkCommand::Send { channel, data },
+                    Control::CloseStdin => LinkCommand::Eof { channel },
+                    Control::Resize(cols, rows) => LinkCommand::Request {
+                        channel,
+                        request: ChannelRequest::WindowChange {
+                            cols,
+                            rows,
+                            width_px: 0,
+                            height_px: 0,
                         },
-                        Control::Signal(name, reply) => LinkCommand::Request {
-                            channel,
-                            request: ChannelRequest::Signal { name },
-                            reply: Some(reply),
-                        },
-                        Control::Consumed(n) => {
-                            let old = n.min(old_outstanding);
-                            old_outstanding -= old;
-                            let n = (n - old).min(outstanding);
-                            outstanding -= n;
-                            LinkCommand::Consumed { channel, n }
-                        }
-                    };
-                    let _ = link.send(cmd).await;
-                }
+                        reply: None,
+                    },
+                    Control::Signal(name, reply) => LinkCommand::Request {
+                        channel,
+                        request: ChannelRequest::Signal { name },
+                        reply: Some(reply),
+                    },
+                    Control::Consumed(n) => LinkCommand::Consumed {
+                        channel,
+                        n: plan.cursor.consumed(n),
+                    },
+                },
                 Step::Control(None) => {
                     // The attachment was dropped: detach (close without EOF).
                     let _ = link.send(LinkCommand::Close { channel }).await;
                     return;
                 }
-            }
+            };
+            let _ = link.send(command).await;
         }
         if out.is_closed() || ctl.is_closed() {
             let _ = link.send(LinkCommand::Close { channel }).await;
@@ -330,35 +304,24 @@ async fn drive(
     }
 }
 
-/// Opens a short-lived control channel (no stdio) and sends one request.
+/// Opens a short-lived control channel (no stdio) to container `id` and sends
+/// one request; the guest's answer.
 pub(crate) async fn control_request(
     shared: &Shared,
     id: &str,
     request: ChannelRequest,
     timeout: Duration,
 ) -> Result<bool, ApiError> {
-    let plan = Plan {
-        id: id.to_owned(),
-        stdin: false,
-        stdout: false,
-        stderr: false,
-        end_at: None,
-        reattach_timeout: timeout,
-    };
-    let (lc, link) = open(shared, &plan, tether::LIVE, timeout).await?;
+    let (_, link) = shared.wait_for(id, timeout).await?;
     let (tx, rx) = async_channel::bounded(1);
-    let _ = link
-        .send(LinkCommand::Request {
-            channel: lc.channel,
-            request,
-            reply: Some(tx),
-        })
-        .await;
-    let ok = rx.recv().await.unwrap_or(false);
-    let _ = link
-        .send(LinkCommand::Close {
-            channel: lc.channel,
-        })
-        .await;
-    Ok(ok)
+    link.send(LinkCommand::Control {
+        id: id.to_owned(),
+        request,
+        reply: tx,
+    })
+    .await
+    .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
+    rx.recv()
+        .await
+        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
 }
