@@ -192,76 +192,97 @@ fn an_unreachable_gateway_is_an_error_naming_the_nic_and_route() {
     );
     let results = guest.run(move || Network::new(config).configure_present());
     let e = results.into_iter().next().unwrap().unwrap_err().to_string();
-    assert!(
-        e.starts_with(
-            "networks[0] (mac 52:54:00:bb:00:01): on vguest0: route to 0.0.0.0/0 via 10.99.0.1: "
-        ),
-        "{e}"
+    assert_eq!(
+        e,
+        "networks[0] (mac 52:54:00:bb:00:01): on vguest0: \
+         route to 0.0.0.0/0 via 10.99.0.1: ENETUNREACH: Network is unreachable"
     );
 }
 
-/// Waits up to `limit` on a packet socket for an ARP frame and returns it.
-fn capture_arp(limit: Duration) -> Option<Vec<u8>> {
-    // SAFETY: plain socket calls on a descriptor this function owns.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM,
-            i32::from(0x0806u16.to_be()),
-        );
-        assert!(fd >= 0);
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        let end = Instant::now() + limit;
-        let mut buf = [0u8; 1500];
-        let mut got = None;
-        while Instant::now() < end {
-            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-            if n >= 28 {
-                got = Some(buf[..n as usize].to_vec());
-                break;
+/// Waits up to `limit`, on a packet socket in `ns`, for a frame of `ethertype`
+/// whose payload `want` accepts, and returns that payload. The socket is open
+/// when this returns.
+fn capture(
+    ns: &Netns,
+    ethertype: u16,
+    limit: Duration,
+    want: fn(&[u8]) -> bool,
+) -> std::thread::JoinHandle<Option<Vec<u8>>> {
+    let path = format!("/run/netns/{}", ns.0);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let ns = File::open(path).unwrap();
+        // SAFETY: setns and socket calls on descriptors this thread owns.
+        unsafe {
+            assert_eq!(libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET), 0);
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_DGRAM,
+                i32::from(ethertype.to_be()),
+            );
+            assert!(fd >= 0);
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            let _ = ready_tx.send(());
+            let end = Instant::now() + limit;
+            let mut buf = [0u8; 1500];
+            let mut got = None;
+            while Instant::now() < end {
+                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                if n > 0 && want(&buf[..n as usize]) {
+                    got = Some(buf[..n as usize].to_vec());
+                    break;
+                }
             }
+            libc::close(fd);
+            got
         }
-        libc::close(fd);
-        got
-    }
+    });
+    ready.recv().unwrap();
+    handle
 }
 
 #[test]
-fn a_gratuitous_arp_announces_a_new_address_to_the_peer() {
+fn new_addresses_are_announced_by_gratuitous_arp_and_neighbour_advertisement() {
     let Some(guest) = available("netns ARP test", netns_available("garp")) else {
         return;
     };
     let peer = Netns::new("garp-peer").unwrap();
     veth(&guest, "vguest0", "52:54:00:cc:00:01", &peer, "vpeer0");
-    let path = format!("/run/netns/{}", peer.0);
-    let capture = std::thread::spawn(move || {
-        let ns = File::open(path).unwrap();
-        // SAFETY: as in Netns::run.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        capture_arp(Duration::from_secs(5))
+    let limit = Duration::from_secs(5);
+    let arp = capture(&peer, 0x0806, limit, |_| true);
+    let na = capture(&peer, 0x86dd, limit, |p| {
+        p.len() >= 72 && p[6] == 58 && p[40] == 136
     });
-    std::thread::sleep(Duration::from_millis(300)); // the capture socket is open
-    let config = specs(json!([{"mac": "52:54:00:cc:00:01", "addresses": ["10.230.0.15/24"]}]));
+    let config = specs(json!([{"mac": "52:54:00:cc:00:01",
+                               "addresses": ["10.230.0.15/24", "fd00:230::15/64"]}]));
     let results = guest.run(move || Network::new(config).configure_present());
     assert!(results[0].is_ok(), "{:?}", results[0]);
-    let arp = capture.join().unwrap().expect("an ARP frame on the peer");
+
+    let arp = arp.join().unwrap().expect("an ARP frame on the peer");
     assert_eq!(&arp[6..8], &[0, 1], "a request");
     assert_eq!(&arp[8..14], &[0x52, 0x54, 0, 0xcc, 0, 1], "from our MAC");
     assert_eq!(&arp[14..18], &[10, 230, 0, 15], "sender: our address");
     assert_eq!(&arp[24..28], &[10, 230, 0, 15], "target: our address");
+
+    let na = na
+        .join()
+        .unwrap()
+        .expect("a neighbour advertisement on the peer");
+    let ours: std::net::Ipv6Addr = "fd00:230::15".parse().unwrap();
+    assert_eq!(&na[8..24], &ours.octets(), "from our address");
+    assert_eq!(&na[48..64], &ours.octets(), "for our address");
+    assert_eq!(na[44] & 0x20, 0x20, "override set");
+    assert_eq!(&na[66..72], &[0x52, 0x54, 0, 0xcc, 0, 1], "at our MAC");
 }
 
 /// `busybox udhcpd` serving 10.240.0.100-150 on `ifname` in `ns`, 20 s leases.
