@@ -14,10 +14,13 @@ use super::spec::{MacAddr, PciAddr, Selector};
 /// What the kernel says about one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
+    /// The interface index (stable while the interface exists, across renames).
     pub index: u32,
     pub name: String,
+    /// None for interfaces without an Ethernet address.
     pub mac: Option<MacAddr>,
     pub mtu: u32,
+    /// Administratively up (`IFF_UP`).
     pub up: bool,
     pub loopback: bool,
 }

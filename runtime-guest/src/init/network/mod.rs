@@ -7,6 +7,29 @@
 //!
 //! Netlink calls are synchronous (the kernel answers at once) and open their
 //! socket in the calling thread's network namespace.
+//!
+//! How PID 1 uses it (on its smol `LocalExecutor`):
+//!
+//! ```ignore
+//! let mut net = Network::new(config.raw_os.networks.clone());
+//! let mut leases = Vec::new();
+//! for r in net.configure_present() {          // then, per uevent "add" of a net
+//!     match r {                               // device: net.link_added(&ifname)
+//!         Ok(c) => if let Some(nic) = c.dhcp {
+//!             let (client, handle) = dhcp::client(nic, config.raw_os.hostname.clone());
+//!             ex.spawn(client).detach();      // runs forever: renewals, rebinding
+//!             leases.push(handle);
+//!         },
+//!         Err(e) => warn!("{e}"),
+//!     }
+//! }
+//! for h in &leases {                          // bounded: boot goes on without a lease
+//!     match h.first_lease(Duration::from_secs(30)).await {
+//!         Ok(lease) => nameservers.extend(lease.dns),   // for resolv.conf if `dns` is unset
+//!         Err(e) => warn!("{e}"),
+//!     }
+//! }
+//! ```
 
 pub mod addr;
 pub mod announce;
@@ -240,8 +263,8 @@ pub fn apply(
     }
     let default = spec.gateway.map(|gw| spec::RouteSpec {
         to: match gw {
-            IpAddr::V4(_) => "0.0.0.0/0".parse().expect("constant"),
-            IpAddr::V6(_) => "::/0".parse().expect("constant"),
+            IpAddr::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+            IpAddr::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
         },
         via: Some(gw),
     });

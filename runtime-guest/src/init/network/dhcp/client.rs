@@ -27,15 +27,23 @@ const MIN_RENEW_RETRY: Duration = Duration::from_secs(1);
 /// What the server granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// Our address (`yiaddr`).
     pub address: Ipv4Addr,
+    /// From the subnet mask option (classful default without one).
     pub prefix_len: u8,
+    /// The server that granted it (renewals go there).
     pub server: Ipv4Addr,
+    /// Routers, in the server's order of preference.
     pub routers: Vec<Ipv4Addr>,
+    /// DNS servers, for `resolv.conf` when the config gives none.
     pub dns: Vec<Ipv4Addr>,
+    /// The domain name option, a `search` candidate.
     pub domain: Option<String>,
     /// None: an infinite lease.
     pub lease_time: Option<Duration>,
+    /// When to renew, after `start` (None with an infinite lease).
     pub t1: Option<Duration>,
+    /// When to rebind, after `start`.
     pub t2: Option<Duration>,
     /// When the exchange that granted it started (lease times count from here).
     pub start: Instant,
