@@ -180,6 +180,28 @@ fn a_static_config_names_the_nic_and_sets_addresses_routes_and_neighbours_idempo
 }
 
 #[test]
+fn a_nic_holding_the_wanted_name_is_moved_aside() {
+    let Some(guest) = available("netns configurator test", netns_available("swap")) else {
+        return;
+    };
+    let peer = Netns::new("swap-peer").unwrap();
+    veth(&guest, "eth0", "52:54:00:ab:00:01", &peer, "vpeer0");
+    veth(&guest, "vguest1", "52:54:00:ab:00:02", &peer, "vpeer1");
+    guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let config = specs(json!([
+        {"name": "eth0", "mac": "52:54:00:ab:00:02"},
+        {"name": "eth1", "mac": "52:54:00:ab:00:01"}
+    ]));
+    let results = guest.run(move || Network::new(config).configure_present());
+    let names: Vec<String> = results.into_iter().map(|r| r.unwrap().ifname).collect();
+    assert_eq!(names, ["eth0", "eth1"]);
+    let link = |n: &str| guest.json(&["link", "show", n])[0].clone();
+    assert_eq!(link("eth0")["address"], "52:54:00:ab:00:02");
+    assert_eq!(link("eth1")["address"], "52:54:00:ab:00:01");
+    assert!(has(&link("eth1")["flags"], |f| f == "UP"));
+}
+
+#[test]
 fn an_unreachable_gateway_is_an_error_naming_the_nic_and_route() {
     let Some(guest) = available("netns configurator test", netns_available("badgw")) else {
         return;
