@@ -11,6 +11,7 @@ use proto_core::tether::Signal;
 use proto_core::{PrivateKey, PublicKey};
 use serde::Deserialize;
 
+use crate::init::network::{NicSpec, RawNetwork};
 use crate::linkspec::LinkSpec;
 
 /// A configuration error, naming the field.
@@ -59,7 +60,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub mounts: Vec<Mount>,
     #[serde(default)]
-    pub networks: Vec<serde_json::Value>,
+    pub networks: Vec<RawNetwork>,
     #[serde(default)]
     pub secrets: Vec<serde_json::Value>,
 }
@@ -191,7 +192,8 @@ pub struct OsConfig {
     pub hosts: Vec<HostEntry>,
     pub dns: Option<Dns>,
     pub mounts: Vec<Mount>,
-    pub networks: usize,
+    /// Validated `networks` (see `init::network`).
+    pub networks: Vec<NicSpec>,
     pub secrets: usize,
 }
 
@@ -203,7 +205,7 @@ impl OsConfig {
             && self.hosts.is_empty()
             && self.dns.is_none()
             && self.mounts.is_empty()
-            && self.networks == 0
+            && self.networks.is_empty()
             && self.secrets == 0
     }
 }
@@ -362,6 +364,8 @@ impl Config {
                 ),
             ));
         }
+        let networks =
+            crate::init::network::validate(&raw.networks).map_err(|e| err(e.path, e.message))?;
         let link = match &raw.link {
             None => None,
             Some(spec) => Some(spec.parse::<LinkSpec>().map_err(|e| err("link", e))?),
@@ -382,7 +386,7 @@ impl Config {
                 hosts: raw.hosts,
                 dns: raw.dns,
                 mounts: raw.mounts,
-                networks: raw.networks.len(),
+                networks,
                 secrets: raw.secrets.len(),
             },
         })
@@ -466,6 +470,14 @@ mod tests {
                 "authorized_keys[0]",
             ),
             (serde_json::json!({"link": "carrier-pigeon:1"}), "link"),
+            (
+                serde_json::json!({"networks": [{"mac": "zz"}]}),
+                "networks[0].mac",
+            ),
+            (
+                serde_json::json!({"networks": [{"mac": "52:54:00:00:00:01", "colour": 1}]}),
+                "networks[0]",
+            ),
         ];
         for (patch, field) in cases {
             let mut v = base();

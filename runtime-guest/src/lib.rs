@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod guest;
+pub mod init;
 pub mod linkspec;
 pub mod process;
 pub mod reaper;
