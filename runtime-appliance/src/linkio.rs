@@ -120,7 +120,8 @@ pub fn shell_quote(arg: &str) -> String {
 }
 
 /// Link sync as the appliance: HELLO until a matching HELLO-ACK, then READY.
-/// Returns the guest's bytes that followed its HELLO-ACK.
+/// Returns the guest's bytes that followed its HELLO-ACK, or an error with the
+/// reason a guest gave in a FATAL frame.
 pub async fn sync_link(stream: &Async<TcpStream>) -> io::Result<Vec<u8>> {
     let mut initiator = Initiator::new(Instant::now(), crate::registry::rng());
     let mut buf = vec![0u8; 4096];
@@ -144,6 +145,9 @@ pub async fn sync_link(stream: &Async<TcpStream>) -> io::Result<Vec<u8>> {
             Some(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Some(Ok(n)) => {
                 let used = initiator.handle_input(Instant::now(), &buf[..n]);
+                if let Some(reason) = initiator.fatal() {
+                    return Err(io::Error::other(format!("the guest cannot run: {reason}")));
+                }
                 if initiator.is_ready() {
                     if let Some(out) = initiator.poll_transmit() {
                         (&mut &*stream).write_all(&out).await?;
