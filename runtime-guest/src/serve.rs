@@ -114,6 +114,13 @@ async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
 /// Runs link sync as the guest; returns the bytes that followed READY.
 async fn sync(stream: &LinkStream) -> io::Result<Vec<u8>> {
     let mut responder = Responder::new(rng());
+    if stream.is_serial() {
+        // Opening the line discarded the HELLOs sent before: ask for one now.
+        responder.announce();
+        if let Some(out) = responder.poll_transmit() {
+            stream.write_all(&out).await?;
+        }
+    }
     let mut buf = vec![0u8; 4096];
     loop {
         let n = stream.read(&mut buf).await?;
