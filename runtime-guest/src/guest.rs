@@ -52,6 +52,8 @@ pub struct Guest {
     ex: Rc<LocalExecutor<'static>>,
     /// The primary's exit has been reported to an appliance.
     pub exit_reported: Cell<bool>,
+    /// A fatal error (PID 1) the links must report as an SSH DISCONNECT.
+    pub fatal: crate::init::fatal::FatalNotice,
 }
 
 impl Guest {
@@ -78,6 +80,7 @@ impl Guest {
             link_seq: Cell::new(0),
             ex,
             exit_reported: Cell::new(false),
+            fatal: Default::default(),
         })
     }
 

@@ -218,12 +218,21 @@ async fn serve(
         Changed,
         Timer,
     }
+    let mut fatal_sent = false;
     loop {
         let listener = guest.changed.listen();
+        if !fatal_sent && let Some(description) = guest.fatal.disconnect_description() {
+            // PID 1 is going down: say why, as the last thing on this connection.
+            conn.disconnect(proto_core::DisconnectReason::ByApplication, &description);
+            fatal_sent = true;
+        }
         link.handle_events(&mut conn);
         link.pump(&mut conn);
         outbox.fill(&mut conn);
         if conn.is_closed() && outbox.is_empty() {
+            if fatal_sent {
+                guest.fatal.mark_delivered();
+            }
             return match conn.close_reason() {
                 Some(e) if !is_orderly(e) => Err(io::Error::other(e.to_string())),
                 _ => Ok(()),
