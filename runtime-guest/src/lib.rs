@@ -100,7 +100,11 @@ pub async fn serve_guest(
             "primary session exited; waiting up to {linger:?} for the appliance to hear of it"
         );
         let deadline = Instant::now() + linger;
-        while !guest.exit_reported.get() && Instant::now() < deadline {
+        // Reported, and written out: a slow serial line may still hold the
+        // tail of the output after the exit was queued.
+        while !(guest.exit_reported.get() && guest.links_unsent.get() == 0)
+            && Instant::now() < deadline
+        {
             let listener = guest.changed.listen();
             future::or(listener, async {
                 Timer::at(deadline).await;

@@ -274,6 +274,24 @@ pub mod serial {
         let _ = termios::cfsetspeed(t, BaudRate::B115200);
     }
 
+    /// Waits (at most `limit`) until what was written to the device has gone
+    /// out of the line: bytes still in the kernel's buffer are lost when the
+    /// machine powers off.
+    pub fn drain(path: &std::path::Path, limit: std::time::Duration) -> bool {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open(path)
+        else {
+            return false;
+        };
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(termios::tcdrain(&file).is_ok());
+        });
+        wait.recv_timeout(limit).unwrap_or(false)
+    }
+
     fn discard_stale_input(file: &File) -> io::Result<()> {
         termios::tcflush(file, FlushArg::TCIFLUSH).map_err(io::Error::from)
     }

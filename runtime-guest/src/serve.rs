@@ -211,6 +211,7 @@ async fn serve(
             .map_err(io::Error::other)?;
     }
     let mut outbox = Outbox::new(MAX_PENDING_WRITE);
+    let mut unsent = Unsent::new(guest);
     let mut buf = vec![0u8; 64 * 1024];
     enum Wake {
         Read(io::Result<usize>),
@@ -229,6 +230,7 @@ async fn serve(
         link.handle_events(&mut conn);
         link.pump(&mut conn);
         outbox.fill(&mut conn);
+        unsent.set(!outbox.is_empty() || conn.has_transmit());
         if conn.is_closed() && outbox.is_empty() {
             if fatal_sent {
                 guest.fatal.mark_delivered();
@@ -292,6 +294,42 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Counts this link in `Guest::links_unsent` while it holds bytes it has not
+/// written yet, so the guest does not exit (or power off) under them.
+struct Unsent<'a> {
+    guest: &'a Guest,
+    counted: bool,
+}
+
+impl<'a> Unsent<'a> {
+    fn new(guest: &'a Guest) -> Self {
+        Self {
+            guest,
+            counted: false,
+        }
+    }
+
+    fn set(&mut self, unsent: bool) {
+        if unsent == self.counted {
+            return;
+        }
+        let n = &self.guest.links_unsent;
+        if unsent {
+            n.set(n.get() + 1);
+        } else {
+            n.set(n.get().saturating_sub(1));
+            self.guest.changed.notify(usize::MAX);
+        }
+        self.counted = unsent;
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 

@@ -45,12 +45,14 @@ use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::guest::Guest;
-use crate::linkspec::LinkSpec;
+use crate::linkspec::{Endpoint, LinkSpec, serial};
 use storage::Roots;
 use uevent::{Devices, Uevent};
 
 /// The link PID 1 uses when neither `--link` nor the config names one.
 pub const DEFAULT_LINK: &str = "serial:/dev/ttyS0";
+/// Longest wait for the serial line to send its last bytes before power-off.
+const LINK_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether this process is the machine's init.
 pub fn is_pid1() -> bool {
@@ -151,20 +153,28 @@ pub fn run(args: Args, network: Rc<dyn Network>) -> ! {
     let ex = Rc::new(LocalExecutor::new());
     let result = smol::block_on(ex.run(boot(&ex, args, &cmdline, network)));
     match result {
-        Ok(code) => {
+        Ok((code, link)) => {
             info!("the primary session exited with status {code}; powering off");
+            if let Some(LinkSpec {
+                endpoint: Endpoint::Serial(device),
+                ..
+            }) = link
+            {
+                serial::drain(&device, LINK_DRAIN);
+            }
             power::power_off(power::TERM_GRACE)
         }
         Err(e) => fatal::die(&e.to_string()),
     }
 }
 
+/// Runs everything up to the primary's exit; returns its status and the link.
 async fn boot(
     ex: &Rc<LocalExecutor<'static>>,
     args: Args,
     cmdline: &source::KernelCmdline,
     network: Rc<dyn Network>,
-) -> Result<u32, InitError> {
+) -> Result<(u32, Option<LinkSpec>), InitError> {
     let roots = Roots::default();
     let devices = start_devices(ex, &roots, network.clone());
     let module_dir = modules::modules_dir();
@@ -179,10 +189,12 @@ async fn boot(
         fatal::report_on(link);
     }
     configure(&config, &devices, &roots, &*network, &module_dir, &index).await?;
+    let link = config.link.clone();
     let guest = Guest::new(config, ex.clone());
-    crate::serve_guest(ex, guest, true)
+    let code = crate::serve_guest(ex, guest, true)
         .await
-        .map_err(InitError::TaskEnded)
+        .map_err(InitError::TaskEnded)?;
+    Ok((code, link))
 }
 
 /// Starts the device record and its listener (before anything that may add
