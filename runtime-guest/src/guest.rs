@@ -53,7 +53,7 @@ pub struct Guest {
     /// The primary's exit has been reported to an appliance.
     pub exit_reported: Cell<bool>,
     /// Links holding bytes not yet written to their stream (exit waits for them).
-    pub links_unsent: Cell<usize>,
+    pub link_backlog: crate::serve::Backlog,
     /// A fatal error (PID 1) the links must report as an SSH DISCONNECT.
     pub fatal: crate::init::fatal::FatalNotice,
 }
@@ -82,7 +82,7 @@ impl Guest {
             link_seq: Cell::new(0),
             ex,
             exit_reported: Cell::new(false),
-            links_unsent: Cell::new(0),
+            link_backlog: Default::default(),
             fatal: Default::default(),
         })
     }

@@ -100,17 +100,16 @@ pub async fn serve_guest(
             "primary session exited; waiting up to {linger:?} for the appliance to hear of it"
         );
         let deadline = Instant::now() + linger;
-        // Reported, and written out: a slow serial line may still hold the
-        // tail of the output after the exit was queued.
-        while !(guest.exit_reported.get() && guest.links_unsent.get() == 0)
-            && Instant::now() < deadline
-        {
+        while !guest.exit_reported.get() && Instant::now() < deadline {
             let listener = guest.changed.listen();
             future::or(listener, async {
                 Timer::at(deadline).await;
             })
             .await;
         }
+        // Reported, and written out: a slow serial line may still hold the
+        // tail of the output queued before the exit.
+        guest.link_backlog.drained(deadline).await;
         Ok::<u32, String>(exit.code)
     };
     let code = if watched {

@@ -24,7 +24,10 @@ use crate::guest::Guest;
 use crate::linkspec::{Dialer, LinkSpec, LinkStream};
 use crate::session::Credit;
 
+mod backlog;
 mod pump;
+pub use backlog::Backlog;
+use backlog::Unsent;
 use pump::summary;
 
 /// Most ciphertext taken from the connection and not yet written: beyond this
@@ -294,42 +297,6 @@ async fn serve(
                 }
             }
         }
-    }
-}
-
-/// Counts this link in `Guest::links_unsent` while it holds bytes it has not
-/// written yet, so the guest does not exit (or power off) under them.
-struct Unsent<'a> {
-    guest: &'a Guest,
-    counted: bool,
-}
-
-impl<'a> Unsent<'a> {
-    fn new(guest: &'a Guest) -> Self {
-        Self {
-            guest,
-            counted: false,
-        }
-    }
-
-    fn set(&mut self, unsent: bool) {
-        if unsent == self.counted {
-            return;
-        }
-        let n = &self.guest.links_unsent;
-        if unsent {
-            n.set(n.get() + 1);
-        } else {
-            n.set(n.get().saturating_sub(1));
-            self.guest.changed.notify(usize::MAX);
-        }
-        self.counted = unsent;
-    }
-}
-
-impl Drop for Unsent<'_> {
-    fn drop(&mut self) {
-        self.set(false);
     }
 }
 
