@@ -55,6 +55,9 @@ pub trait Link: Transmit {
     fn work(&mut self);
     /// Something outside woke the link.
     fn woken(&mut self, wake: Self::Wake);
+    /// Before each wait: whether bytes are waiting to be written (taken from
+    /// the link, or still in it). A guest does not exit under them.
+    fn backlog(&mut self, _unsent: bool) {}
 }
 
 /// How a driven link ended.
@@ -126,6 +129,7 @@ where
         let woken = wake();
         link.work();
         outbox.fill(link);
+        link.backlog(!outbox.is_empty() || link.has_transmit());
         if link.close_reason().is_some() && outbox.is_empty() {
             return end_of(link.close_reason());
         }

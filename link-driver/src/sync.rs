@@ -13,7 +13,8 @@ use proto_core::link::{Initiator, Responder};
 
 use crate::{ReadBuffer, rng, write_all};
 
-/// Sync as the appliance: HELLO until a matching HELLO-ACK, then READY.
+/// Sync as the appliance: HELLO until a matching HELLO-ACK, then READY. A
+/// guest that cannot run says why with a FATAL frame: that is the error.
 pub async fn as_appliance<S: AsFd>(stream: &Async<S>) -> io::Result<BytesMut> {
     let mut initiator = Initiator::new(Instant::now(), rng());
     let mut reader = ReadBuffer::default();
@@ -40,6 +41,9 @@ pub async fn as_appliance<S: AsFd>(stream: &Async<S>) -> io::Result<BytesMut> {
             }
             Some(Ok(mut chunk)) => {
                 let used = initiator.handle_input(Instant::now(), &chunk);
+                if let Some(reason) = initiator.fatal() {
+                    return Err(io::Error::other(format!("the guest cannot run: {reason}")));
+                }
                 if initiator.is_ready() {
                     if let Some(out) = initiator.poll_transmit() {
                         write_all(stream, &out).await?;

@@ -7,10 +7,16 @@
 //! READY both ways. Frames carry a CRC-32C and fresh nonces, so noise and stale
 //! frames from an earlier connection never complete a sync. Each side scans for
 //! frames with a fixed 25-byte window: memory stays bounded whatever arrives.
+//!
+//! A guest that cannot run at all (a bad configuration) says why in a FATAL
+//! frame ([`fatal_frame`], [`Initiator::fatal`]) instead of answering.
 
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
+
+mod fatal;
+pub use fatal::{MAX_FATAL_REASON, fatal_frame};
 
 /// Bytes in a frame.
 pub const FRAME_LEN: usize = 25;
@@ -33,6 +39,8 @@ pub enum FrameKind {
     Ready = 3,
     /// Guest: please send HELLO now.
     Announce = 4,
+    /// Guest: cannot run; a reason follows (nonce_a: its length, nonce_b: its CRC-32C).
+    Fatal = 5,
 }
 
 /// One link-sync frame.
@@ -71,41 +79,92 @@ impl Frame {
             2 => FrameKind::HelloAck,
             3 => FrameKind::Ready,
             4 => FrameKind::Announce,
+            5 => FrameKind::Fatal,
             _ => return None,
         };
         let nonce = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        Some(Frame {
+        let frame = Frame {
             kind,
             nonce_a: nonce(5),
             nonce_b: nonce(13),
-        })
+        };
+        if kind == FrameKind::Fatal && fatal::payload_len(&frame).is_none() {
+            return None;
+        }
+        Some(frame)
     }
 }
 
-/// Finds frames in a stream of anything, holding at most one frame's worth.
+/// What the scanner found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    Frame(Frame),
+    /// A FATAL frame with its reason.
+    Fatal(String),
+}
+
+/// Finds frames in a stream of anything, holding at most one frame's worth
+/// (plus a FATAL reason being collected, and the bytes of a rejected one).
 #[derive(Debug, Default)]
 struct Scanner {
     window: Vec<u8>,
+    /// A FATAL header was seen: its reason's bytes are being collected.
+    payload: Option<fatal::Payload>,
+    /// The bytes of a FATAL reason that failed its CRC, to be scanned again
+    /// as ordinary input (a truncated FATAL must not hide the frames after it).
+    replay: std::collections::VecDeque<u8>,
 }
 
 impl Scanner {
     /// Consumes `data` up to and including the first valid frame. Returns the
-    /// bytes consumed and the frame, if one ended inside `data`.
-    fn scan(&mut self, data: &[u8]) -> (usize, Option<Frame>) {
-        for (i, &byte) in data.iter().enumerate() {
-            self.window.push(byte);
-            self.realign();
-            if self.window.len() == FRAME_LEN {
-                let bytes: &[u8; FRAME_LEN] = self.window[..].try_into().expect("full window");
-                if let Some(frame) = Frame::decode(bytes) {
-                    self.window.clear();
-                    return (i + 1, Some(frame));
+    /// bytes of `data` consumed and what was found, if something ended there.
+    fn scan(&mut self, data: &[u8]) -> (usize, Option<Found>) {
+        let mut used = 0;
+        loop {
+            let byte = match self.replay.pop_front() {
+                Some(b) => b,
+                None if used < data.len() => {
+                    used += 1;
+                    data[used - 1]
                 }
-                self.window.remove(0);
-                self.realign();
+                None => return (used, None),
+            };
+            if let Some(found) = self.push(byte) {
+                return (used, Some(found));
             }
         }
-        (data.len(), None)
+    }
+
+    fn push(&mut self, byte: u8) -> Option<Found> {
+        if let Some(payload) = &mut self.payload {
+            if !payload.push(byte) {
+                return None;
+            }
+            let payload = self.payload.take().expect("collecting");
+            return match payload.finish() {
+                Ok(reason) => Some(Found::Fatal(reason)),
+                Err(bytes) => {
+                    self.replay.extend(bytes);
+                    None
+                }
+            };
+        }
+        self.window.push(byte);
+        self.realign();
+        if self.window.len() == FRAME_LEN {
+            let bytes: &[u8; FRAME_LEN] = self.window[..].try_into().expect("full window");
+            if let Some(frame) = Frame::decode(bytes) {
+                self.window.clear();
+                if frame.kind == FrameKind::Fatal {
+                    self.payload = fatal::Payload::expect(&frame);
+                    return None;
+                }
+                return Some(Found::Frame(frame));
+            }
+            self.window.remove(0);
+            self.realign();
+        }
+        None
     }
 
     /// Drops leading bytes until the window could be the start of a frame.
@@ -139,6 +198,7 @@ pub struct Initiator {
     backoff: Duration,
     ready: bool,
     hellos: u32,
+    fatal: Option<String>,
 }
 
 impl Initiator {
@@ -153,6 +213,7 @@ impl Initiator {
             backoff: FIRST_RETRY,
             ready: false,
             hellos: 0,
+            fatal: None,
         };
         s.send_hello(now);
         s
@@ -179,9 +240,17 @@ impl Initiator {
     /// completes, the rest of `data` is the guest's first SSH bytes.
     pub fn handle_input(&mut self, now: Instant, data: &[u8]) -> usize {
         let mut used = 0;
-        while !self.ready && used < data.len() {
-            let (n, frame) = self.scanner.scan(&data[used..]);
+        while !self.ready && self.fatal.is_none() && used < data.len() {
+            let (n, found) = self.scanner.scan(&data[used..]);
             used += n;
+            let frame = match found {
+                Some(Found::Frame(frame)) => Some(frame),
+                Some(Found::Fatal(reason)) => {
+                    self.fatal = Some(reason);
+                    None
+                }
+                None => None,
+            };
             match frame {
                 Some(Frame {
                     kind: FrameKind::HelloAck,
@@ -214,14 +283,14 @@ impl Initiator {
         (!self.out.is_empty()).then(|| std::mem::take(&mut self.out))
     }
 
-    /// When to retry the HELLO.
+    /// When to retry the HELLO (never once the guest reported a fatal error).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.ready).then_some(self.retry_at)
+        (!self.ready && self.fatal.is_none()).then_some(self.retry_at)
     }
 
     /// Retries the HELLO if it is due, with a fresh nonce and a longer wait.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if !self.ready && now >= self.retry_at {
+        if !self.ready && self.fatal.is_none() && now >= self.retry_at {
             self.backoff = (self.backoff * 2).min(MAX_RETRY);
             self.send_hello(now);
         }
@@ -236,6 +305,12 @@ impl Initiator {
     pub fn hellos_sent(&self) -> u32 {
         self.hellos
     }
+
+    /// The reason the guest gave in a FATAL frame: it will not sync, ever
+    /// (it is powering off). Input after it is not consumed.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
 }
 
 /// The guest's side: answers the latest HELLO and waits for its READY.
@@ -248,6 +323,8 @@ pub struct Responder {
     /// The answer to the latest HELLO, not yet written (older ones are
     /// stale: a flood of HELLOs cannot make the queue grow).
     ack: Option<[u8; FRAME_LEN]>,
+    /// A FATAL frame not yet written.
+    fatal: Option<Vec<u8>>,
     synced: bool,
 }
 
@@ -260,6 +337,7 @@ impl Responder {
             awaiting: None,
             announce: None,
             ack: None,
+            fatal: None,
             synced: false,
         }
     }
@@ -280,8 +358,12 @@ impl Responder {
     pub fn handle_input(&mut self, data: &[u8]) -> usize {
         let mut used = 0;
         while !self.synced && used < data.len() {
-            let (n, frame) = self.scanner.scan(&data[used..]);
+            let (n, found) = self.scanner.scan(&data[used..]);
             used += n;
+            let frame = match found {
+                Some(Found::Frame(frame)) => Some(frame),
+                _ => None, // a FATAL from the appliance means nothing here
+            };
             match frame {
                 Some(Frame {
                     kind: FrameKind::Hello,
@@ -310,13 +392,19 @@ impl Responder {
         used
     }
 
+    /// Tells the appliance this guest cannot run, and why (see [`fatal_frame`]).
+    pub fn report_fatal(&mut self, reason: &str) {
+        self.fatal = Some(fatal_frame(reason));
+    }
+
     /// Bytes to write.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        let out: Vec<u8> = [self.announce.take(), self.ack.take()]
+        let mut out: Vec<u8> = [self.announce.take(), self.ack.take()]
             .into_iter()
             .flatten()
             .flatten()
             .collect();
+        out.extend(self.fatal.take().into_iter().flatten());
         (!out.is_empty()).then_some(out)
     }
 

@@ -12,7 +12,10 @@ use proto_core::{PrivateKey, PublicKey};
 use serde::Deserialize;
 
 use crate::init::network::{NicSpec, RawNetwork};
+use crate::init::{modules, secrets, storage, system};
 use crate::linkspec::LinkSpec;
+
+use config_error as err;
 
 /// A configuration error, naming the field.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +26,8 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+/// A configuration error about `path` (a field, or where the config came from).
+pub fn config_error(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         path: path.into(),
         message: message.into(),
@@ -58,11 +62,19 @@ pub struct RawConfig {
     #[serde(default)]
     pub dns: Option<Dns>,
     #[serde(default)]
-    pub mounts: Vec<Mount>,
+    pub mounts: Vec<storage::RawMount>,
+    #[serde(default)]
+    pub rootfs: Option<storage::RawRootfs>,
     #[serde(default)]
     pub networks: Vec<RawNetwork>,
     #[serde(default)]
-    pub secrets: Vec<serde_json::Value>,
+    pub secrets: Vec<secrets::RawSecret>,
+    #[serde(default)]
+    pub modules: Vec<String>,
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, system::SysctlValue>,
+    #[serde(default)]
+    pub ulimits: BTreeMap<String, [system::RawLimit; 2]>,
 }
 
 /// One session as written.
@@ -121,17 +133,6 @@ pub struct Dns {
     pub options: Vec<String>,
 }
 
-/// A mount.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Mount {
-    pub source: String,
-    pub target: PathBuf,
-    pub fstype: String,
-    #[serde(default)]
-    pub options: Vec<String>,
-}
-
 /// What a start-gated session does when its gate times out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -184,17 +185,22 @@ pub struct Config {
     pub raw_os: OsConfig,
 }
 
-/// OS configuration fields (applied only when running as PID 1).
+/// OS configuration fields, validated (applied only when running as PID 1).
 #[derive(Debug, Clone, Default)]
 pub struct OsConfig {
     pub hostname: Option<String>,
     pub domainname: Option<String>,
     pub hosts: Vec<HostEntry>,
     pub dns: Option<Dns>,
-    pub mounts: Vec<Mount>,
+    /// Parents before children.
+    pub mounts: Vec<storage::MountSpec>,
+    pub rootfs: Option<storage::MountSpec>,
     /// Validated `networks` (see `init::network`).
     pub networks: Vec<NicSpec>,
-    pub secrets: usize,
+    pub secrets: Vec<secrets::Secret>,
+    pub modules: Vec<String>,
+    pub sysctls: Vec<system::Sysctl>,
+    pub ulimits: Vec<system::Ulimit>,
 }
 
 impl OsConfig {
@@ -205,8 +211,12 @@ impl OsConfig {
             && self.hosts.is_empty()
             && self.dns.is_none()
             && self.mounts.is_empty()
+            && self.rootfs.is_none()
             && self.networks.is_empty()
-            && self.secrets == 0
+            && self.secrets.is_empty()
+            && self.modules.is_empty()
+            && self.sysctls.is_empty()
+            && self.ulimits.is_empty()
     }
 }
 
@@ -381,13 +391,17 @@ impl Config {
             exit_linger: duration("exit_linger", &raw.exit_linger, Duration::from_secs(30))?,
             keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(4))?,
             raw_os: OsConfig {
-                hostname: raw.hostname,
-                domainname: raw.domainname,
-                hosts: raw.hosts,
-                dns: raw.dns,
-                mounts: raw.mounts,
+                hostname: system::validate_name("hostname", raw.hostname)?,
+                domainname: system::validate_name("domainname", raw.domainname)?,
+                hosts: system::validate_hosts(raw.hosts)?,
+                dns: system::validate_dns(raw.dns)?,
+                mounts: storage::validate_mounts(raw.mounts)?,
+                rootfs: storage::validate_rootfs(raw.rootfs)?,
                 networks,
-                secrets: raw.secrets.len(),
+                secrets: secrets::validate(raw.secrets)?,
+                modules: modules::validate(raw.modules)?,
+                sysctls: system::validate_sysctls(raw.sysctls)?,
+                ulimits: system::validate_ulimits(raw.ulimits)?,
             },
         })
     }

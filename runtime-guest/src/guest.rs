@@ -90,6 +90,10 @@ pub struct Guest {
     /// Anything a link might want to send changed: output, states, credits.
     pub changed: Event,
     ex: Rc<LocalExecutor<'static>>,
+    /// Links holding bytes not yet written to their stream (exit waits for them).
+    pub link_backlog: crate::serve::Backlog,
+    /// A fatal error (PID 1) the links must report as an SSH DISCONNECT.
+    pub fatal: crate::init::fatal::FatalNotice,
 }
 
 impl Guest {
@@ -119,6 +123,8 @@ impl Guest {
             procs: RefCell::new(procs),
             changed: Event::new(),
             ex,
+            link_backlog: Default::default(),
+            fatal: Default::default(),
         })
     }
 

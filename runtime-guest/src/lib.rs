@@ -2,8 +2,18 @@
 //! console to the appliance as an SSH server over a link (a serial port whose
 //! other end connects to `tetherd`, or TCP, vsock, unix).
 //!
-//! Here `tether` runs as an ordinary process (a child subreaper); PID 1 duties
-//! (OS configuration, hotplug, power-off) are separate work.
+//! Two modes share one core ([`serve_guest`]: the reaper, signal forwarding,
+//! the configured sessions and the links, until the primary session exits):
+//! - ordinary ([`run`], `tether --config PATH`): a child subreaper among other
+//!   processes; OS configuration in the config is skipped with a log line.
+//! - PID 1 ([`init::run`], when `getpid() == 1`): the VM's init. It mounts
+//!   the kernel filesystems, listens for device events, loads modules, finds
+//!   its config (`--config`, `tether.config=` on the kernel command line,
+//!   fw_cfg `opt/tether/config`, `/etc/tether/config.json`), configures the
+//!   OS (modules, limits, names, network, sysctls, root filesystem, mounts,
+//!   secrets, /etc/hosts, resolv.conf), serves, and powers off when the
+//!   primary exits. It never returns: a fatal error goes to the console and
+//!   the link, then the VM powers off.
 
 pub mod config;
 pub mod guest;
@@ -23,8 +33,12 @@ use tracing::{error, info, warn};
 pub use config::{Config, ConfigError};
 use guest::Guest;
 
-/// Runs the guest until the primary session has exited and its exit has been
-/// reported (or `exit_linger` passed). Returns the primary's exit status.
+/// How long a link has to deliver a fatal error as an SSH DISCONNECT.
+const FATAL_DELIVERY: Duration = Duration::from_secs(2);
+
+/// Runs the guest as an ordinary process until the primary session has exited
+/// and its exit has been reported (or `exit_linger` passed). Returns the
+/// primary's exit status.
 pub fn run(config: Config) -> u32 {
     if let Err(e) = process::become_subreaper() {
         warn!("cannot become a child subreaper: {e}; orphans will not be reaped");
@@ -32,25 +46,47 @@ pub fn run(config: Config) -> u32 {
     if !config.raw_os.is_empty() {
         info!("the config asks for OS configuration; skipped: tether is not PID 1");
     }
-    if config.allow_none_auth {
-        warn!("allow_none_auth is set: any appliance can connect without a key (development only)");
-    }
     let ex = Rc::new(LocalExecutor::new());
     let guest = Guest::new(config, ex.clone());
+    smol::block_on(ex.run(serve_guest(&ex, guest, false))).unwrap_or_else(|e| {
+        error!("{e}");
+        70 // EX_SOFTWARE; unreachable: unwatched tasks end nothing
+    })
+}
+
+/// Serves `guest` until the primary session exited and its exit was reported
+/// (or `exit_linger` passed), then stops every session; returns the primary's
+/// exit status. With `watched` (PID 1), the end of the reaper or the link task
+/// is an error (after the links were told, see `init::fatal::FatalNotice`);
+/// otherwise they run detached as they always did.
+pub async fn serve_guest(
+    ex: &Rc<LocalExecutor<'static>>,
+    guest: Rc<Guest>,
+    watched: bool,
+) -> Result<u32, String> {
+    if guest.config.allow_none_auth {
+        warn!("allow_none_auth is set: any appliance can connect without a key (development only)");
+    }
     let linger = guest.config.exit_linger;
-    smol::block_on(ex.run(async {
+    let g = guest.clone();
+    let reaper = ex.spawn(async move {
+        let why = match reaper::run(|pid, exit| g.on_exit(pid, exit)).await {
+            Err(e) => format!("reaper: {e}"),
+            Ok(()) => "reaper: the SIGCHLD stream ended".to_owned(),
+        };
+        error!("{why}");
+        why
+    });
+    ex.spawn(forward_signals(guest.clone())).detach();
+    guest.start_configured();
+    let link = guest.config.link.clone().map(|spec| {
         let g = guest.clone();
         ex.spawn(async move {
-            if let Err(e) = reaper::run(|pid, exit| g.on_exit(pid, exit)).await {
-                error!("reaper: {e}");
-            }
+            serve::run_links(g, spec.clone()).await;
+            format!("the link task for {spec} ended")
         })
-        .detach();
-        ex.spawn(forward_signals(guest.clone())).detach();
-        guest.start_configured();
-        if let Some(spec) = guest.config.link.clone() {
-            ex.spawn(serve::run_links(guest.clone(), spec)).detach();
-        }
+    });
+    let primary = async {
         let exit = loop {
             let listener = guest.changed.listen();
             if let Some(exit) = guest.primary_exit() {
@@ -70,9 +106,37 @@ pub fn run(config: Config) -> u32 {
             })
             .await;
         }
-        guest.stop_all(Duration::from_secs(2)).await;
-        exit.code()
-    }))
+        // Reported, and written out: a slow serial line may still hold the
+        // tail of the output queued before the exit.
+        guest.link_backlog.drained(deadline).await;
+        Ok::<u32, String>(exit.code())
+    };
+    let code = if watched {
+        let tasks = async {
+            let why = match link {
+                Some(link) => future::or(reaper, link).await,
+                None => reaper.await,
+            };
+            Err(why)
+        };
+        match future::or(primary, tasks).await {
+            Ok(code) => code,
+            Err(why) => {
+                guest.fatal.raise(&why);
+                guest.changed.notify(usize::MAX);
+                guest.fatal.wait_delivered(FATAL_DELIVERY).await;
+                return Err(why);
+            }
+        }
+    } else {
+        reaper.detach();
+        if let Some(link) = link {
+            link.detach();
+        }
+        primary.await?
+    };
+    guest.stop_all(Duration::from_secs(2)).await;
+    Ok(code)
 }
 
 /// Forwards the signals a container runtime sends to its init to the primary.

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use link_driver::{End, Link};
-use proto_core::ServerConfig;
 use proto_core::outbox::Transmit;
 use proto_core::tether::GuestLink;
+use proto_core::{DisconnectReason, ServerConfig};
 use smol::{Async, Timer};
 use tracing::{debug, info, warn};
 
 use crate::guest::Guest;
 use crate::linkspec::{Dialer, LinkSpec, LinkStream};
+
+mod backlog;
+pub use backlog::Backlog;
 
 /// How long a peer has for link sync (a serial line restarts it, so this
 /// only frees a slot held by a silent peer).
@@ -86,10 +89,12 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
 
 /// Serves one link until it ends.
 async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
+    // Opening a serial line discarded the HELLOs sent before: ask for one.
+    let announce = stream.is_serial();
     let end = match stream {
-        LinkStream::Tcp(s) => serve(guest, s, sync).await,
-        LinkStream::Unix(s) => serve(guest, s, sync).await,
-        LinkStream::Fd(s) => serve(guest, s, sync).await,
+        LinkStream::Tcp(s) => serve(guest, s, sync, announce).await,
+        LinkStream::Unix(s) => serve(guest, s, sync, announce).await,
+        LinkStream::Serial(s) | LinkStream::Fd(s) => serve(guest, s, sync, announce).await,
     };
     match end {
         Ok(End::Orderly) => info!("link closed"),
@@ -111,11 +116,16 @@ fn server_config(guest: &Guest) -> proto_core::Config {
 }
 
 /// Link sync (if the link needs it), then the SSH link until it ends.
-async fn serve<S: AsFd>(guest: &Rc<Guest>, stream: &Async<S>, sync: bool) -> io::Result<End> {
+async fn serve<S: AsFd>(
+    guest: &Rc<Guest>,
+    stream: &Async<S>,
+    sync: bool,
+    announce: bool,
+) -> io::Result<End> {
     let first = if sync {
         // A serial line may wait for its appliance indefinitely; elsewhere a
         // peer that never syncs must not hold a connection slot.
-        future::or(link_driver::sync::as_guest(stream, true), async {
+        future::or(link_driver::sync::as_guest(stream, announce), async {
             Timer::after(SYNC_TIMEOUT).await;
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -136,9 +146,14 @@ async fn serve<S: AsFd>(guest: &Rc<Guest>, stream: &Async<S>, sync: bool) -> io:
         guest: guest.clone(),
         link: Some(link),
         number: NEXT_LINK.with(|n| n.replace(n.get() + 1)),
+        unsent: false,
+        fatal_sent: false,
     };
     debug!(link = side.number, "link sync done");
     let end = link_driver::drive(stream, &mut side, first, || guest.changed.listen()).await;
+    if side.fatal_sent {
+        guest.fatal.mark_delivered();
+    }
     Ok(end)
 }
 
@@ -153,6 +168,10 @@ struct GuestSide {
     /// Always set until drop.
     link: Option<GuestLink>,
     number: u64,
+    /// Counted in the guest's backlog: bytes wait to be written.
+    unsent: bool,
+    /// A fatal error went out as this link's DISCONNECT.
+    fatal_sent: bool,
 }
 
 impl GuestSide {
@@ -163,6 +182,7 @@ impl GuestSide {
 
 impl Drop for GuestSide {
     fn drop(&mut self) {
+        self.backlog(false);
         if let Some(link) = self.link.take() {
             link.end(&mut self.guest.sessions.borrow_mut());
             self.guest.after_links();
@@ -204,6 +224,14 @@ impl Link for GuestSide {
 
     fn work(&mut self) {
         let guest = self.guest.clone();
+        if !self.fatal_sent
+            && let Some(description) = guest.fatal.disconnect_description()
+        {
+            // PID 1 is going down: say why, as the last thing on this link.
+            self.link()
+                .disconnect(DisconnectReason::ByApplication, &description);
+            self.fatal_sent = true;
+        }
         while let Some(event) = self.link().poll_event() {
             guest.carry_out(self.number, event);
         }
@@ -212,4 +240,14 @@ impl Link for GuestSide {
     }
 
     fn woken(&mut self, _: ()) {}
+
+    fn backlog(&mut self, unsent: bool) {
+        if unsent != self.unsent {
+            self.unsent = unsent;
+            match unsent {
+                true => self.guest.link_backlog.hold(),
+                false => self.guest.link_backlog.release(),
+            }
+        }
+    }
 }

@@ -33,6 +33,7 @@
 
 pub mod addr;
 pub mod announce;
+pub mod boot;
 pub mod dhcp;
 pub mod link;
 pub mod rtnl;
