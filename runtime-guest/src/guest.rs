@@ -233,7 +233,13 @@ impl Guest {
     }
 
     fn fail(&self, id: &str, code: u32, why: &str) {
-        self.sessions.borrow_mut().fail(id, code, why);
+        let unwritten = self
+            .with(id, |p| std::mem::take(&mut p.stdin))
+            .unwrap_or_default();
+        let mut sessions = self.sessions.borrow_mut();
+        return_credits(&mut sessions, unwritten);
+        sessions.fail(id, code, why);
+        drop(sessions);
         self.notify();
     }
 
@@ -425,11 +431,15 @@ impl Guest {
         });
     }
 
-    /// Queues input for a session's stdin writer. Without one (no stdin, or
-    /// the process ended) data is dropped and its credit returned at once.
+    /// Queues input for a session's stdin writer (which a session not started
+    /// yet gets when it starts). Once the process ended, data is dropped and
+    /// its credit returned at once.
     fn queue_stdin(&self, id: &str, item: StdinItem) {
-        let running = self.sessions.borrow().state(id) == Some(State::Running);
-        if running && let Some(p) = self.procs.borrow_mut().get_mut(id) {
+        let open = matches!(
+            self.sessions.borrow().state(id),
+            Some(State::Created | State::Running)
+        );
+        if open && let Some(p) = self.procs.borrow_mut().get_mut(id) {
             p.stdin.push_back(item);
             p.stdin_ready.notify(1);
             return;
@@ -498,11 +508,7 @@ impl Guest {
             return false;
         };
         let mut sessions = self.sessions.borrow_mut();
-        for item in unwritten {
-            if let StdinItem::Data(data, credit) = item {
-                sessions.stdin_written(credit, data.len());
-            }
-        }
+        return_credits(&mut sessions, unwritten);
         sessions.finish(id, exit);
         drop(sessions);
         self.notify();
@@ -551,6 +557,15 @@ impl Guest {
     pub fn forward_to_primary(&self, signal: Signal) {
         if let Err(e) = self.signal(&self.config.id, signal) {
             warn!("cannot forward SIG{signal} to the primary session: {e}");
+        }
+    }
+}
+
+/// Stdin that will never be written still reopens its sender's window.
+fn return_credits(sessions: &mut Sessions, items: VecDeque<StdinItem>) {
+    for item in items {
+        if let StdinItem::Data(data, credit) = item {
+            sessions.stdin_written(credit, data.len());
         }
     }
 }

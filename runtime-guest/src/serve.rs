@@ -89,6 +89,7 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
 
 /// Serves one link until it ends.
 async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
+    info!("link open");
     // Opening a serial line discarded the HELLOs sent before: ask for one.
     let announce = stream.is_serial();
     let end = match stream {

@@ -58,7 +58,6 @@ pub enum SessionEvent {
 pub(crate) struct Session {
     pub(crate) kind: Kind,
     pub(crate) tty: bool,
-    stdin: bool,
     pub(crate) stdin_open: bool,
     pub(crate) state: State,
     pub(crate) start_requested: bool,
@@ -146,8 +145,9 @@ impl Sessions {
         let session = Session {
             kind: spec.kind,
             tty: spec.tty,
-            stdin: spec.stdin,
-            stdin_open: false,
+            // Input may come before the process starts (an exec's data right
+            // behind its `exec`, or a start-gated session's): it waits for it.
+            stdin_open: spec.stdin,
             state: State::Created,
             start_requested: false,
             log: OutputLog::new(spec.output_buffer, spec.overflow),
@@ -216,7 +216,6 @@ impl Sessions {
             && s.state == State::Created
         {
             s.state = State::Running;
-            s.stdin_open = s.stdin;
             self.version += 1;
         }
     }

@@ -490,3 +490,24 @@ fn the_fuzz_target_runs_on_sample_inputs() {
         crate::fuzzing::tether_links(&data);
     }
 }
+
+#[test]
+fn stdin_right_behind_an_exec_reaches_its_process() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    let exec = Open::Exec {
+        command: "wc -c".into(),
+        tty: None,
+        env: Vec::new(),
+    };
+    let ch = pair.appliance.open(exec).unwrap();
+    // Queued before the channel is even confirmed: it goes out right behind
+    // the `exec` request, and the guest reads both in one go.
+    pair.appliance.send_stdin(ch, bytes(0..1000));
+    pair.appliance.close_stdin(ch);
+    pair.split = None;
+    pair.drive();
+    let id = format!("{PRIMARY}-exec1");
+    assert_eq!(pair.runtime.stdin.get(&id), Some(&bytes(0..1000).to_vec()));
+    assert_eq!(pair.runtime.stdin_closed, [id]);
+}
