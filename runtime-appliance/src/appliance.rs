@@ -262,6 +262,21 @@ impl Appliance {
         ))
     }
 
+    /// Trusts `key` as the host key of the guest serving container `id`
+    /// (a VM this appliance boots with a key it generated).
+    pub fn pin_guest(&self, id: &str, key: PublicKey) {
+        self.shared.pin_guest(id, key);
+    }
+
+    /// Stops trusting the key `pin_guest` pinned for `id`, and forgets `id`
+    /// if it has exited and its link is gone.
+    pub fn unpin_guest(&self, id: &str) {
+        self.shared.unpin_guest(id);
+        if self.shared.info(id).is_some_and(|(_, link)| link.is_none()) {
+            self.shared.forget(id);
+        }
+    }
+
     /// Live guest links.
     pub fn links(&self) -> usize {
         self.shared.link_count()
