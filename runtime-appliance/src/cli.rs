@@ -73,9 +73,10 @@ pub struct ServeArgs {
     /// Trust any guest host key (development only).
     #[arg(long)]
     pub accept_any_host_key: bool,
-    /// Where tetherd keeps its state: VMs in `vms/ID/` (config, console log, QMP socket).
-    #[arg(long, default_value = "/var/lib/tetherd")]
-    pub state_dir: PathBuf,
+    /// Where tetherd keeps its state: VMs in `vms/ID/` (config, console log, QMP
+    /// socket). Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// The kernel VMs boot (default: the newest /boot/vmlinuz-*).
     #[arg(long)]
     pub kernel: Option<PathBuf>,

@@ -58,7 +58,7 @@ pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, Stri
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let state = crate::node::vms::open_state_dir(&args.state_dir)?;
+    let state = crate::node::vms::state_dir(args.state_dir.as_deref())?;
     let key = match &args.key {
         Some(path) => read_key(path)?,
         None => crate::node::vms::state_key(&state)?,

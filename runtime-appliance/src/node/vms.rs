@@ -113,6 +113,7 @@ impl Vms {
                     AccelChoice::Auto => {
                         let kernel = self.boot_files().await?.kernel;
                         let qemu = self.settings.qemu.clone();
+                        make_private_dir(&self.settings.state_dir).map_err(ApiError::Internal)?;
                         let cache = self.settings.state_dir.join("accel.json");
                         let probed =
                             smol::unblock(move || accel::probe(&qemu, &kernel, &cache)).await;
@@ -445,17 +446,21 @@ impl Vms {
     }
 }
 
-/// Creates the state directory (0700: it holds keys) and its `vms/`.
-pub fn open_state_dir(dir: &Path) -> Result<PathBuf, String> {
-    let vms = dir.join("vms");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&vms)
-        .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
+/// The state directory: `given`, else `/var/lib/tetherd` for root, else
+/// `$XDG_STATE_HOME/tetherd` (`~/.local/state/tetherd`). It is created when
+/// first needed (mode 0700: it holds keys).
+pub fn state_dir(given: Option<&Path>) -> Result<PathBuf, String> {
+    let dir = match given {
+        Some(d) => d.to_path_buf(),
+        None if nix::unistd::geteuid().is_root() => PathBuf::from("/var/lib/tetherd"),
+        None => std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+            .ok_or("give --state-dir DIR (no HOME to put it in)")?
+            .join("tetherd"),
+    };
+    let dir =
+        std::path::absolute(&dir).map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
     if dir.display().to_string().contains(',') {
         return Err(format!(
             "--state-dir {}: QEMU cannot take a path with a comma",
@@ -465,8 +470,18 @@ pub fn open_state_dir(dir: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// Creates `dir` (and its parents) with mode 0700.
+fn make_private_dir(dir: &Path) -> Result<(), String> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))
+}
+
 /// The appliance key kept in the state directory, generated on first use.
 pub fn state_key(dir: &Path) -> Result<PrivateKey, String> {
+    make_private_dir(dir)?;
     let path = dir.join("appliance.key");
     match fs::read_to_string(&path) {
         Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| format!("{}: {e}", path.display())),
@@ -599,11 +614,7 @@ fn prepare_dir(dir: &Path) -> Result<(), ApiError> {
         fs::remove_dir_all(dir)
             .map_err(|e| ApiError::Internal(format!("clearing {}: {e}", dir.display())))?;
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))
+    make_private_dir(dir).map_err(ApiError::Internal)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
