@@ -101,10 +101,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         appliance.clone(),
         public,
     );
-    vms.pin_leftovers();
+    let vms = std::sync::Arc::new(vms);
+    vms.adopt_leftovers();
     let node = crate::node::Node {
         appliance: appliance.clone(),
-        vms: Some(std::sync::Arc::new(vms)),
+        vms: Some(vms),
     };
     let direct = args
         .listen_direct

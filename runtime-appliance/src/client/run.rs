@@ -80,10 +80,12 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, ClientError> {
         args.boot_timeout.as_millis()
     );
     let conn = ws::connect(&api, &path).await.map_err(|e| {
-        ClientError::Protocol(format!(
-            "{id} did not come up: {e} (its console: {})",
-            created.console.display()
-        ))
+        let console = created.console.display().to_string();
+        let mut message = format!("{id} did not come up: {e}");
+        if !message.contains(&console) {
+            message.push_str(&format!(" (its console: {console})"));
+        }
+        ClientError::Protocol(message)
     })?;
     let start = format!("/v1/containers/{}/start", encode(&id));
     if let Err(e) = api.call(Method::POST, &start).await {

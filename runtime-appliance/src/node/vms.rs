@@ -23,7 +23,7 @@ use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopRep
 use crate::api_types::ApiError;
 use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
-use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec};
+use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
 
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
@@ -287,10 +287,10 @@ impl Vms {
         };
         info!(container = %id, %exit, "VM exited");
         if auto_remove {
-            self.remove_files(id);
             if let Some(r) = self.lock().get_mut(id) {
                 r.removed = true;
             }
+            self.remove_files(id);
             smol::Timer::after(TOMBSTONE).await;
             let mut records = self.lock();
             if records.get(id).is_some_and(|r| r.removed) {
@@ -424,23 +424,51 @@ impl Vms {
 }
 
 impl Vms {
-    /// Trusts the guests of VMs an earlier tetherd left running in the state
-    /// directory: QEMU reconnects their links, and their containers are
-    /// served again (though this tetherd cannot stop or remove them).
-    pub fn pin_leftovers(&self) {
+    /// Takes over the VMs an earlier tetherd left in the state directory:
+    /// running ones (QEMU reconnects their links; their guests are trusted
+    /// again, and stop and rm work on them) and exited ones (listed until rm).
+    pub fn adopt_leftovers(self: &Arc<Self>) {
         let Ok(entries) = fs::read_dir(self.settings.state_dir.join("vms")) else {
             return;
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let id = entry.file_name().to_string_lossy().into_owned();
-            let key = fs::read_to_string(entry.path().join("guest.pub"))
+            let dir = entry.path();
+            let Some(vm) = adopt::adopt(&dir) else {
+                continue;
+            };
+            let request: CreateRequest = fs::read(dir.join("request.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let running = vm.try_wait().is_none();
+            let key = fs::read_to_string(dir.join("guest.pub"))
                 .ok()
                 .and_then(|k| PublicKey::from_openssh(k.trim()).ok());
-            if let Some(key) = key
-                && hypervisor_alive(&entry.path()).is_some()
-            {
-                info!(container = %id, "a VM left by an earlier tetherd still runs; its guest is trusted again");
+            if running && let Some(key) = key {
                 self.appliance.pin_guest(&id, key);
+            }
+            info!(container = %id, running, pid = vm.pid(), "took over a VM an earlier tetherd started");
+            let accel = vm.accel;
+            let vm: Arc<dyn Vm> = Arc::new(vm);
+            self.lock().insert(
+                id.clone(),
+                Record {
+                    request,
+                    dir,
+                    accel,
+                    vm: Some(vm.clone()),
+                    exit: None,
+                    removed: false,
+                },
+            );
+            if running {
+                let me = self.clone();
+                smol::spawn(async move {
+                    let exit = vm.wait().await;
+                    me.exited(&id, exit).await;
+                })
+                .detach();
             }
         }
     }

@@ -4,6 +4,7 @@
 //! TCG by trying KVM for real.
 
 pub mod accel;
+pub mod adopt;
 pub mod qemu;
 pub mod qmp;
 
