@@ -25,6 +25,10 @@ use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
 use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
 
+/// How long a VM's guest keeps serving after its primary exited (tether's
+/// `exit_linger`; the default 30 s would keep an exited VM's memory that long).
+const EXIT_LINGER: &str = "5s";
+
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
 const TOMBSTONE: Duration = Duration::from_secs(60);
@@ -584,6 +588,9 @@ pub fn guest_config(
         request.tty,
         &request.cmd,
     );
+    // The VM powers off once tether exits: linger only briefly for late
+    // readers of the output (an attached `run` has read it by then).
+    config["exit_linger"] = EXIT_LINGER.into();
     let session = &mut config["sessions"][0];
     session["stdin"] = request.stdin.into();
     if request.start_gated {

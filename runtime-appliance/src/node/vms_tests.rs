@@ -198,6 +198,7 @@ fn create_writes_a_private_guest_config_and_boots_the_vm() {
             serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["id"], "web");
         assert_eq!(config["link"], "serial:/dev/ttyS0");
+        assert_eq!(config["exit_linger"], "5s");
         assert_eq!(config["sessions"][0]["cmd"][2], "echo hi");
         assert_eq!(config["sessions"][0]["env"]["A"], "1");
         assert_eq!(config["sessions"][0]["stdin"], false);

@@ -117,9 +117,8 @@ impl Link {
                 .any(|(id, st, _)| id == primary && *st == State::Exited)
         });
         let open = self.roles.values().any(|r| matches!(r, Role::Attached(a) if &a.session == primary && !a.done && (a.stdout || a.stderr)));
-        if pushed_exit && !open && !self.guest.exit_reported.replace(true) {
-            // `run` sleeps on `changed` until the exit was reported: wake it.
-            self.guest.changed.notify(usize::MAX);
+        if pushed_exit && !open {
+            self.guest.exit_reported.set(true);
         }
     }
 }
