@@ -58,10 +58,10 @@ pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, Stri
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let state = crate::node::vms::state_dir(args.state_dir.as_deref())?;
+    let state = crate::node::state::state_dir(args.state_dir.as_deref())?;
     let key = match &args.key {
         Some(path) => read_key(path)?,
-        None => crate::node::vms::state_key(&state)?,
+        None => crate::node::state::state_key(&state)?,
     };
     let known = match (&args.known_guests, args.accept_any_host_key) {
         (Some(path), _) => {
@@ -92,7 +92,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let vms = crate::node::vms::Vms::new(
         crate::node::vms::VmSettings {
             state_dir: state,
-            link: crate::node::vms::dialable(guests_addr),
+            link: crate::node::state::dialable(guests_addr),
             qemu: args.qemu.clone(),
             accel: args.accel,
             kernel: args.kernel.clone(),

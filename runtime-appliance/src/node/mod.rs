@@ -5,8 +5,10 @@
 //! watches the VM, so a VM that dies is reported instead of waited for.
 
 pub mod boot_files;
+pub mod guest_config;
 pub mod host;
 pub mod request;
+pub mod state;
 pub mod vms;
 
 use std::sync::Arc;

@@ -5,29 +5,25 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto_core::{PrivateKey, PublicKey};
-use rand_core::{OsRng, RngCore};
+use rand_core::OsRng;
 use smol::lock::OnceCell;
 use tracing::{info, warn};
 
 use super::boot_files::{self, BootFiles};
+use super::guest_config::{generated_id, guest_config, mac_for};
 use super::host;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
+use super::state::{make_private_dir, prepare_dir, write_private};
 use crate::api_types::ApiError;
 use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
 use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
-
-/// How long a VM's guest keeps serving after its primary exited (tether's
-/// `exit_linger`; the default 30 s would keep an exited VM's memory that long).
-const EXIT_LINGER: &str = "5s";
 
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
@@ -478,190 +474,11 @@ impl Vms {
     }
 }
 
-/// The state directory: `given`, else `/var/lib/tetherd` for root, else
-/// `$XDG_STATE_HOME/tetherd` (`~/.local/state/tetherd`). It is created when
-/// first needed (mode 0700: it holds keys).
-pub fn state_dir(given: Option<&Path>) -> Result<PathBuf, String> {
-    let dir = match given {
-        Some(d) => d.to_path_buf(),
-        None if nix::unistd::geteuid().is_root() => PathBuf::from("/var/lib/tetherd"),
-        None => std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
-            .ok_or("give --state-dir DIR (no HOME to put it in)")?
-            .join("tetherd"),
-    };
-    let dir =
-        std::path::absolute(&dir).map_err(|e| format!("--state-dir {}: {e}", dir.display()))?;
-    if dir.display().to_string().contains(',') {
-        return Err(format!(
-            "--state-dir {}: QEMU cannot take a path with a comma",
-            dir.display()
-        ));
-    }
-    Ok(dir)
-}
-
-/// Creates `dir` (and its parents) with mode 0700.
-fn make_private_dir(dir: &Path) -> Result<(), String> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("creating {}: {e}", dir.display()))
-}
-
-/// The appliance key kept in the state directory, generated on first use.
-pub fn state_key(dir: &Path) -> Result<PrivateKey, String> {
-    make_private_dir(dir)?;
-    let path = dir.join("appliance.key");
-    match fs::read_to_string(&path) {
-        Ok(text) => PrivateKey::from_openssh(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = PrivateKey::generate(&mut OsRng);
-            write_private(&path, key.to_openssh("tetherd").as_bytes())
-                .map_err(|e| e.to_string())?;
-            info!("generated the appliance key {}", path.display());
-            Ok(key)
-        }
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-/// The address a VM dials for a listener bound to `addr` (loopback for a wildcard).
-pub fn dialable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    }
-}
-
-/// The pid of the QEMU still running in a VM directory, if any.
-fn hypervisor_alive(dir: &Path) -> Option<u32> {
-    let pid = fs::read_to_string(dir.join("qemu.pid"))
-        .ok()?
-        .trim()
-        .parse::<u32>()
-        .ok()?;
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .ok()
-        .filter(|c| String::from_utf8_lossy(c).contains("qemu"))
-        .map(|_| pid)
-}
-
 fn vm_error(e: VmError) -> ApiError {
     match e {
         VmError::Unavailable(m) => ApiError::Unavailable(m),
         other => ApiError::Internal(format!("booting the VM: {other}")),
     }
-}
-
-/// A generated container id: `c` and 10 hex digits.
-fn generated_id() -> String {
-    format!("c{:010x}", OsRng.next_u64() & 0xff_ffff_ffff)
-}
-
-/// A locally administered MAC in QEMU's range, stable for an id.
-fn mac_for(id: &str) -> String {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let b = h.to_be_bytes();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
-}
-
-/// The guest config of a VM's container: a fresh host key, the appliance's
-/// key authorized, the link on ttyS0, one primary session.
-pub fn guest_config(
-    id: &str,
-    appliance: &PublicKey,
-    host_key: &PrivateKey,
-    request: &CreateRequest,
-    mac: &str,
-) -> serde_json::Value {
-    let mut config = crate::server_commands::guest_config_json(
-        id,
-        appliance,
-        host_key,
-        "serial:/dev/ttyS0",
-        request.tty,
-        &request.cmd,
-    );
-    // The VM powers off once tether exits: linger only briefly for late
-    // readers of the output (an attached `run` has read it by then).
-    config["exit_linger"] = EXIT_LINGER.into();
-    let session = &mut config["sessions"][0];
-    session["stdin"] = request.stdin.into();
-    if request.start_gated {
-        session["start_gated"] = true.into();
-        session["start_gate_timeout"] = super::request::START_GATE_TIMEOUT.into();
-    }
-    if !request.env.is_empty() {
-        session["env"] = serde_json::json!(request.env);
-    }
-    if is_hostname(id) {
-        config["hostname"] = id.into();
-    }
-    if request.net == NetMode::User {
-        // QEMU user networking's fixed addresses: no DHCP round trip at boot.
-        config["networks"] = serde_json::json!([{
-            "name": "eth0",
-            "mac": mac,
-            "addresses": ["10.0.2.15/24"],
-            "gateway": "10.0.2.2",
-        }]);
-    }
-    if request.rootfs.is_some() {
-        config["rootfs"] = serde_json::json!({
-            "source": "9p:rootfs",
-            "fstype": "9p",
-            "options": ["trans=virtio", "version=9p2000.L", "msize=262144"],
-        });
-    } else if request.disk.is_some() {
-        config["rootfs"] = serde_json::json!({
-            "source": "/dev/vda",
-            "fstype": "ext4",
-            "options": [],
-        });
-    }
-    config
-}
-
-fn is_hostname(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 63
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !id.starts_with('-')
-        && !id.ends_with('-')
-}
-
-/// Makes the VM's directory (0700), clearing what an earlier VM of that name left,
-/// unless its hypervisor still runs.
-fn prepare_dir(dir: &Path) -> Result<(), ApiError> {
-    if dir.exists() {
-        if let Some(pid) = hypervisor_alive(dir) {
-            return Err(ApiError::Refused(format!(
-                "a VM left by an earlier tetherd still runs in {} (pid {pid}); stop it or pick another name",
-                dir.display()
-            )));
-        }
-        fs::remove_dir_all(dir)
-            .map_err(|e| ApiError::Internal(format!("clearing {}: {e}", dir.display())))?;
-    }
-    make_private_dir(dir).map_err(ApiError::Internal)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))?;
-    f.write_all(data)
-        .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use event_listener::Event;
 
 use super::*;
+use crate::node::guest_config::is_hostname;
 use crate::vm::{Accel, Qmp, VmFuture};
 
 struct FakeVm {
