@@ -268,10 +268,13 @@ impl Appliance {
         self.shared.pin_guest(id, key);
     }
 
-    /// Stops trusting the key `pin_guest` pinned for `id`, and forgets `id`
-    /// if it has exited and its link is gone.
+    /// Stops trusting the key `pin_guest` pinned for `id`.
     pub fn unpin_guest(&self, id: &str) {
         self.shared.unpin_guest(id);
+    }
+
+    /// Forgets container `id` if it has exited and its link is gone.
+    pub fn forget(&self, id: &str) {
         if self.shared.info(id).is_some_and(|(_, link)| link.is_none()) {
             self.shared.forget(id);
         }

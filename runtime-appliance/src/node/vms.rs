@@ -156,7 +156,7 @@ impl Vms {
         request.check()?;
         let id = request.name.clone().unwrap_or_else(generated_id);
         let dir = self.settings.state_dir.join("vms").join(&id);
-        {
+        let reused = {
             let mut records = self.lock();
             if records.get(&id).is_some_and(|r| !r.removed) {
                 return Err(ApiError::Refused(format!(
@@ -173,7 +173,11 @@ impl Vms {
                     exit: None,
                     removed: false,
                 },
-            );
+            )
+        };
+        if reused.is_some() {
+            // An auto-removed VM of that name: its container goes with it now.
+            self.appliance.forget(&id);
         }
         match self.boot(&id, &dir, &request).await {
             Ok(created) => Ok(created),
@@ -291,10 +295,12 @@ impl Vms {
                 r.removed = true;
             }
             self.remove_files(id);
+            // A late wait still gets the container's exit code meanwhile.
             smol::Timer::after(TOMBSTONE).await;
             let mut records = self.lock();
             if records.get(id).is_some_and(|r| r.removed) {
                 records.remove(id);
+                self.appliance.forget(id);
             }
         }
     }
@@ -355,6 +361,7 @@ impl Vms {
         // while holding the lock and finding the record.
         self.lock().remove(id);
         self.remove_files(id);
+        self.appliance.forget(id);
         info!(container = %id, killed, "VM removed");
         Ok(Removed {
             id: id.to_owned(),

@@ -285,6 +285,8 @@ fn an_auto_removed_vm_leaves_no_files_once_it_exits() {
         assert!(s.vms.node().await.unwrap().vms.is_empty());
         // A late attach still learns the VM exited.
         assert!(s.vms.watch("temp").is_some());
+        // And the name is free again at once.
+        s.vms.create(request("temp", &["true"])).await.unwrap();
     });
 }
 
