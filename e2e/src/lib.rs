@@ -13,6 +13,7 @@ pub mod harness;
 pub mod peers;
 pub mod process;
 pub mod server;
+pub mod vm;
 
 pub use client::{Action, ExecOutcome, ExecRequest, Trigger, run_exec};
 pub use driver::{Application, End, drive};

@@ -122,6 +122,15 @@ pub enum ApiError {
     /// The link to the guest failed mid-operation (HTTP 503).
     #[error("link to the guest is down: {0}")]
     LinkDown(String),
+    /// This tetherd cannot do that now, e.g. boot a VM without QEMU (HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// This tetherd does not offer the operation at all (HTTP 501).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Something failed on this side, e.g. writing the state directory (HTTP 500).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -131,7 +140,9 @@ impl ApiError {
             Self::NotFound(_) | Self::Timeout { .. } => 404,
             Self::BadRequest(_) => 400,
             Self::Refused(_) => 409,
-            Self::LinkDown(_) => 503,
+            Self::LinkDown(_) | Self::Unavailable(_) => 503,
+            Self::Unsupported(_) => 501,
+            Self::Internal(_) => 500,
         }
     }
 
@@ -142,7 +153,9 @@ impl ApiError {
             Self::Timeout { .. } => "Timeout",
             Self::BadRequest(_) => "BadRequest",
             Self::Refused(_) => "Conflict",
-            Self::LinkDown(_) => "ServiceUnavailable",
+            Self::LinkDown(_) | Self::Unavailable(_) => "ServiceUnavailable",
+            Self::Unsupported(_) => "NotImplemented",
+            Self::Internal(_) => "InternalError",
         }
     }
 }

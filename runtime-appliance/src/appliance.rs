@@ -224,6 +224,24 @@ impl Appliance {
         attachment::attach(self.shared.clone(), plan, false, link).await
     }
 
+    /// Trusts `key` as the host key of the guest serving container `id`
+    /// (a VM this appliance boots with a key it generated).
+    pub fn pin_guest(&self, id: &str, key: PublicKey) {
+        self.shared.pin_guest(id, key);
+    }
+
+    /// Stops trusting the key `pin_guest` pinned for `id`.
+    pub fn unpin_guest(&self, id: &str) {
+        self.shared.unpin_guest(id);
+    }
+
+    /// Forgets container `id` if it has exited and its link is gone.
+    pub fn forget(&self, id: &str) {
+        if self.shared.info(id).is_some_and(|(_, link)| link.is_none()) {
+            self.shared.forget(id);
+        }
+    }
+
     /// Live guest links.
     pub fn links(&self) -> usize {
         self.shared.link_count()

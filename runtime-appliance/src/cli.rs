@@ -44,6 +44,12 @@ pub enum Command {
     Kill(KillArgs),
     /// Wait for a container to exit and print its exit code.
     Wait(IdArgs),
+    /// Boot a VM for a container and attach to it, like `docker run`.
+    Run(RunArgs),
+    /// Power a container's VM down (killed after a grace period).
+    Stop(StopArgs),
+    /// Remove a stopped container's VM and its files.
+    Rm(RmArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -57,15 +63,32 @@ pub struct ServeArgs {
     /// HTTP API listener.
     #[arg(long, default_value = "127.0.0.1:2378")]
     pub api: SocketAddr,
-    /// The appliance's private key (OpenSSH format).
+    /// The appliance's private key (OpenSSH format); default
+    /// STATE_DIR/appliance.key, generated on first start.
     #[arg(long)]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
     /// Known guest host keys: lines of `ID ssh-ed25519 AAAA...`.
     #[arg(long, conflicts_with = "accept_any_host_key")]
     pub known_guests: Option<PathBuf>,
     /// Trust any guest host key (development only).
     #[arg(long)]
     pub accept_any_host_key: bool,
+    /// Where tetherd keeps its state: VMs in `vms/ID/` (config, console log, QMP
+    /// socket). Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The kernel VMs boot (default: the newest /boot/vmlinuz-*).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// The initramfs VMs boot (default: built and cached by scripts/build-initramfs).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// The accelerator: `auto` tries KVM for real and falls back to TCG.
+    #[arg(long, default_value = "auto")]
+    pub accel: crate::vm::accel::AccelChoice,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -169,4 +192,82 @@ pub struct KillArgs {
     pub signal: String,
     /// Container id.
     pub id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// The container id (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Forward stdin (keep the container's stdin open).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the container a terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Print the container id and return instead of attaching.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Remove the VM's files when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// vCPUs.
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Environment variable (K=V, or K to pass this one's value on).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// A host directory as the root filesystem (9p).
+    #[arg(long, conflicts_with = "disk")]
+    pub rootfs: Option<PathBuf>,
+    /// A raw ext4 image as the root filesystem (/dev/vda).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Networking: `none`, or `user` (QEMU user networking, restrict=on: no way out).
+    #[arg(long, default_value = "none")]
+    pub net: crate::node::request::NetMode,
+    /// Boot this kernel instead of tetherd's default.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Boot this initramfs instead of tetherd's default.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// How long to wait for the container to come up.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub boot_timeout: std::time::Duration,
+    /// Print how long the VM took to boot (to stderr).
+    #[arg(long)]
+    pub timing: bool,
+    /// Command and arguments.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Seconds the guest gets to power off before its VM is killed.
+    #[arg(short = 't', long = "time", default_value_t = 10)]
+    pub time: u64,
+    /// Container ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Kill a running VM first.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Container ids.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }

@@ -81,6 +81,8 @@ pub struct Shared {
     client: proto_core::Config,
     /// Container id -> the guest host key pinned for it (none: any key).
     known: Option<HashMap<String, PublicKey>>,
+    /// Keys pinned while running (VMs this appliance booted), beside `known`.
+    pinned: Mutex<HashMap<String, PublicKey>>,
     pub counters: Counters,
 }
 
@@ -108,8 +110,30 @@ impl Shared {
             changed: Event::new(),
             client,
             known,
+            pinned: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
+    }
+
+    fn pins(&self) -> std::sync::MutexGuard<'_, HashMap<String, PublicKey>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Trusts `key` as the guest host key of container `id` from now on
+    /// (replacing an earlier pin of `id`). No effect when any key is trusted.
+    pub fn pin_guest(&self, id: &str, key: PublicKey) {
+        self.pins().insert(id.to_owned(), key);
+    }
+
+    /// Stops trusting the key pinned for `id` at runtime.
+    pub fn unpin_guest(&self, id: &str) {
+        self.pins().remove(id);
+    }
+
+    /// Forgets an exited container whose link is gone.
+    pub fn forget(&self, id: &str) {
+        self.lock().remembered.remove(id);
+        self.changed.notify(usize::MAX);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -124,7 +148,13 @@ impl Shared {
 
     /// The SSH client configuration for guest links.
     pub fn client_config(&self) -> proto_core::Config {
-        self.client.clone()
+        let mut config = self.client.clone();
+        if let proto_core::Role::Client(client) = &mut config.role
+            && let HostKeyPolicy::Pinned(keys) = &mut client.host_keys
+        {
+            keys.extend(self.pins().values().copied());
+        }
+        config
     }
 
     /// A link is ready to take commands.
@@ -158,7 +188,7 @@ impl Shared {
             (Some(known), Some(key)) => list
                 .into_iter()
                 .filter(|c| {
-                    let ok = owns(known, &key, &c.id);
+                    let ok = owns(known, &key, &c.id) || owns(&self.pins(), &key, &c.id);
                     if !ok {
                         warn!(link = generation, container = %c.id, "guest claims a container its host key does not own; ignored");
                     }

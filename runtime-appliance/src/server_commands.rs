@@ -59,7 +59,11 @@ pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, Stri
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let key = read_key(&args.key)?;
+    let state = crate::node::state::state_dir(args.state_dir.as_deref())?;
+    let key = match &args.key {
+        Some(path) => read_key(path)?,
+        None => crate::node::state::state_key(&state)?,
+    };
     let known = match (&args.known_guests, args.accept_any_host_key) {
         (Some(path), _) => {
             let text = fs::read_to_string(path)
@@ -75,24 +79,42 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             );
             None
         }
-        (None, false) => {
-            return Err(
-                "give --known-guests PATH (or --accept-any-host-key for development)".into(),
-            );
-        }
+        // Only the guests of the VMs this tetherd boots (it pins their keys).
+        (None, false) => Some(HashMap::new()),
     };
+    let public = *key.public();
     let appliance = Appliance::new(key, known);
     let bind = |addr: SocketAddr, what: &str| {
         Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"))
     };
     let guests = bind(args.listen, "--listen")?;
-    info!("guest links (link sync on) on {}", args.listen);
+    let guests_addr = guests.get_ref().local_addr().map_err(|e| e.to_string())?;
+    info!("guest links (link sync on) on {guests_addr}");
+    let vms = crate::node::vms::Vms::new(
+        crate::node::vms::VmSettings {
+            state_dir: state,
+            link: crate::node::state::dialable(guests_addr),
+            qemu: args.qemu.clone(),
+            accel: args.accel,
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+        },
+        appliance.clone(),
+        public,
+    );
+    let vms = std::sync::Arc::new(vms);
+    vms.adopt_leftovers();
+    let node = crate::node::Node {
+        appliance: appliance.clone(),
+        vms: Some(vms),
+    };
     let direct = args
         .listen_direct
         .map(|a| bind(a, "--listen-direct"))
         .transpose()?;
     let api = bind(args.api, "--api")?;
-    info!("HTTP API on http://{}", args.api);
+    let api_addr = api.get_ref().local_addr().map_err(|e| e.to_string())?;
+    info!("HTTP API on http://{api_addr}");
     smol::block_on(async {
         let a = appliance.clone();
         smol::spawn(async move { a.listen(guests, true).await }).detach();
@@ -108,7 +130,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             let a = appliance.clone();
             smol::spawn(async move { a.listen(direct, false).await }).detach();
         }
-        crate::http::serve_api(api, appliance).await;
+        crate::http::serve_backend(api, node).await;
     });
     Ok(())
 }

@@ -2,9 +2,9 @@
 //! (hyper's HTTP/1 client over smol), and the API's error format.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::header::{HOST, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -142,6 +142,23 @@ impl Api {
         method: Method,
         path_and_query: &str,
     ) -> Result<Response<Incoming>, ClientError> {
+        self.send(method, path_and_query, Empty::<Bytes>::new(), None)
+            .await
+    }
+
+    /// `request` with a body of `content_type`.
+    pub async fn send<B>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: B,
+        content_type: Option<&'static str>,
+    ) -> Result<Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
@@ -152,7 +169,7 @@ impl Api {
             }
         })
         .detach();
-        let mut req = Request::new(Empty::<Bytes>::new());
+        let mut req = Request::new(body);
         *req.method_mut() = method.clone();
         let target = self.target(path_and_query);
         *req.uri_mut() = target
@@ -161,29 +178,45 @@ impl Api {
         if let Ok(host) = HeaderValue::from_str(&self.authority) {
             req.headers_mut().insert(HOST, host);
         }
+        if let Some(content_type) = content_type {
+            req.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        }
         sender
             .send_request(req)
             .await
             .map_err(|e| ClientError::Protocol(format!("{method} {target} on {}: {e}", self.url)))
     }
 
+    /// Sends `body` as JSON and parses a JSON reply; a non-2xx status is an
+    /// error carrying the API's message.
+    pub async fn send_json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let data = serde_json::to_vec(body)
+            .map_err(|e| ClientError::Protocol(format!("encoding the request: {e}")))?;
+        let resp = self
+            .send(
+                method,
+                path_and_query,
+                Full::new(Bytes::from(data)),
+                Some("application/json"),
+            )
+            .await?;
+        let body = read_success(resp, path_and_query).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            ClientError::Protocol(format!("unexpected response to {path_and_query}: {e}"))
+        })
+    }
+
     /// Sends a request and reads the whole body; a non-2xx status is an error
     /// carrying the API's message.
     pub async fn call(&self, method: Method, path_and_query: &str) -> Result<Bytes, ClientError> {
         let resp = self.request(method, path_and_query).await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| {
-                ClientError::Protocol(format!("reading the response to {path_and_query}: {e}"))
-            })?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(ClientError::from_body(status, &body));
-        }
-        Ok(body)
+        read_success(resp, path_and_query).await
     }
 
     /// `call`, parsing the body as JSON.
@@ -197,6 +230,26 @@ impl Api {
             ClientError::Protocol(format!("unexpected response to {path_and_query}: {e}"))
         })
     }
+}
+
+/// A response's whole body; a non-2xx status is an error with the API's message.
+async fn read_success(
+    resp: Response<Incoming>,
+    path_and_query: &str,
+) -> Result<Bytes, ClientError> {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| {
+            ClientError::Protocol(format!("reading the response to {path_and_query}: {e}"))
+        })?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(ClientError::from_body(status, &body));
+    }
+    Ok(body)
 }
 
 /// Percent-encodes a path segment or query value (everything but RFC 3986

@@ -1,7 +1,9 @@
-//! The CLI client commands (`ls`, `attach`, `exec`, `logs`, `kill`, `wait`):
-//! they talk to tetherd's HTTP API (see `docs/API.md`).
+//! The CLI client commands (`ls`, `attach`, `exec`, `logs`, `kill`, `wait`,
+//! and `run`, `stop`, `rm` in `run`): they talk to tetherd's HTTP API (see
+//! `docs/API.md`).
 
 pub mod api;
+pub mod run;
 pub mod session;
 pub mod term;
 pub mod ws;
@@ -40,6 +42,14 @@ pub fn run(command: Command) -> ExitCode {
         Command::Logs(args) => smol::block_on(logs(args)),
         Command::Kill(args) => smol::block_on(kill(args)),
         Command::Wait(args) => smol::block_on(wait(args)),
+        Command::Run(args) => {
+            return smol::block_on(run::run(args)).unwrap_or_else(|e| {
+                eprintln!("tetherd run: {e}");
+                ExitCode::from(run::RUN_FAILED)
+            });
+        }
+        Command::Stop(args) => smol::block_on(run::stop(args)),
+        Command::Rm(args) => smol::block_on(run::rm(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("tetherd: {e}");
@@ -299,7 +309,7 @@ async fn exec_command(args: ExecArgs) -> Result<ExitCode, ClientError> {
 }
 
 /// Sets up the local terminal and runs the session.
-async fn interactive(
+pub(crate) async fn interactive(
     api: &Api,
     conn: ws::Connected,
     resume: Resume,

@@ -10,6 +10,11 @@ use bytes::Bytes;
 use crate::api_types::ApiError;
 use crate::api_types::{AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
 use crate::appliance::{Appliance, Attachment};
+use crate::node::request::{CreateRequest, Created, NodeView, Removed, StopReply};
+
+fn no_vms() -> ApiError {
+    ApiError::Unsupported("this tetherd does not boot VMs".into())
+}
 
 /// A live stream of a container's output with its stdin, resize and offset.
 /// `next` must be cancel-safe: the server races it against client input.
@@ -60,6 +65,37 @@ pub trait Backend: Clone + Send + Sync + 'static {
         follow: bool,
     ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
     fn metrics(&self) -> String;
+
+    /// Boots a VM for a new container (`POST /v1/containers`).
+    fn create(
+        &self,
+        request: CreateRequest,
+    ) -> impl Future<Output = Result<Created, ApiError>> + Send {
+        drop(request);
+        async { Err(no_vms()) }
+    }
+    /// Powers a container's VM down, killing it after `grace`.
+    fn stop(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> impl Future<Output = Result<StopReply, ApiError>> + Send {
+        let _ = (id, grace);
+        async { Err(no_vms()) }
+    }
+    /// Removes a container's VM and its files.
+    fn remove(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> impl Future<Output = Result<Removed, ApiError>> + Send {
+        let _ = (id, force);
+        async { Err(no_vms()) }
+    }
+    /// The node's resources and VMs (`GET /v1/node`).
+    fn node(&self) -> impl Future<Output = Result<NodeView, ApiError>> + Send {
+        async { Err(no_vms()) }
+    }
 }
 
 impl Session for Attachment {

@@ -15,9 +15,12 @@ use super::query::{Query, parse_signal, percent_decode};
 use super::response::{Body, HttpError, PROMETHEUS, json, with_body};
 use super::{OFFSET_HEADER, State, ws};
 use crate::api_types::{AttachOptions, ExecOptions, ExitStatus, From, Output};
+use crate::node::request::CreateRequest;
 
 /// How long attach, exec and wait wait for a container to appear by default.
 pub const DEFAULT_APPEAR_TIMEOUT: Duration = Duration::from_secs(50);
+/// How long `stop` gives a guest to power off before killing its VM.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A matched route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,10 @@ pub enum Route {
     Attach(String),
     Exec(String),
     Logs(String),
+    Create,
+    Stop(String),
+    Delete(String),
+    Node,
 }
 
 impl Route {
@@ -48,13 +55,28 @@ impl Route {
             Self::Attach(_) => "attach",
             Self::Exec(_) => "exec",
             Self::Logs(_) => "logs",
+            Self::Create => "create",
+            Self::Stop(_) => "stop",
+            Self::Delete(_) => "delete",
+            Self::Node => "node",
         }
     }
 
+    /// The method this route takes.
+    fn method(&self) -> &'static str {
+        match self {
+            Self::Signal(_) | Self::Start(_) | Self::Create | Self::Stop(_) => "POST",
+            Self::Delete(_) => "DELETE",
+            _ => "GET",
+        }
+    }
+
+    /// The methods its path takes (the `Allow` header of a 405).
     fn allowed(&self) -> &'static str {
         match self {
-            Self::Signal(_) | Self::Start(_) => "POST",
-            _ => "GET",
+            Self::List | Self::Create => "GET, POST",
+            Self::Get(_) | Self::Delete(_) => "GET, DELETE",
+            other => other.method(),
         }
     }
 }
@@ -82,7 +104,10 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
     let route = match segments.as_slice() {
         ["healthz"] => Route::Healthz,
         ["metrics"] => Route::Metrics,
+        ["v1", "node"] => Route::Node,
+        ["v1", "containers"] if method == Method::POST => Route::Create,
         ["v1", "containers"] => Route::List,
+        ["v1", "containers", raw] if method == Method::DELETE => Route::Delete(id(raw)?),
         ["v1", "containers", raw] => Route::Get(id(raw)?),
         ["v1", "containers", raw, action] => {
             let id = id(raw)?;
@@ -93,17 +118,17 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
                 "attach" => Route::Attach(id),
                 "exec" => Route::Exec(id),
                 "logs" => Route::Logs(id),
+                "stop" => Route::Stop(id),
                 _ => return Err(HttpError::no_route(method.as_str(), path)),
             }
         }
         _ => return Err(HttpError::no_route(method.as_str(), path)),
     };
-    let allowed = route.allowed();
-    if method.as_str() != allowed {
+    if method.as_str() != route.method() {
         return Err(HttpError::method_not_allowed(
             method.as_str(),
             path,
-            allowed,
+            route.allowed(),
         ));
     }
     Ok(route)
@@ -187,7 +212,38 @@ async fn dispatch<B: Backend>(
         Route::Attach(id) => attach(state, id, &query, req).await,
         Route::Exec(id) => exec(state, id, &query, req).await,
         Route::Logs(id) => logs(state, id, &query).await,
+        Route::Create => {
+            query.check("create", &[], &[])?;
+            let body = read_body(req).await?;
+            let request = CreateRequest::parse(&body)?;
+            Ok(json(StatusCode::CREATED, &backend.create(request).await?))
+        }
+        Route::Stop(id) => {
+            query.check("stop", &["grace"], &[])?;
+            let grace = query.duration("grace", DEFAULT_STOP_GRACE)?;
+            Ok(json(StatusCode::OK, &backend.stop(&id, grace).await?))
+        }
+        Route::Delete(id) => {
+            query.check("delete", &["force"], &[])?;
+            let force = query.bool("force", false)?;
+            Ok(json(StatusCode::OK, &backend.remove(&id, force).await?))
+        }
+        Route::Node => {
+            query.check("node", &[], &[])?;
+            Ok(json(StatusCode::OK, &backend.node().await?))
+        }
     }
+}
+
+/// The largest request body accepted (a create request is small).
+const MAX_BODY: usize = 1 << 20;
+
+/// The whole request body, up to `MAX_BODY`.
+async fn read_body(req: Request<Incoming>) -> Result<bytes::Bytes, HttpError> {
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    limited.collect().await.map(|b| b.to_bytes()).map_err(|e| {
+        HttpError::bad_request(format!("request body: {e} (at most {MAX_BODY} bytes)"))
+    })
 }
 
 /// `{"exit_code": N}`, plus `signal` and `core_dumped` when killed by a signal.
@@ -437,6 +493,16 @@ mod tests {
             route(&get, "/v1/containers/x/wait").unwrap(),
             Route::Wait("x".into())
         );
+        assert_eq!(route(&post, "/v1/containers").unwrap(), Route::Create);
+        assert_eq!(
+            route(&post, "/v1/containers/x/stop").unwrap(),
+            Route::Stop("x".into())
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/v1/containers/x").unwrap(),
+            Route::Delete("x".into())
+        );
+        assert_eq!(route(&get, "/v1/node").unwrap(), Route::Node);
     }
 
     #[test]
@@ -447,8 +513,12 @@ mod tests {
         assert_eq!(e.status.as_u16(), 404);
         let e = route(&Method::GET, "/v1/containers//logs").unwrap_err();
         assert_eq!(e.status.as_u16(), 404);
-        let e = route(&Method::DELETE, "/v1/containers/x").unwrap_err();
-        assert_eq!((e.status.as_u16(), e.allow), (405, Some("GET")));
+        let e = route(&Method::PUT, "/v1/containers/x").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("GET, DELETE")));
+        let e = route(&Method::DELETE, "/v1/containers").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("GET, POST")));
+        let e = route(&Method::GET, "/v1/containers/x/stop").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (405, Some("POST")));
         let e = route(&Method::GET, "/v1/containers/x/signal").unwrap_err();
         assert_eq!((e.status.as_u16(), e.allow), (405, Some("POST")));
         let e = route(&Method::GET, "/v1/containers/%ff/logs").unwrap_err();

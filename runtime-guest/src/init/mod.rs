@@ -18,6 +18,7 @@
 //! 6. the guest runs (reaper, links, sessions; the reaper and link tasks are
 //!    watched: if either ends, that is fatal); then power-off ([`power`]).
 
+pub mod button;
 pub mod console;
 pub mod fatal;
 pub mod hotplug;
@@ -174,6 +175,7 @@ async fn boot(
     configure(&config, &devices, &roots, &*network, &module_dir, &index).await?;
     let link = config.link.clone();
     let guest = Guest::new(config, ex.clone());
+    button::watch(&guest, &roots.sys, &roots.dev);
     let code = crate::serve_guest(ex, guest, true)
         .await
         .map_err(InitError::TaskEnded)?;

@@ -1,0 +1,214 @@
+//! Real VMs in tests: the prerequisites (QEMU, Debian's kernel, an initramfs
+//! built by `scripts/build-initramfs`), a `tetherd serve` with its own state
+//! directory that boots them, and cleanup of every hypervisor it started.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::fixtures::binary;
+use crate::harness::{ChildGuard, Procs};
+use crate::peers::free_port;
+
+/// What booting a VM needs.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The kernel and initramfs, or why VMs cannot run here (built once per test binary).
+pub fn prerequisites() -> Result<VmFiles, String> {
+    static FILES: OnceLock<Result<VmFiles, String>> = OnceLock::new();
+    FILES.get_or_init(find_files).clone()
+}
+
+fn find_files() -> Result<VmFiles, String> {
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("qemu-system-x86_64: {e} (apt-get install qemu-system-x86)"))?;
+    if !qemu.status.success() {
+        return Err("qemu-system-x86_64 --version failed".into());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-initramfs");
+    let mut cmd = Command::new(&script);
+    cmd.arg("--no-install")
+        .arg("--tether")
+        .arg(binary("tether"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/build-initramfs failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|p| PathBuf::from(p.trim()))
+    };
+    match (line("kernel "), line("initramfs ")) {
+        (Some(kernel), Some(initrd)) => Ok(VmFiles { kernel, initrd }),
+        _ => Err(format!("scripts/build-initramfs printed {text:?}")),
+    }
+}
+
+/// A `tetherd serve` that boots VMs, with a state directory of its own.
+pub struct VmServe {
+    pub api: String,
+    pub state: PathBuf,
+    _dir: tempfile::TempDir,
+    _serve: ChildGuard,
+}
+
+impl VmServe {
+    /// Starts `tetherd serve` booting `files` on `accel` (`auto`, `tcg`, `kvm`).
+    pub fn start(procs: &Procs, files: &VmFiles, accel: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state");
+        let api = format!("127.0.0.1:{}", free_port().expect("free port"));
+        let listen = format!("127.0.0.1:{}", free_port().expect("free port"));
+        let mut cmd = Command::new(binary("tetherd"));
+        cmd.args([
+            "serve", "--listen", &listen, "--api", &api, "--accel", accel,
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--kernel")
+        .arg(&files.kernel)
+        .arg("--initrd")
+        .arg(&files.initrd)
+        .env("TETHERD_LOG", "info,runtime_appliance=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("tetherd.log")).expect("log file"));
+        let serve = procs.spawn(&mut cmd).expect("start tetherd serve");
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&api).is_err() {
+            assert!(Instant::now() < end, "tetherd serve did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            api: format!("http://{api}"),
+            state,
+            _dir: dir,
+            _serve: serve,
+        }
+    }
+
+    /// A `tetherd` client command against this server.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(binary("tetherd"));
+        c.env("TETHERD_API", &self.api).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a client command to completion.
+    pub fn run_cli(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().expect("run tetherd")
+    }
+
+    /// One HTTP request; returns the status and the body parsed as JSON
+    /// (`Null` for an empty or non-JSON body).
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let addr = self.api.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).expect("connect to the API");
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send the request");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read the response");
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or_default())
+    }
+
+    /// A VM's console log (for failure messages).
+    pub fn console(&self, id: &str) -> String {
+        fs::read_to_string(self.state.join("vms").join(id).join("console.log")).unwrap_or_default()
+    }
+
+    /// tetherd's own log (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(
+            self.state
+                .parent()
+                .unwrap_or(&self.state)
+                .join("tetherd.log"),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Waits until `check` holds for `GET /v1/node`, or panics with `what`.
+    pub fn wait_node(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + limit;
+        loop {
+            let (status, node) = self.http("GET", "/v1/node", None);
+            if status == 200 && check(&node) {
+                return node;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: not within {limit:?}; last /v1/node: {node}\ntetherd log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The hypervisor pids this server started (from `STATE/vms/*/qemu.pid`).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(self.state.join("vms")) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| fs::read_to_string(e.path().join("qemu.pid")).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for VmServe {
+    fn drop(&mut self) {
+        // QEMU runs in its own process group and outlives tetherd: end it here.
+        for pid in self.qemu_pids() {
+            let is_qemu = fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu"));
+            if is_qemu {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The VM of `id` in a `/v1/node` answer.
+pub fn vm_of<'a>(node: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    node["vms"].as_array()?.iter().find(|v| v["id"] == id)
+}

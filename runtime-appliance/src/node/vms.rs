@@ -1,0 +1,507 @@
+//! The VMs this tetherd boots, one per container: creating one (a guest config
+//! with a fresh host key pinned for its id, its directory under
+//! `STATE/vms/ID`, the hypervisor), reaping it when the hypervisor exits,
+//! stopping and removing it, and what the node has left for more.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto_core::{PrivateKey, PublicKey};
+use rand_core::OsRng;
+use smol::lock::OnceCell;
+use tracing::{info, warn};
+
+use super::boot_files::{self, BootFiles};
+use super::guest_config::{generated_id, guest_config, mac_for};
+use super::host;
+use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
+use super::state::{make_private_dir, prepare_dir, write_private};
+use crate::api_types::ApiError;
+use crate::appliance::Appliance;
+use crate::vm::accel::{self, AccelChoice};
+use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
+
+/// How long an auto-removed VM is still known (so a late attach or wait is
+/// told it exited instead of waiting for it to appear).
+const TOMBSTONE: Duration = Duration::from_secs(60);
+
+/// How VMs are booted here.
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// `STATE`: VMs live in `STATE/vms/ID`.
+    pub state_dir: PathBuf,
+    /// tetherd's link-sync listener, which each VM's ttyS0 connects to.
+    pub link: SocketAddr,
+    pub qemu: PathBuf,
+    pub accel: AccelChoice,
+    /// Default kernel and initramfs (else found or built on first use).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+}
+
+/// One VM.
+struct Record {
+    request: CreateRequest,
+    dir: PathBuf,
+    accel: &'static str,
+    /// `None` while the hypervisor is starting.
+    vm: Option<Arc<dyn Vm>>,
+    exit: Option<VmExit>,
+    /// Auto-removed: its files are gone; kept a while so late callers learn it exited.
+    removed: bool,
+}
+
+/// The VMs of this tetherd.
+pub struct Vms {
+    settings: VmSettings,
+    appliance: Appliance,
+    appliance_key: PublicKey,
+    backend: OnceCell<Arc<dyn VmBackend>>,
+    boot: OnceCell<BootFiles>,
+    records: Mutex<BTreeMap<String, Record>>,
+}
+
+/// What the rest of the node needs to watch one VM.
+#[derive(Clone)]
+pub struct VmWatch {
+    pub vm: Arc<dyn Vm>,
+    pub console: PathBuf,
+}
+
+impl Vms {
+    /// VMs booted with QEMU per `settings`, for containers of `appliance`
+    /// (whose public key the guests authorize).
+    pub fn new(settings: VmSettings, appliance: Appliance, appliance_key: PublicKey) -> Self {
+        Self {
+            settings,
+            appliance,
+            appliance_key,
+            backend: OnceCell::new(),
+            boot: OnceCell::new(),
+            records: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// VMs booted by `backend` with `boot` files (tests use a fake backend).
+    pub fn with_backend(
+        settings: VmSettings,
+        appliance: Appliance,
+        appliance_key: PublicKey,
+        backend: Arc<dyn VmBackend>,
+        boot: BootFiles,
+    ) -> Self {
+        let me = Self::new(settings, appliance, appliance_key);
+        let _ = me.backend.set_blocking(backend);
+        let _ = me.boot.set_blocking(boot);
+        me
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backend, deciding the accelerator on first use (it may boot a probe VM).
+    pub async fn backend(&self) -> Result<Arc<dyn VmBackend>, ApiError> {
+        self.backend
+            .get_or_try_init(|| async {
+                let accel = match self.settings.accel {
+                    AccelChoice::Fixed(a) => a,
+                    AccelChoice::Auto => {
+                        let kernel = self.boot_files().await?.kernel;
+                        let qemu = self.settings.qemu.clone();
+                        make_private_dir(&self.settings.state_dir).map_err(ApiError::Internal)?;
+                        let cache = self.settings.state_dir.join("accel.json");
+                        let probed =
+                            smol::unblock(move || accel::probe(&qemu, &kernel, &cache)).await;
+                        info!(accel = probed.accel.as_str(), reason = %probed.reason, "VM accelerator");
+                        probed.accel
+                    }
+                };
+                Ok::<_, ApiError>(Arc::new(QemuBackend::new(self.settings.qemu.clone(), accel))
+                    as Arc<dyn VmBackend>)
+            })
+            .await
+            .cloned()
+    }
+
+    /// The default kernel and initramfs, found (or built) on first use.
+    async fn boot_files(&self) -> Result<BootFiles, ApiError> {
+        self.boot
+            .get_or_try_init(|| async {
+                let (k, i) = (self.settings.kernel.clone(), self.settings.initrd.clone());
+                smol::unblock(move || boot_files::resolve(k.as_deref(), i.as_deref()))
+                    .await
+                    .map_err(ApiError::Unavailable)
+            })
+            .await
+            .cloned()
+    }
+
+    /// The VM of container `id`, if this tetherd booted it.
+    pub fn watch(&self, id: &str) -> Option<VmWatch> {
+        let records = self.lock();
+        let r = records.get(id)?;
+        Some(VmWatch {
+            vm: r.vm.clone()?,
+            console: r.dir.join("console.log"),
+        })
+    }
+
+    /// Boots a VM for the container `request` describes.
+    pub async fn create(self: &Arc<Self>, request: CreateRequest) -> Result<Created, ApiError> {
+        request.check()?;
+        let id = request.name.clone().unwrap_or_else(generated_id);
+        let dir = self.settings.state_dir.join("vms").join(&id);
+        let reused = {
+            let mut records = self.lock();
+            if records.get(&id).is_some_and(|r| !r.removed) {
+                return Err(ApiError::Refused(format!(
+                    "container {id} exists (remove it first: DELETE /v1/containers/{id})"
+                )));
+            }
+            records.insert(
+                id.clone(),
+                Record {
+                    request: request.clone(),
+                    dir: dir.clone(),
+                    accel: "",
+                    vm: None,
+                    exit: None,
+                    removed: false,
+                },
+            )
+        };
+        if reused.is_some() {
+            // An auto-removed VM of that name: its container goes with it now.
+            self.appliance.forget(&id);
+        }
+        match self.boot(&id, &dir, &request).await {
+            Ok(created) => Ok(created),
+            Err(e) => {
+                self.lock().remove(&id);
+                self.appliance.unpin_guest(&id);
+                warn!(container = %id, "could not boot its VM: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        self: &Arc<Self>,
+        id: &str,
+        dir: &Path,
+        request: &CreateRequest,
+    ) -> Result<Created, ApiError> {
+        if self.appliance.get(id).await.is_ok() {
+            return Err(ApiError::Refused(format!(
+                "a container {id} is already known (served by a guest link, or exited and not removed)"
+            )));
+        }
+        let backend = self.backend().await?;
+        let files = match (&request.kernel, &request.initrd) {
+            (Some(kernel), Some(initrd)) => BootFiles {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+            },
+            (kernel, initrd) => {
+                let default = self.boot_files().await?;
+                BootFiles {
+                    kernel: kernel.clone().unwrap_or(default.kernel),
+                    initrd: initrd.clone().unwrap_or(default.initrd),
+                }
+            }
+        };
+        prepare_dir(dir)?;
+        let host_key = PrivateKey::generate(&mut OsRng);
+        let mac = mac_for(id);
+        let config = guest_config(id, &self.appliance_key, &host_key, request, &mac);
+        let config_path = dir.join("config.json");
+        write_private(&config_path, format!("{config:#}\n").as_bytes())?;
+        write_private(
+            &dir.join("guest.pub"),
+            format!("{}\n", host_key.public().to_openssh()).as_bytes(),
+        )?;
+        write_private(
+            &dir.join("request.json"),
+            format!("{:#}\n", serde_json::json!(request)).as_bytes(),
+        )?;
+        self.appliance.pin_guest(id, *host_key.public());
+        let spec = VmSpec {
+            id: id.to_owned(),
+            dir: dir.to_owned(),
+            kernel: files.kernel,
+            initrd: files.initrd,
+            append: Vec::new(),
+            cpus: request.cpus(),
+            memory_mib: request.memory_mib(),
+            config: config_path,
+            link: self.settings.link,
+            nics: match request.net {
+                NetMode::None => Vec::new(),
+                NetMode::User => vec![Nic::User { mac }],
+            },
+            disks: request.disk.iter().cloned().collect(),
+            shares: request
+                .rootfs
+                .iter()
+                .map(|p| Share {
+                    tag: "rootfs".into(),
+                    path: p.clone(),
+                })
+                .collect(),
+        };
+        let vm: Arc<dyn Vm> = backend.start(&spec).await.map_err(vm_error)?.into();
+        let accel = backend.accel().as_str();
+        info!(container = %id, pid = vm.pid(), accel, dir = %dir.display(), "VM started");
+        if let Some(r) = self.lock().get_mut(id) {
+            r.vm = Some(vm.clone());
+            r.accel = accel;
+        }
+        let me = self.clone();
+        let owner = id.to_owned();
+        let watched = vm.clone();
+        smol::spawn(async move {
+            let exit = watched.wait().await;
+            me.exited(&owner, exit).await;
+        })
+        .detach();
+        Ok(Created {
+            id: id.to_owned(),
+            accel: accel.to_owned(),
+            pid: vm.pid(),
+            console: spec.console_log(),
+        })
+    }
+
+    /// The hypervisor of `id` has exited: record it, and auto-remove.
+    async fn exited(self: &Arc<Self>, id: &str, exit: VmExit) {
+        let auto_remove = {
+            let mut records = self.lock();
+            let Some(r) = records.get_mut(id) else { return };
+            r.exit = Some(exit);
+            let _ = fs::write(
+                r.dir.join("exit.json"),
+                format!("{}\n", serde_json::json!(exit)),
+            );
+            r.request.auto_remove
+        };
+        info!(container = %id, %exit, "VM exited");
+        if auto_remove {
+            if let Some(r) = self.lock().get_mut(id) {
+                r.removed = true;
+            }
+            self.remove_files(id);
+            // A late wait still gets the container's exit code meanwhile.
+            smol::Timer::after(TOMBSTONE).await;
+            let mut records = self.lock();
+            if records.get(id).is_some_and(|r| r.removed) {
+                records.remove(id);
+                self.appliance.forget(id);
+            }
+        }
+    }
+
+    fn remove_files(&self, id: &str) {
+        let dir = self.settings.state_dir.join("vms").join(id);
+        if let Err(e) = fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(container = %id, "removing {}: {e}", dir.display());
+        }
+        self.appliance.unpin_guest(id);
+    }
+
+    fn running_vm(&self, id: &str) -> Result<Arc<dyn Vm>, ApiError> {
+        let records = self.lock();
+        match records.get(id) {
+            None => Err(ApiError::NotFound(format!(
+                "{id} (no VM of that name; stop and rm act on containers created with POST /v1/containers)"
+            ))),
+            Some(r) if r.removed => Err(ApiError::NotFound(format!("{id} (removed)"))),
+            Some(Record { vm: None, .. }) => Err(ApiError::Refused(format!(
+                "the VM of {id} is still starting; try again"
+            ))),
+            Some(Record { vm: Some(vm), .. }) => Ok(vm.clone()),
+        }
+    }
+
+    /// Asks the guest to power off; kills the hypervisor after `grace`.
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<StopReply, ApiError> {
+        let vm = self.running_vm(id)?;
+        if vm.try_wait().is_none() {
+            // As `docker stop` does: the stop signal reaches the primary over
+            // the link, and the guest powers off once it exits. The ACPI power
+            // button (in `Vm::stop`) is for a guest that is not linked.
+            let term = self.appliance.signal(id, "TERM");
+            let asked = futures_lite::future::or(async { Some(term.await) }, async {
+                smol::Timer::after(Duration::from_secs(2)).await;
+                None
+            })
+            .await;
+            if let Some(Err(e)) = asked {
+                info!(container = %id, "SIGTERM through the link: {e}");
+            }
+        }
+        let stopped = vm.stop(grace).await;
+        if stopped.killed {
+            info!(container = %id, "the guest did not power off within {grace:?}; killed");
+        }
+        Ok(StopReply {
+            id: id.to_owned(),
+            exit: stopped.exit,
+            killed: stopped.killed,
+        })
+    }
+
+    /// Removes an exited VM's files (a running one only with `force`, killing it).
+    pub async fn remove(&self, id: &str, force: bool) -> Result<Removed, ApiError> {
+        let vm = self.running_vm(id)?;
+        let mut killed = false;
+        if vm.try_wait().is_none() {
+            if !force {
+                return Err(ApiError::Refused(format!(
+                    "{id} is running: stop it first (POST /v1/containers/{id}/stop) or remove it with force=1"
+                )));
+            }
+            vm.kill().map_err(vm_error)?;
+            vm.wait().await;
+            killed = true;
+        }
+        // The record goes first: `exited` writes into the directory only
+        // while holding the lock and finding the record.
+        self.lock().remove(id);
+        self.remove_files(id);
+        self.appliance.forget(id);
+        info!(container = %id, killed, "VM removed");
+        Ok(Removed {
+            id: id.to_owned(),
+            killed,
+        })
+    }
+
+    /// The node's resources and its VMs.
+    pub async fn node(&self) -> Result<NodeView, ApiError> {
+        let accel = self.backend().await?.accel().as_str().to_owned();
+        let records: Vec<(String, VmView)> = self
+            .lock()
+            .iter()
+            .filter(|(_, r)| !r.removed)
+            .map(|(id, r)| {
+                let exit = r.vm.as_ref().and_then(|vm| vm.try_wait()).or(r.exit);
+                let view = VmView {
+                    id: id.clone(),
+                    state: if exit.is_some() { "exited" } else { "booting" }.into(),
+                    pid: r.vm.as_ref().map(|vm| vm.pid()).unwrap_or(0),
+                    cpus: r.request.cpus(),
+                    memory_mib: r.request.memory_mib(),
+                    accel: r.accel.to_owned(),
+                    exit,
+                    dir: r.dir.clone(),
+                };
+                (id.clone(), view)
+            })
+            .collect();
+        let mut vms = Vec::with_capacity(records.len());
+        for (id, mut view) in records {
+            if view.exit.is_none()
+                && self
+                    .appliance
+                    .get(&id)
+                    .await
+                    .is_ok_and(|c| c.connection.is_some())
+            {
+                view.state = "running".into();
+            }
+            vms.push(view);
+        }
+        let live = vms.iter().filter(|v| v.exit.is_none());
+        let (total, available) = host::memory_mib();
+        Ok(NodeView {
+            cpus: host::cpus(),
+            memory_total_mib: total,
+            memory_available_mib: available,
+            accel,
+            vms_running: live.clone().count() as u32,
+            vm_cpus: live.clone().map(|v| v.cpus).sum(),
+            vm_memory_mib: live.map(|v| u64::from(v.memory_mib)).sum(),
+            vms,
+        })
+    }
+
+    /// Counts for `/metrics`: (running, exited).
+    pub fn counts(&self) -> (usize, usize) {
+        let records = self.lock();
+        let exited = records
+            .values()
+            .filter(|r| !r.removed && r.vm.as_ref().is_some_and(|vm| vm.try_wait().is_some()))
+            .count();
+        let all = records.values().filter(|r| !r.removed).count();
+        (all - exited, exited)
+    }
+}
+
+impl Vms {
+    /// Takes over the VMs an earlier tetherd left in the state directory:
+    /// running ones (QEMU reconnects their links; their guests are trusted
+    /// again, and stop and rm work on them) and exited ones (listed until rm).
+    pub fn adopt_leftovers(self: &Arc<Self>) {
+        let Ok(entries) = fs::read_dir(self.settings.state_dir.join("vms")) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path();
+            let Some(vm) = adopt::adopt(&dir) else {
+                continue;
+            };
+            let request: CreateRequest = fs::read(dir.join("request.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let running = vm.try_wait().is_none();
+            let key = fs::read_to_string(dir.join("guest.pub"))
+                .ok()
+                .and_then(|k| PublicKey::from_openssh(k.trim()).ok());
+            if running && let Some(key) = key {
+                self.appliance.pin_guest(&id, key);
+            }
+            info!(container = %id, running, pid = vm.pid(), "took over a VM an earlier tetherd started");
+            let accel = vm.accel;
+            let vm: Arc<dyn Vm> = Arc::new(vm);
+            self.lock().insert(
+                id.clone(),
+                Record {
+                    request,
+                    dir,
+                    accel,
+                    vm: Some(vm.clone()),
+                    exit: None,
+                    removed: false,
+                },
+            );
+            if running {
+                let me = self.clone();
+                smol::spawn(async move {
+                    let exit = vm.wait().await;
+                    me.exited(&id, exit).await;
+                })
+                .detach();
+            }
+        }
+    }
+}
+
+fn vm_error(e: VmError) -> ApiError {
+    match e {
+        VmError::Unavailable(m) => ApiError::Unavailable(m),
+        other => ApiError::Internal(format!("booting the VM: {other}")),
+    }
+}
+
+#[cfg(test)]
+#[path = "vms_tests.rs"]
+mod tests;
