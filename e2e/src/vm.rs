@@ -212,3 +212,97 @@ impl Drop for VmServe {
 pub fn vm_of<'a>(node: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
     node["vms"].as_array()?.iter().find(|v| v["id"] == id)
 }
+
+/// A QMP session with a VM that `tetherd serve` started (its socket is in the
+/// VM's directory): for tests that press buttons tetherd has no route for,
+/// such as hotplugging devices.
+pub struct QmpSession {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl QmpSession {
+    /// Connects to VM `id` (waiting up to `wait` for its socket) and
+    /// negotiates capabilities.
+    pub fn connect(serve: &VmServe, id: &str, wait: Duration) -> Self {
+        let path = serve.state.join("vms").join(id).join("qmp.sock");
+        let end = Instant::now() + wait;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("QMP socket {}: {e}", path.display()),
+            }
+        };
+        let writer = stream.try_clone().expect("clone the QMP socket");
+        let mut qmp = Self {
+            reader: std::io::BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.next_message();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    fn next_message(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read from QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP said {line:?}: {e}"))
+    }
+
+    /// Runs a command; its `return` value (events in between are skipped).
+    /// A QMP error fails the test.
+    pub fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let request = serde_json::json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{request}").expect("write to QMP");
+        loop {
+            let reply = self.next_message();
+            if let Some(value) = reply.get("return") {
+                return value.clone();
+            }
+            if let Some(error) = reply.get("error") {
+                panic!("QMP {command}: {error}");
+            }
+        }
+    }
+}
+
+/// An ext4 image of `mib` MiB labelled `label`, holding `files` (name,
+/// contents), made with `mkfs.ext4 -d` (e2fsprogs).
+pub fn ext4_image(
+    dir: &Path,
+    name: &str,
+    label: &str,
+    mib: u64,
+    files: &[(&str, &str)],
+) -> Result<PathBuf, String> {
+    let content = dir.join(format!("{name}.d"));
+    fs::create_dir_all(&content).map_err(|e| e.to_string())?;
+    for (file, text) in files {
+        fs::write(content.join(file), text).map_err(|e| e.to_string())?;
+    }
+    let image = dir.join(format!("{name}.img"));
+    let f = fs::File::create(&image).map_err(|e| e.to_string())?;
+    f.set_len(mib << 20).map_err(|e| e.to_string())?;
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", label, "-d"])
+        .arg(&content)
+        .arg(&image)
+        .output()
+        .map_err(|e| format!("mkfs.ext4: {e} (apt-get install e2fsprogs)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(image)
+}

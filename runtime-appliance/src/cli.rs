@@ -231,6 +231,20 @@ pub struct RunArgs {
     /// Networking: `none`, or `user` (QEMU user networking, restrict=on: no way out).
     #[arg(long, default_value = "none")]
     pub net: crate::node::request::NetMode,
+    /// One more NIC on its own user network, with this MAC (repeatable).
+    #[arg(long = "nic", value_name = "MAC")]
+    pub nics: Vec<String>,
+    /// A raw disk image to attach after the root disk (repeatable); mount it
+    /// with the guest config's `mounts`.
+    #[arg(long = "add-disk", value_name = "FILE")]
+    pub disks: Vec<PathBuf>,
+    /// The container's host name (default: its id).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// OS configuration for the guest (JSON object with `hosts`, `dns`,
+    /// `networks`, `mounts`, `secrets`, ...: docs/CONFIG.md).
+    #[arg(long, value_name = "FILE")]
+    pub guest_config: Option<PathBuf>,
     /// Boot this kernel instead of tetherd's default.
     #[arg(long)]
     pub kernel: Option<PathBuf>,

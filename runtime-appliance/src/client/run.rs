@@ -12,7 +12,7 @@ use super::api::{Api, ClientError, encode};
 use super::session::{RECONNECT_FOR, Resume};
 use super::ws;
 use crate::cli::{RmArgs, RunArgs, StopArgs};
-use crate::node::request::{CreateRequest, Created, Removed, StopReply};
+use crate::node::request::{CreateRequest, Created, NicRequest, Removed, StopReply};
 
 /// `run`'s exit code when it fails itself (as `docker run` does).
 pub const RUN_FAILED: u8 = 125;
@@ -31,6 +31,37 @@ pub fn request(args: &RunArgs) -> Result<CreateRequest, ClientError> {
         };
         env.insert(k, v);
     }
+    let mut guest = match &args.guest_config {
+        None => serde_json::Map::new(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ClientError::Protocol(format!("--guest-config {}: {e}", path.display()))
+            })?;
+            match serde_json::from_str(&text) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Ok(_) => {
+                    return Err(ClientError::Protocol(format!(
+                        "--guest-config {}: not a JSON object",
+                        path.display()
+                    )));
+                }
+                Err(e) => {
+                    return Err(ClientError::Protocol(format!(
+                        "--guest-config {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    };
+    if let Some(name) = &args.hostname {
+        guest.insert("hostname".into(), name.clone().into());
+    }
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| absolute(Some(d), "--add-disk").map(|p| p.unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(CreateRequest {
         name: args.name.clone(),
         cmd: args.cmd.clone(),
@@ -38,6 +69,7 @@ pub fn request(args: &RunArgs) -> Result<CreateRequest, ClientError> {
         stdin: args.interactive,
         env,
         cpus: args.cpus,
+        max_cpus: None,
         memory_mib: args.memory,
         rootfs: absolute(args.rootfs.as_deref(), "--rootfs")?,
         disk: absolute(args.disk.as_deref(), "--disk")?,
@@ -48,6 +80,15 @@ pub fn request(args: &RunArgs) -> Result<CreateRequest, ClientError> {
         // Attached, the primary starts once the attachment is there, so none
         // of its output (or its exit) happens before anyone is listening.
         start_gated: !args.detach,
+        nics: args
+            .nics
+            .iter()
+            .map(|mac| NicRequest {
+                mac: Some(mac.clone()),
+            })
+            .collect(),
+        disks,
+        guest: (!guest.is_empty()).then_some(guest),
     })
 }
 

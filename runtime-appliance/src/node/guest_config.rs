@@ -15,6 +15,11 @@ pub fn generated_id() -> String {
     format!("c{:010x}", OsRng.next_u64() & 0xff_ffff_ffff)
 }
 
+/// The MAC of the VM's `n`-th extra NIC (`nics[n]`) when the request gives none.
+pub fn extra_mac(id: &str, n: usize) -> String {
+    mac_for(&format!("{id}/nic{n}"))
+}
+
 /// A locally administered MAC in QEMU's range, stable for an id.
 pub fn mac_for(id: &str) -> String {
     let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -64,6 +69,10 @@ pub fn guest_config(
             "addresses": ["10.0.2.15/24"],
             "gateway": "10.0.2.2",
         }]);
+    }
+    // The request's OS configuration goes in as written; the guest checks it.
+    for (key, value) in request.guest.iter().flatten() {
+        config[key] = value.clone();
     }
     if request.rootfs.is_some() {
         config["rootfs"] = serde_json::json!({

@@ -60,6 +60,9 @@ pub struct CreateRequest {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// vCPUs the VM can grow to by CPU hotplug (default: `cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u32>,
     /// A host directory to use as the root filesystem (9p, tag `rootfs`).
@@ -84,7 +87,44 @@ pub struct CreateRequest {
     /// `START_GATE_TIMEOUT` it starts anyway.
     #[serde(default)]
     pub start_gated: bool,
+    /// More NICs, each on its own QEMU user network with `restrict=on`
+    /// (after the one `net: user` gives).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicRequest>,
+    /// Raw disk images to attach after the root disk (`/dev/vdb`, ... with
+    /// `disk`; else from `/dev/vda`): mount them with the guest's `mounts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<PathBuf>,
+    /// OS configuration for the guest, merged into its config as written
+    /// (docs/CONFIG.md): `hostname`, `domainname`, `hosts`, `dns`, `networks`,
+    /// `mounts`, `secrets`, `sysctls`, `ulimits`, `modules`. The guest checks
+    /// it; one it cannot apply is a fatal error it reports as it powers off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+/// One more NIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicRequest {
+    /// Its MAC (`52:54:00:12:34:56`); derived from the id and position when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The guest config fields a request's `guest` may set.
+pub const GUEST_FIELDS: [&str; 10] = [
+    "hostname",
+    "domainname",
+    "hosts",
+    "dns",
+    "networks",
+    "mounts",
+    "secrets",
+    "sysctls",
+    "ulimits",
+    "modules",
+];
 
 /// How long a start-gated primary waits for its start.
 pub const START_GATE_TIMEOUT: &str = "60s";
@@ -133,6 +173,15 @@ impl CreateRequest {
         {
             return Err(bad("cpus", format!("must be 1 to {MAX_CPUS}, not {n}")));
         }
+        if let Some(n) = self.max_cpus
+            && !(self.cpus()..=MAX_CPUS).contains(&n)
+        {
+            let least = self.cpus();
+            return Err(bad(
+                "max_cpus",
+                format!("must be {least} (cpus) to {MAX_CPUS}, not {n}"),
+            ));
+        }
         if let Some(m) = self.memory_mib
             && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)
         {
@@ -156,6 +205,28 @@ impl CreateRequest {
                 check_path(file, false).map_err(|why| bad(field, why))?;
             }
         }
+        for (i, file) in self.disks.iter().enumerate() {
+            check_path(file, false).map_err(|why| bad(&format!("disks[{i}]"), why))?;
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if let Some(mac) = &nic.mac
+                && !is_mac(mac)
+            {
+                return Err(bad(
+                    &format!("nics[{i}].mac"),
+                    format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"),
+                ));
+            }
+        }
+        for key in self.guest.iter().flat_map(|g| g.keys()) {
+            if !GUEST_FIELDS.contains(&key.as_str()) {
+                let known = GUEST_FIELDS.join(", ");
+                return Err(bad(
+                    &format!("guest.{key}"),
+                    format!("not an OS config field ({known})"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -168,6 +239,15 @@ impl CreateRequest {
     pub fn memory_mib(&self) -> u32 {
         self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
     }
+}
+
+/// Six hex pairs separated by colons.
+fn is_mac(text: &str) -> bool {
+    let parts: Vec<&str> = text.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A container id that is also a safe directory name: 1 to 64 of
@@ -316,6 +396,14 @@ mod tests {
                 .contains("not both")
         );
         assert!(error(r#"{"cmd": ["sh"], "disk": "/tmp"}"#).contains("field `disk`"));
+        assert!(error(r#"{"cmd": ["sh"], "disks": ["/tmp"]}"#).contains("field `disks[0]`"));
+        assert!(
+            error(r#"{"cmd": ["sh"], "nics": [{"mac": "zz"}]}"#).contains("field `nics[0].mac`")
+        );
+        assert!(
+            error(r#"{"cmd": ["sh"], "guest": {"sessions": []}}"#)
+                .contains("field `guest.sessions`")
+        );
         assert!(error("not json").contains("request body"));
     }
 

@@ -16,7 +16,7 @@ use smol::lock::OnceCell;
 use tracing::{info, warn};
 
 use super::boot_files::{self, BootFiles};
-use super::guest_config::{generated_id, guest_config, mac_for};
+use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
 use super::host;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
 use super::state::{make_private_dir, prepare_dir, write_private};
@@ -237,14 +237,20 @@ impl Vms {
             initrd: files.initrd,
             append: Vec::new(),
             cpus: request.cpus(),
+            max_cpus: request.max_cpus.unwrap_or(0).max(request.cpus()),
             memory_mib: request.memory_mib(),
             config: config_path,
             link: self.settings.link,
             nics: match request.net {
                 NetMode::None => Vec::new(),
                 NetMode::User => vec![Nic::User { mac }],
-            },
-            disks: request.disk.iter().cloned().collect(),
+            }
+            .into_iter()
+            .chain(request.nics.iter().enumerate().map(|(n, nic)| Nic::User {
+                mac: nic.mac.clone().unwrap_or_else(|| extra_mac(id, n)),
+            }))
+            .collect(),
+            disks: request.disk.iter().chain(&request.disks).cloned().collect(),
             shares: request
                 .rootfs
                 .iter()

@@ -36,6 +36,8 @@ pub struct VmSpec {
     /// Extra kernel command line arguments.
     pub append: Vec<String>,
     pub cpus: u32,
+    /// vCPUs that can be hotplugged up to (at least `cpus`).
+    pub max_cpus: u32,
     pub memory_mib: u32,
     /// The guest config (JSON), handed to the guest through fw_cfg `opt/tether/config`.
     pub config: PathBuf,
@@ -63,7 +65,9 @@ impl VmSpec {
 /// A network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nic {
-    /// User-mode networking isolated from the host and the outside (`restrict=on`).
+    /// User-mode networking isolated from the host and the outside
+    /// (`restrict=on`). The `n`-th NIC gets network 10.0.(2+n).0/24 (router
+    /// .2, DNS .3, DHCP from .15): the first has QEMU's usual 10.0.2.0/24.
     User { mac: String },
 }
 

@@ -61,7 +61,7 @@ impl QemuBackend {
             push(&["-cpu", "host"]);
         }
         let memory = spec.memory_mib.to_string();
-        let cpus = spec.cpus.to_string();
+        let cpus = format!("{},maxcpus={}", spec.cpus, spec.max_cpus.max(spec.cpus));
         push(&["-m", &memory, "-smp", &cpus]);
         push(&["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"]);
         let mut append = vec!["console=ttyS1", "quiet", "panic=-1"];
@@ -92,7 +92,14 @@ impl QemuBackend {
             match nic {
                 Nic::User { mac } => {
                     a.push("-netdev".into());
-                    a.push(format!("user,id=n{i},restrict=on").into());
+                    // Each user network its own subnet, so DHCP on one does not
+                    // hand out the address another NIC has.
+                    let net = if i == 0 {
+                        String::new()
+                    } else {
+                        format!(",net=10.0.{}.0/24", (2 + i).min(254))
+                    };
+                    a.push(format!("user,id=n{i},restrict=on{net}").into());
                     a.push("-device".into());
                     a.push(format!("virtio-net-pci,netdev=n{i},mac={mac}").into());
                 }
@@ -297,6 +304,7 @@ mod tests {
             initrd: "/cache/initramfs.cpio.gz".into(),
             append: vec!["tether.debug=1".into()],
             cpus: 2,
+            max_cpus: 2,
             memory_mib: 512,
             config: "/state/vms/web/config.json".into(),
             link: "127.0.0.1:2377".parse().unwrap(),

@@ -345,6 +345,12 @@ pub async fn resolve(
                 .await
         }
         Source::Label(_) | Source::Uuid(_) => {
+            if by_identity(devices, &roots.dev, &spec.source).is_none() {
+                info!(
+                    "{}: waiting up to {:?} for {} to appear",
+                    spec.field, spec.timeout, spec.source
+                );
+            }
             devices
                 .wait_until(spec.timeout, |d| by_identity(d, &roots.dev, &spec.source))
                 .await
