@@ -288,3 +288,67 @@ fn hotplugged_nic_disk_and_cpu_are_configured_mounted_and_online() {
         assert_eq!(status, 200);
     });
 }
+
+#[test]
+fn the_primary_runs_inside_a_root_filesystem_shared_over_9p() {
+    let _one = serial();
+    let Some(files) = available("QEMU VM tests", prerequisites()) else {
+        return;
+    };
+    let busybox = match which("busybox") {
+        Some(b) => b,
+        None => {
+            e2e::require_or_skip("the 9p rootfs test", "busybox is not installed");
+            return;
+        }
+    };
+    with_timeout(LIMIT, move |procs| {
+        // A root filesystem of its own: busybox and a marker file.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::copy(&busybox, root.join("bin/busybox")).unwrap();
+        for applet in ["sh", "cat", "readlink", "ls"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(root.join("etc/marker"), "inside the rootfs\n").unwrap();
+        let serve = VmServe::start(&procs, &files, "tcg");
+        let out = serve.run_cli(&[
+            "run",
+            "--name",
+            "rooted",
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/marker; ls /init 2>&1 | head -1; echo mounts=$(cat /proc/mounts | wc -l)",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let context = format!(
+            "stdout:\n{stdout}\nstderr:\n{}\nconsole:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            serve.console("rooted")
+        );
+        assert_eq!(out.status.code(), Some(0), "{context}");
+        assert!(stdout.starts_with("inside the rootfs\n"), "{context}");
+        assert!(
+            stdout.contains("No such file"),
+            "the initramfs is out of sight: {context}"
+        );
+        // /proc works inside (it was moved in with /dev and /sys).
+        assert!(
+            value(&stdout, "mounts").is_some_and(|n| n != "0"),
+            "{context}"
+        );
+    });
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
+}

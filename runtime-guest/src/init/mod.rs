@@ -279,6 +279,8 @@ async fn configure(
     for s in &os.sysctls {
         system::write_sysctl(s).map_err(system_error(format!("sysctls.{}", s.key)))?;
     }
+    let filesystems = storage::modules_for(os.rootfs.iter().chain(&os.mounts));
+    modules::load(module_dir, index, &filesystems, false)?;
     if let Some(root) = &os.rootfs {
         storage::enter_rootfs(root, devices, roots).await?;
     }

@@ -452,6 +452,29 @@ pub async fn mount_one(
     Ok(())
 }
 
+/// The kernel modules the filesystems of `specs` need (loaded on demand, so a
+/// container that mounts nothing does not pay for ext4 or 9p at boot).
+/// Without an fstype, the superblock decides later: ext4 is the likely one.
+pub fn modules_for<'a>(specs: impl IntoIterator<Item = &'a MountSpec>) -> Vec<String> {
+    let mut wanted: Vec<String> = Vec::new();
+    for spec in specs {
+        let needs: &[&str] = match (spec.fstype.as_deref(), &spec.source) {
+            (_, Source::Tmpfs) | (Some("tmpfs"), _) => &[],
+            (_, Source::NineP(_)) | (Some("9p"), _) => &["9pnet_virtio", "9p"],
+            // ext4 asks the crypto API for crc32c, which modules.dep does not say.
+            (None | Some("ext4" | "ext3" | "ext2"), _) => &["crc32c_generic", "ext4"],
+            (Some(other), _) => {
+                wanted.push(other.to_owned());
+                &[]
+            }
+        };
+        wanted.extend(needs.iter().map(|m| m.to_string()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    wanted.retain(|m| seen.insert(m.clone()));
+    wanted
+}
+
 /// Mounts every configured mount, in order.
 pub async fn mount_all(
     specs: &[MountSpec],

@@ -295,3 +295,23 @@ fn an_ext4_disk_is_mounted_by_its_label() {
         }
     }
 }
+
+#[test]
+fn filesystem_modules_are_loaded_only_for_what_is_mounted() {
+    let with = |source: &str, fstype: Option<&str>| RawMount {
+        fstype: fstype.map(str::to_owned),
+        ..raw(source, "/m")
+    };
+    let mounts = |raws: Vec<RawMount>| validate_mounts(raws).unwrap();
+    assert!(modules_for(&mounts(vec![raw("tmpfs", "/t")])).is_empty());
+    let both = mounts(vec![
+        with("LABEL=data", None),
+        with("9p:share", Some("9p")),
+        with("/dev/vdb", Some("ext4")),
+        with("/dev/vdc", Some("xfs")),
+    ]);
+    assert_eq!(
+        modules_for(&both),
+        ["crc32c_generic", "ext4", "9pnet_virtio", "9p", "xfs"]
+    );
+}
