@@ -216,6 +216,7 @@ impl Guest {
                 self.start(&id);
                 continue;
             };
+            info!(session = %id, "ready; waits for its start gate (at most {timeout:?})");
             let guest = self.clone();
             self.spawn(async move {
                 Timer::after(timeout).await;
