@@ -304,13 +304,18 @@ mod tests {
             initrd: "/cache/initramfs.cpio.gz".into(),
             append: vec!["tether.debug=1".into()],
             cpus: 2,
-            max_cpus: 2,
+            max_cpus: 4,
             memory_mib: 512,
             config: "/state/vms/web/config.json".into(),
             link: "127.0.0.1:2377".parse().unwrap(),
-            nics: vec![Nic::User {
-                mac: "52:54:00:12:34:56".into(),
-            }],
+            nics: vec![
+                Nic::User {
+                    mac: "52:54:00:12:34:56".into(),
+                },
+                Nic::User {
+                    mac: "52:54:00:12:34:57".into(),
+                },
+            ],
             disks: vec!["/images/root.img".into()],
             shares: vec![Share {
                 tag: "rootfs".into(),
@@ -330,7 +335,7 @@ mod tests {
         let line = args.join(" ");
         assert_eq!(
             line,
-            "-accel tcg -m 512 -smp 2 -nographic -nodefaults -no-user-config -no-reboot \
+            "-accel tcg -m 512 -smp 2,maxcpus=4 -nographic -nodefaults -no-user-config -no-reboot \
              -kernel /boot/vmlinuz -initrd /cache/initramfs.cpio.gz \
              -append console=ttyS1 quiet panic=-1 tsc=reliable no_timer_check \
              rcupdate.rcu_expedited=1 cryptomgr.notests i8042.noaux i8042.nokbd i8042.nopnp \
@@ -340,6 +345,8 @@ mod tests {
              -fw_cfg name=opt/tether/config,file=/state/vms/web/config.json \
              -qmp unix:/state/vms/web/qmp.sock,server=on,wait=off \
              -netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 \
+             -netdev user,id=n1,restrict=on,net=10.0.3.0/24 \
+             -device virtio-net-pci,netdev=n1,mac=52:54:00:12:34:57 \
              -virtfs local,path=/srv/rootfs,mount_tag=rootfs,security_model=none \
              -drive file=/images/root.img,if=virtio,format=raw"
         );
