@@ -236,8 +236,13 @@ impl Link for GuestSide {
         while let Some(event) = self.link().poll_event() {
             guest.carry_out(self.number, event);
         }
+        let reported = guest.exit_reported();
         self.link().pump(&mut guest.sessions.borrow_mut());
         guest.after_links();
+        if !reported && guest.exit_reported() {
+            // The exit wait (`serve_guest`) listens on `changed`.
+            guest.changed.notify(usize::MAX);
+        }
     }
 
     fn woken(&mut self, _: ()) {}

@@ -475,6 +475,7 @@ impl GuestLink {
                 continue;
             };
             send_output(&mut self.conn, channel, a, session);
+            let drained = a.done && session.state == State::Exited;
             if session.log.overflow() == Overflow::Block {
                 // Sent output stops counting against the log; it is freed only
                 // once the appliance acknowledged it by returning window, so
@@ -483,6 +484,9 @@ impl GuestLink {
                 let acked = a.cursor.saturating_sub(unacked);
                 s.set_reader(&a.session, (self.link, channel), a.cursor, acked);
                 blocked.push(a.session.clone());
+            }
+            if drained && a.session == s.primary() {
+                s.note_primary_drained();
             }
         }
         blocked.sort();
@@ -514,7 +518,9 @@ impl GuestLink {
     }
 
     /// Tells the sessions once the primary's exit has reached the appliance:
-    /// pushed, and every attachment to it finished.
+    /// pushed, its output carried to the end by an attachment (a primary that
+    /// exits before anyone attached waits for one, up to `exit_linger`), and
+    /// every attachment to it finished.
     fn note_exit_reported(&self, s: &mut Sessions) {
         let primary = s.primary();
         let exited = s.state(primary) == Some(State::Exited);
@@ -523,7 +529,7 @@ impl GuestLink {
             .roles
             .values()
             .any(|r| matches!(r, Role::Attached(a) if a.session == primary && !a.done));
-        if exited && pushed && !open {
+        if exited && pushed && !open && s.primary_drained() {
             s.note_exit_reported();
         }
     }

@@ -110,6 +110,8 @@ pub struct Sessions {
     /// Bumped whenever what a container list reports changes (not output).
     version: u64,
     exit_reported: bool,
+    /// An attachment has carried the primary's output to its end.
+    primary_drained: bool,
     room: BTreeSet<String>,
     events: VecDeque<SessionEvent>,
 }
@@ -127,6 +129,7 @@ impl Sessions {
             credits: Vec::new(),
             version: 0,
             exit_reported: false,
+            primary_drained: false,
             room: BTreeSet::new(),
             events: VecDeque::new(),
         }
@@ -293,8 +296,8 @@ impl Sessions {
         self.sessions.keys().map(String::as_str)
     }
 
-    /// Whether an appliance has been told the primary exited and has read all
-    /// of its output on every attachment to it.
+    /// Whether an appliance has been told the primary exited, an attachment
+    /// carried its output to the end, and no attachment to it is still open.
     pub fn exit_reported(&self) -> bool {
         self.exit_reported
     }
@@ -309,6 +312,14 @@ impl Sessions {
 
     pub(crate) fn version(&self) -> u64 {
         self.version
+    }
+
+    pub(crate) fn note_primary_drained(&mut self) {
+        self.primary_drained = true;
+    }
+
+    pub(crate) fn primary_drained(&self) -> bool {
+        self.primary_drained
     }
 
     pub(crate) fn note_exit_reported(&mut self) {

@@ -511,3 +511,21 @@ fn stdin_right_behind_an_exec_reaches_its_process() {
     assert_eq!(pair.runtime.stdin.get(&id), Some(&bytes(0..1000).to_vec()));
     assert_eq!(pair.runtime.stdin_closed, [id]);
 }
+
+#[test]
+fn a_primary_that_exits_before_anyone_attached_waits_for_an_attachment() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stdout, Bytes::from_static(b"early"));
+    pair.sessions.finish(PRIMARY, ExitStatus::Code(0));
+    pair.drive();
+    assert!(
+        !pair.sessions.exit_reported(),
+        "the exit was pushed, but nobody has the output yet"
+    );
+    let ch = pair.appliance.open(LinkPair::attach(0, false)).unwrap();
+    pair.drive();
+    assert_eq!(pair.received(ch).0, b"early");
+    assert!(pair.sessions.exit_reported());
+}
