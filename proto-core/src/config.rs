@@ -78,6 +78,11 @@ pub struct Config {
     pub keepalive_max: u32,
     /// The peer must finish key exchange and authentication within this time.
     pub handshake_timeout: Duration,
+    /// A key re-exchange must finish within this time of its KEXINIT.
+    pub kex_timeout: Duration,
+    /// Refuse a peer that does not offer strict key exchange
+    /// (`kex-strict-*-v00@openssh.com`); on in the tether profile.
+    pub require_strict_kex: bool,
     /// Initial receive window of each channel (refilled when half is consumed).
     pub window: u32,
     /// Largest data payload per packet we accept on a channel.
@@ -109,6 +114,8 @@ impl Config {
             keepalive_interval: None,
             keepalive_max: 3,
             handshake_timeout: Duration::from_secs(120),
+            kex_timeout: Duration::from_secs(60),
+            require_strict_kex: false,
             window: 2 * 1024 * 1024,
             max_packet: 32 * 1024,
             max_channels: 1024,

@@ -146,13 +146,15 @@ impl Connection {
             handshake,
             self.keepalive_at,
             self.transport.rekey_deadline(),
+            self.transport.kex_deadline(),
         ]
         .into_iter()
         .flatten()
         .min()
     }
 
-    /// Lets timers fire: handshake timeout, keepalives, time-based rekey.
+    /// Lets timers fire: handshake timeout, keepalives, time-based rekey, the
+    /// deadline of a key re-exchange in flight.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<()> {
         if let Some(e) = &self.closed {
             return Err(e.clone());
@@ -262,8 +264,7 @@ impl Connection {
                 Incoming::Payload(packet) => self.dispatch(packet, now)?,
             }
         }
-        self.transport.check_rekey(now);
-        Ok(())
+        self.transport.check_rekey(now)
     }
 
     fn heard_from_peer(&mut self, now: Instant) {
@@ -294,12 +295,12 @@ impl Connection {
                 b.put_bool(true);
             });
         }
-        self.transport.check_rekey(now);
-        Ok(())
+        self.transport.check_rekey(now)
     }
 
     fn on_authenticated(&mut self, who: Authenticated, now: Instant) {
         self.authenticated = true;
+        self.transport.authenticated();
         self.events.push_back(Event::Authenticated(who));
         self.heard_from_peer(now);
     }
@@ -421,10 +422,25 @@ impl Connection {
                     None
                 };
                 let data = r.bytes()?;
-                if c.state != ChannelState::Open {
-                    return Err(Error::Unexpected {
-                        msg: m,
-                        state: "on a channel that is not open",
+                let problem = if c.state != ChannelState::Open {
+                    Some("the channel is not open")
+                } else if c.eof_received {
+                    Some("data after EOF")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(Error::ChannelState {
+                        msg: msg::name(m),
+                        channel: channel.0,
+                        problem,
+                    });
+                }
+                if data.len() > self.config.max_packet as usize {
+                    return Err(Error::PacketTooLarge {
+                        channel: channel.0,
+                        len: data.len(),
+                        max: self.config.max_packet,
                     });
                 }
                 if !c.receive(data.len() as u32) {
@@ -438,6 +454,13 @@ impl Connection {
             }
             msg::CHANNEL_EOF => {
                 let (channel, c) = lookup(&mut self.channels, &mut r)?;
+                if c.state != ChannelState::Open {
+                    return Err(Error::ChannelState {
+                        msg: "CHANNEL_EOF",
+                        channel: channel.0,
+                        problem: "the channel is not open",
+                    });
+                }
                 if !c.eof_received {
                     c.eof_received = true;
                     self.events.push_back(Event::ChannelEof { channel });

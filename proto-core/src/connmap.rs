@@ -7,11 +7,18 @@
 //! never remove a newer registration (VIC's `RemoveInteraction` race), and when
 //! two live connections claim one id the newer wins, the older is kept as a
 //! fallback, and a [`MapEvent::Conflict`] reports it.
+//!
+//! A list that arrives for a connection already removed (a late reply racing
+//! the teardown) is ignored: it would resurrect claims nobody removes. The
+//! map remembers the last [`REMEMBERED_REMOVALS`] removed generations for this.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::tether::ContainerInfo;
+
+/// Removed generations the map remembers, to ignore their late updates.
+pub const REMEMBERED_REMOVALS: usize = 4096;
 
 /// A connection's generation number: unique, increasing with each connection.
 pub type Generation = u64;
@@ -59,6 +66,9 @@ pub struct ConnectionMap {
     waiters: BTreeMap<WaiterId, Waiter>,
     next_waiter: u64,
     events: VecDeque<MapEvent>,
+    /// Recently removed generations, oldest first, and the same as a set.
+    removed_order: VecDeque<Generation>,
+    removed: HashSet<Generation>,
 }
 
 impl ConnectionMap {
@@ -68,7 +78,11 @@ impl ConnectionMap {
 
     /// Records the full container list of connection `generation` (an answer to
     /// `container-ids@tether` or a guest push), replacing its previous list.
-    pub fn update(&mut self, generation: Generation, list: Vec<ContainerInfo>) {
+    /// Returns false, changing nothing, for a connection already removed.
+    pub fn update(&mut self, generation: Generation, list: Vec<ContainerInfo>) -> bool {
+        if self.removed.contains(&generation) {
+            return false;
+        }
         let old = self.by_connection.remove(&generation).unwrap_or_default();
         for id in &old {
             if !list.iter().any(|c| &c.id == id) {
@@ -101,12 +115,21 @@ impl ConnectionMap {
             ids.push(id);
         }
         self.by_connection.insert(generation, ids);
+        true
     }
 
     /// Forgets everything connection `generation` claimed (it went away).
     pub fn remove_connection(&mut self, generation: Generation) {
         for id in self.by_connection.remove(&generation).unwrap_or_default() {
             self.drop_claim(&id, generation);
+        }
+        if self.removed.insert(generation) {
+            self.removed_order.push_back(generation);
+            if self.removed_order.len() > REMEMBERED_REMOVALS
+                && let Some(oldest) = self.removed_order.pop_front()
+            {
+                self.removed.remove(&oldest);
+            }
         }
     }
 
@@ -254,6 +277,24 @@ mod tests {
         assert_eq!(map.get("x").unwrap().generation, 3);
         map.remove_connection(3);
         assert_eq!(map.get("x"), None);
+    }
+
+    #[test]
+    fn a_late_update_for_a_removed_connection_is_ignored() {
+        let mut map = ConnectionMap::new();
+        map.update(1, vec![c("vm1")]);
+        map.remove_connection(1);
+        // A container list that was in flight when the link went.
+        assert!(!map.update(1, vec![c("vm1"), c("ghost")]));
+        assert_eq!(map.get("vm1"), None);
+        assert_eq!(map.get("ghost"), None);
+        assert_eq!(map.connections(), 0);
+        // Only the last REMEMBERED_REMOVALS removals are remembered.
+        for g in 2..(2 + REMEMBERED_REMOVALS as u64) {
+            map.remove_connection(g);
+        }
+        assert!(map.update(1, vec![c("vm1")]));
+        assert!(!map.update(2 + REMEMBERED_REMOVALS as u64 - 1, vec![c("x")]));
     }
 
     #[test]

@@ -122,6 +122,29 @@ pub enum Error {
         /// The channel number.
         channel: u32,
     },
+    /// The peer sent a channel message the channel's state does not allow
+    /// (EOF on a channel not open yet, data after EOF, ...).
+    #[error("peer's {msg} on channel {channel}: {problem}")]
+    ChannelState {
+        /// The message.
+        msg: &'static str,
+        /// Our channel number.
+        channel: u32,
+        /// What was wrong.
+        problem: &'static str,
+    },
+    /// The peer sent a data packet larger than the maximum we announced.
+    #[error(
+        "peer sent {len} bytes of data on channel {channel}, above our maximum packet of {max}"
+    )]
+    PacketTooLarge {
+        /// Our channel number.
+        channel: u32,
+        /// The data length.
+        len: usize,
+        /// The `max_packet` we announced.
+        max: u32,
+    },
     /// The peer exceeded a resource bound.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),

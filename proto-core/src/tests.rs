@@ -13,6 +13,8 @@ use crate::kex::{Preferences, encode_kexinit};
 use crate::wire::{PutSsh, Reader, msg};
 use crate::*;
 
+mod bounds;
+
 fn server() -> Connection {
     let mut cfg = Config::server(ServerConfig::new(
         PrivateKey::from_seed([2; 32]),

@@ -4,7 +4,9 @@
 //!
 //! Payloads sent while our key exchange is in flight are queued as plaintext and
 //! sealed with the new keys right after our NEWKEYS: never dropped, never sent
-//! under keys the peer is about to discard.
+//! under keys the peer is about to discard. That queue is bounded (a peer that
+//! never answers our KEXINIT but keeps sending requests is cut off), and a key
+//! re-exchange has a deadline. Once a DISCONNECT is queued nothing more is sealed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,6 +24,12 @@ use crate::packet::{Opener, Packet, Sealer};
 use crate::wire::{PutSsh, Reader, msg};
 
 mod version;
+
+/// Payloads that may wait behind our unanswered KEXINIT, besides
+/// `send_buffer` bytes of them (the application's own data is bounded by it).
+const MAX_PENDING_PAYLOADS: usize = 16 * 1024;
+/// Bytes beyond `send_buffer` the queue behind a KEXINIT may hold.
+const PENDING_SLACK: usize = 256 * 1024;
 
 /// What the transport hands up.
 #[derive(Debug)]
@@ -81,9 +89,23 @@ pub struct Transport {
     negotiated: Option<Negotiated>,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
+    pending_limit: usize,
     rekey_bytes: u64,
     rekey_interval: Duration,
     last_kex: Instant,
+    /// The latest time the caller gave us (when a KEXINIT goes out).
+    clock: Instant,
+    /// When our KEXINIT of the exchange in flight went out.
+    kex_started: Instant,
+    kex_timeout: Duration,
+    require_strict: bool,
+    /// The next packet may be EXT_INFO (it follows the peer's first NEWKEYS).
+    ext_info_next: bool,
+    /// A client accepts the server's second EXT_INFO until authenticated
+    /// (RFC 8308 section 2.4).
+    ext_info_before_auth: bool,
+    /// A DISCONNECT is queued: nothing more is sealed.
+    disconnected: bool,
 }
 
 impl Transport {
@@ -120,9 +142,17 @@ impl Transport {
             negotiated: None,
             pending: VecDeque::new(),
             pending_bytes: 0,
+            pending_limit: config.send_buffer.saturating_add(PENDING_SLACK),
             rekey_bytes: config.rekey_bytes,
             rekey_interval: config.rekey_interval,
             last_kex: now,
+            clock: now,
+            kex_started: now,
+            kex_timeout: config.kex_timeout,
+            require_strict: config.require_strict_kex,
+            ext_info_next: false,
+            ext_info_before_auth: config.is_client(),
+            disconnected: false,
         };
         t.out.put_slice(&t.local_version);
         t.out.put_slice(b"\r\n");
@@ -207,8 +237,11 @@ impl Transport {
     }
 
     /// Sends a payload built by `build` now, bypassing the kex queue (for kex and
-    /// transport messages, which may always be sent).
+    /// transport messages, which may always be sent). Nothing follows a DISCONNECT.
     fn send_now(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        if self.disconnected {
+            return;
+        }
         let start = Sealer::begin(&mut self.out);
         build(&mut self.out);
         self.sealer.finish(&mut self.out, start, &mut *self.rng);
@@ -217,6 +250,9 @@ impl Transport {
     /// Sends a payload of the layers above: sealed now, or queued until our
     /// key exchange completes.
     pub fn send(&mut self, build: impl FnOnce(&mut BytesMut)) {
+        if self.disconnected {
+            return;
+        }
         if self.our_kex_in_flight() {
             let mut payload = BytesMut::new();
             build(&mut payload);
@@ -237,20 +273,48 @@ impl Transport {
         }
     }
 
+    /// When the key re-exchange in flight must have finished (the first
+    /// exchange is bounded by the handshake timeout instead).
+    pub fn kex_deadline(&self) -> Option<Instant> {
+        (self.kex_done > 0 && !matches!(self.kex, KexState::Idle))
+            .then(|| self.kex_started + self.kex_timeout)
+    }
+
+    /// The client is authenticated: a late EXT_INFO is out of place from now on.
+    pub fn authenticated(&mut self) {
+        self.ext_info_before_auth = false;
+    }
+
+    /// Fails when too much waits behind our unanswered KEXINIT.
+    fn check_pending(&self) -> Result<()> {
+        if self.pending_bytes > self.pending_limit || self.pending.len() > MAX_PENDING_PAYLOADS {
+            return Err(Error::Limit(
+                "too many messages queued behind our unanswered KEXINIT",
+            ));
+        }
+        Ok(())
+    }
+
     /// When the time-based rekey falls due.
     pub fn rekey_deadline(&self) -> Option<Instant> {
         (self.kex_done > 0 && matches!(self.kex, KexState::Idle))
             .then(|| self.last_kex + self.rekey_interval)
     }
 
-    /// Rekeys if a limit has been reached.
-    pub fn check_rekey(&mut self, now: Instant) {
+    /// Rekeys if a limit has been reached; fails if the re-exchange in flight
+    /// is overdue.
+    pub fn check_rekey(&mut self, now: Instant) -> Result<()> {
+        self.clock = now;
+        if self.kex_deadline().is_some_and(|d| now >= d) {
+            return Err(Error::Timeout("a key re-exchange did not finish in time"));
+        }
         let due = self.rekey_deadline().is_some_and(|d| now >= d)
             || self.sealer.bytes >= self.rekey_bytes
             || self.opener.bytes >= self.rekey_bytes;
         if due {
             self.start_rekey();
         }
+        Ok(())
     }
 
     /// Sends SSH_MSG_DISCONNECT (allowed in any state).
@@ -261,6 +325,9 @@ impl Transport {
             b.put_string(description.as_bytes());
             b.put_string(b"");
         });
+        self.disconnected = true;
+        self.pending.clear();
+        self.pending_bytes = 0;
     }
 
     /// Answers a packet of a type we do not know.
@@ -277,11 +344,13 @@ impl Transport {
         let payload = ours.clone();
         self.send_now(|b| b.put_slice(&payload));
         self.kex = KexState::SentInit { ours };
+        self.kex_started = self.clock;
     }
 
     /// Processes buffered input until a payload or event is ready for the layers
     /// above, or more input is needed.
     pub fn poll(&mut self, now: Instant) -> Result<Option<Incoming>> {
+        self.clock = now;
         if self.peer_version.is_none() && !self.read_version()? {
             return Ok(None);
         }
@@ -289,7 +358,9 @@ impl Transport {
             let Some(packet) = self.opener.next(&mut self.inbuf)? else {
                 return Ok(None);
             };
-            if let Some(incoming) = self.handle_packet(packet, now)? {
+            let incoming = self.handle_packet(packet, now)?;
+            self.check_pending()?;
+            if let Some(incoming) = incoming {
                 if self.opener.bytes >= self.rekey_bytes {
                     self.start_rekey();
                 }
@@ -308,6 +379,7 @@ impl Transport {
     fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<Option<Incoming>> {
         let m = packet.payload[0];
         let initial = self.kex_done == 0;
+        let ext_info_allowed = std::mem::take(&mut self.ext_info_next) || self.ext_info_before_auth;
         match m {
             msg::DISCONNECT => {
                 let mut r = Reader::new(&packet.payload[1..], "DISCONNECT");
@@ -336,6 +408,10 @@ impl Transport {
             _ if self.in_peer_kex() => Err(Error::Unexpected {
                 msg: m,
                 state: "in a key exchange",
+            }),
+            msg::EXT_INFO if !ext_info_allowed => Err(Error::Unexpected {
+                msg: m,
+                state: "not right after the first NEWKEYS (EXT_INFO out of place)",
             }),
             msg::EXT_INFO => self.on_ext_info(&packet.payload).map(|()| None),
             22..=49 => Err(Error::Unexpected {
@@ -375,6 +451,11 @@ impl Transport {
         if self.kex_done == 0 {
             self.strict = negotiated.strict;
             self.peer_ext_info = negotiated.peer_ext_info;
+            if self.require_strict && !self.strict {
+                return Err(Error::StrictKex(
+                    "the peer does not offer strict key exchange, which this side requires",
+                ));
+            }
             if self.strict && packet.seq != 0 {
                 return Err(Error::StrictKex("KEXINIT was not the first packet"));
             }
@@ -600,6 +681,7 @@ impl Transport {
         }
         self.opener.bytes = 0;
         self.kex_done += 1;
+        self.ext_info_next = self.kex_done == 1;
         self.last_kex = now;
         self.negotiated = Some(negotiated);
         Ok(Some(Incoming::KexDone {

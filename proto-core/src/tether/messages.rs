@@ -29,8 +29,10 @@ pub const LIVE: u64 = u64::MAX;
 /// Most entries a container list may carry.
 const MAX_ENTRIES: u32 = 100_000;
 
-/// Lets the tether extensions through a guest's (server) configuration.
+/// Lets the tether extensions through a guest's (server) configuration, and
+/// requires strict key exchange (the tether profile).
 pub fn enable_guest(config: &mut Config) {
+    config.require_strict_kex = true;
     config.channel_types.push(ATTACH.into());
     config
         .global_requests
@@ -38,8 +40,10 @@ pub fn enable_guest(config: &mut Config) {
     config.channel_requests.extend([START.into()]);
 }
 
-/// Lets the tether extensions through an appliance's (client) configuration.
+/// Lets the tether extensions through an appliance's (client) configuration,
+/// and requires strict key exchange (the tether profile).
 pub fn enable_appliance(config: &mut Config) {
+    config.require_strict_kex = true;
     config
         .global_requests
         .extend([CONTAINER_IDS.into(), FORKED.into()]);
