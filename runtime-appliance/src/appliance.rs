@@ -17,6 +17,7 @@ use crate::api_types::*;
 pub use crate::attachment::Attachment;
 use crate::attachment::{self, Plan};
 use crate::guestlink::{self, LinkCommand, OpenKind};
+use crate::limits::{Limits, Refusals, guest_answer};
 use crate::registry::Shared;
 
 /// How long a signal or start request waits for its container by default.
@@ -32,8 +33,17 @@ impl Appliance {
     /// An appliance with this SSH key that trusts the `known` guest host keys
     /// (container id -> key), or any guest when `None`.
     pub fn new(key: PrivateKey, known: Option<HashMap<String, PublicKey>>) -> Self {
+        Self::with_limits(key, known, Limits::default())
+    }
+
+    /// Like [`Appliance::new`], with these bounds against hostile guests.
+    pub fn with_limits(
+        key: PrivateKey,
+        known: Option<HashMap<String, PublicKey>>,
+        limits: Limits,
+    ) -> Self {
         Self {
-            shared: Arc::new(Shared::new(key, known)),
+            shared: Arc::new(Shared::new(key, known).with_limits(limits)),
         }
     }
 
@@ -42,8 +52,14 @@ impl Appliance {
     pub async fn listen(&self, listener: Async<TcpListener>, sync: bool) {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    smol::spawn(guestlink::run(self.shared.clone(), stream, sync)).detach();
+                Ok((stream, peer)) => {
+                    let shared = &self.shared;
+                    let Some(slot) = shared.slots.admit(shared.limits.max_links) else {
+                        Refusals::count(&shared.refusals.links, 1);
+                        warn!(%peer, "guest link refused: --max-links links are open");
+                        continue;
+                    };
+                    smol::spawn(guestlink::run(shared.clone(), stream, sync, slot)).detach();
                 }
                 Err(e) => {
                     warn!("accepting a guest link: {e}");
@@ -130,10 +146,16 @@ impl Appliance {
         link.send(LinkCommand::List { reply: tx })
             .await
             .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-        let list = rx
-            .recv()
-            .await
-            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))??;
+        let (limit, refusals) = (
+            self.shared.limits.guest_request_timeout,
+            &self.shared.refusals,
+        );
+        let list = guest_answer(limit, refusals, "a container list", async {
+            rx.recv()
+                .await
+                .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+        })
+        .await?;
         list.iter()
             .find(|c| c.id == id)
             .map(|c| c.output_end)
@@ -181,7 +203,7 @@ impl Appliance {
             tty,
             env: options.env.clone(),
         };
-        let channel = attachment::open_on(&link, kind).await?;
+        let channel = attachment::open_on(&self.shared, &link, kind).await?;
         let exec_id = channel.exec_id.clone().unwrap_or_default();
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
         let plan = Plan {
@@ -304,6 +326,21 @@ impl Appliance {
             "counter",
             "Containers claimed by two live links.",
             &[("", c.conflicts.load(Ordering::Relaxed))],
+        );
+        let r = &self.shared.refusals;
+        let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        metric(
+            "tetherd_refused_total",
+            "counter",
+            "What the bounds against hostile or broken guests refused, by kind.",
+            &[
+                ("{kind=\"link\"}", n(&r.links)),
+                ("{kind=\"link_sync_timeout\"}", n(&r.link_syncs)),
+                ("{kind=\"container\"}", n(&r.containers)),
+                ("{kind=\"remembered_forgotten\"}", n(&r.remembered)),
+                ("{kind=\"guest_request_timeout\"}", n(&r.guest_requests)),
+                ("{kind=\"output_flood\"}", n(&r.output_floods)),
+            ],
         );
         m
     }

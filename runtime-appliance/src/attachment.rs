@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use crate::api_types::{ApiError, Output};
 use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
+use crate::limits::guest_answer;
 use crate::registry::Shared;
 use crate::stdin::{QueuedStdin, StdinGauge};
 
@@ -136,7 +137,7 @@ pub(crate) async fn attach(
     tty: bool,
     link: Sender<LinkCommand>,
 ) -> Result<Attachment, ApiError> {
-    let channel = open_on(&link, plan.open_kind()).await?;
+    let channel = open_on(&shared, &link, plan.open_kind()).await?;
     Ok(start(shared, plan, tty, (channel, link)))
 }
 
@@ -166,8 +167,9 @@ pub(crate) fn start(
     }
 }
 
-/// Opens a channel on a link.
+/// Opens a channel on a link (within the guest request timeout).
 pub(crate) async fn open_on(
+    shared: &Shared,
     link: &Sender<LinkCommand>,
     kind: OpenKind,
 ) -> Result<LinkChannel, ApiError> {
@@ -175,9 +177,13 @@ pub(crate) async fn open_on(
     link.send(LinkCommand::Open { kind, reply: tx })
         .await
         .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-    rx.recv()
-        .await
-        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    let limit = shared.limits.guest_request_timeout;
+    guest_answer(limit, &shared.refusals, "a channel open", async {
+        rx.recv()
+            .await
+            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    })
+    .await
 }
 
 enum Step {
@@ -207,7 +213,9 @@ async fn drive(
                 let offset = plan.cursor.offset();
                 info!(container = %plan.id, offset, "re-attaching after a link drop");
                 let opened = match shared.wait_for(&plan.id, plan.reattach_timeout).await {
-                    Ok((_, link)) => open_on(&link, plan.open_kind()).await.map(|c| (c, link)),
+                    Ok((_, link)) => open_on(&shared, &link, plan.open_kind())
+                        .await
+                        .map(|c| (c, link)),
                     Err(e) => Err(e),
                 };
                 match opened {
@@ -321,7 +329,11 @@ pub(crate) async fn control_request(
     })
     .await
     .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-    rx.recv()
-        .await
-        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    let limit = shared.limits.guest_request_timeout;
+    guest_answer(limit, &shared.refusals, "a control request", async {
+        rx.recv()
+            .await
+            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    })
+    .await
 }

@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// The accelerator: `auto` tries KVM for real and falls back to TCG.
     #[arg(long, default_value = "auto")]
     pub accel: crate::vm::accel::AccelChoice,
+    /// Bounds against hostile or broken guests.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitArgs,
 }
 
 #[derive(Debug, Clone, Args)]

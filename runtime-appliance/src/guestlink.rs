@@ -2,9 +2,11 @@
 //! proto-core's `ApplianceLink` driven by link-driver's loop. Other tasks talk
 //! to it through [`LinkCommand`]s and get answers on per-request channels; the
 //! link's container lists go to the shared map. The protocol's rules are the
-//! link's; this module only routes.
+//! link's; this module only routes, within the bounds of `limits`: link sync
+//! has a deadline, container lists are screened and capped, and channel output
+//! is staged per channel (`delivery`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ use smol::Async;
 use tracing::{debug, info, warn};
 
 use crate::api_types::ApiError;
+use crate::delivery::Delivery;
+use crate::limits::{LinkSlot, Refusals, valid_id};
 use crate::registry::Shared;
 use crate::stdin::{QueuedStdin, StdinGauge};
 
@@ -109,6 +113,8 @@ struct Chan {
     replies: VecDeque<Sender<bool>>,
     /// Stdin handed to the link and not yet sent, and whose it is.
     stdin: Option<(Arc<StdinGauge>, usize)>,
+    /// Output staged on its way to `events`.
+    delivery: Delivery,
 }
 
 impl Chan {
@@ -119,6 +125,7 @@ impl Chan {
             control: None,
             replies: VecDeque::new(),
             stdin: None,
+            delivery: Delivery::default(),
         }
     }
 }
@@ -127,8 +134,9 @@ fn down(why: &str) -> ApiError {
     ApiError::LinkDown(format!("{why}: the guest connection is not ready"))
 }
 
-/// Runs a guest link until it drops. `sync` runs link sync first.
-pub async fn run(shared: Arc<Shared>, stream: Async<TcpStream>, sync: bool) {
+/// Runs a guest link until it drops. `sync` runs link sync first. `_slot`
+/// counts the link against `max_links` until it has gone.
+pub async fn run(shared: Arc<Shared>, stream: Async<TcpStream>, sync: bool, _slot: LinkSlot) {
     let generation = shared.next_generation();
     let peer = stream
         .get_ref()
@@ -154,7 +162,7 @@ async fn serve(
 ) -> io::Result<End> {
     stream.get_ref().set_nodelay(true)?;
     let first = if sync {
-        link_driver::sync::as_appliance(stream).await?
+        sync_within(shared, stream).await?
     } else {
         BytesMut::new()
     };
@@ -167,6 +175,7 @@ async fn serve(
         chans: BTreeMap::new(),
         lists: BTreeMap::new(),
         rx: rx.clone(),
+        staged: BTreeSet::new(),
     };
     shared.link_up(generation, tx);
     Ok(link_driver::drive(stream, &mut side, first, || {
@@ -174,6 +183,43 @@ async fn serve(
         async move { rx.recv().await.ok() }
     })
     .await)
+}
+
+/// Link sync, within `link_sync_timeout` (a guest that never finishes it
+/// would otherwise hold its slot forever).
+async fn sync_within(shared: &Shared, stream: &Async<TcpStream>) -> io::Result<BytesMut> {
+    let limit = shared.limits.link_sync_timeout;
+    let timeout = async {
+        smol::Timer::after(limit).await;
+        Refusals::count(&shared.refusals.link_syncs, 1);
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("link sync did not finish within {limit:?}"),
+        ))
+    };
+    futures_lite::future::or(link_driver::sync::as_appliance(stream), timeout).await
+}
+
+/// Drops list entries with ids no container may have and caps the list at
+/// `max_containers_per_link`; one log line says what was dropped.
+fn screen(shared: &Shared, generation: u64, mut list: Vec<ContainerInfo>) -> Vec<ContainerInfo> {
+    let total = list.len();
+    list.retain(|c| valid_id(&c.id));
+    let invalid = total - list.len();
+    let over = list
+        .len()
+        .saturating_sub(shared.limits.max_containers_per_link);
+    list.truncate(shared.limits.max_containers_per_link);
+    if invalid + over > 0 {
+        Refusals::count(&shared.refusals.containers, (invalid + over) as u64);
+        warn!(
+            link = generation,
+            invalid,
+            over_limit = over,
+            "the guest's container list has ids that are malformed or beyond --max-containers-per-link; ignored"
+        );
+    }
+    list
 }
 
 /// An `ApplianceLink` and the users of its channels.
@@ -184,6 +230,8 @@ struct ApplianceSide {
     chans: BTreeMap<ChannelId, Chan>,
     lists: BTreeMap<ListId, Reply<Vec<ContainerInfo>>>,
     rx: Receiver<LinkCommand>,
+    /// Channels with output staged.
+    staged: BTreeSet<ChannelId>,
 }
 
 impl Drop for ApplianceSide {
@@ -192,7 +240,8 @@ impl Drop for ApplianceSide {
         // link again when they look for a new one.
         self.shared.link_gone(self.generation);
         let gone = || ApiError::LinkDown("the guest link dropped".into());
-        for (_, chan) in std::mem::take(&mut self.chans) {
+        for (_, mut chan) in std::mem::take(&mut self.chans) {
+            chan.delivery.flush(&chan.events, true);
             if let Some((reply, _)) = chan.opening {
                 let _ = reply.try_send(Err(gone()));
             }
@@ -244,6 +293,7 @@ impl Link for ApplianceSide {
         while let Some(event) = self.link.poll_event() {
             self.event(event);
         }
+        self.flush_staged();
     }
 
     fn woken(&mut self, command: Option<LinkCommand>) {
@@ -252,6 +302,7 @@ impl Link for ApplianceSide {
         while let Ok(command) = self.rx.try_recv() {
             self.command(command);
         }
+        self.flush_staged();
     }
 }
 
@@ -315,7 +366,12 @@ impl ApplianceSide {
                     _ => {}
                 }
             }
-            LinkCommand::Consumed { channel, n } => self.link.consumed(channel, n),
+            LinkCommand::Consumed { channel, n } => {
+                if let Some(chan) = self.chans.get_mut(&channel) {
+                    chan.delivery.consumed();
+                }
+                self.link.consumed(channel, n);
+            }
             LinkCommand::List { reply } => match self.link.list() {
                 Ok(id) => {
                     self.lists.insert(id, reply);
@@ -335,6 +391,7 @@ impl ApplianceSide {
             }
             ApplianceEvent::Containers { list, reply } => {
                 let key = self.link.connection().host_key().copied();
+                let list = screen(&self.shared, self.generation, list);
                 self.shared.update(self.generation, key, list.clone());
                 if let Some(w) = reply.and_then(|r| self.lists.remove(&r)) {
                     let _ = w.try_send(Ok(list));
@@ -374,8 +431,8 @@ impl ApplianceSide {
                 }
             }
             ApplianceEvent::Data { channel, ext, data } => {
-                if let Some(chan) = self.chans.get(&channel) {
-                    let _ = chan.events.try_send(ChannelEvent::Data { ext, data });
+                if self.chans.contains_key(&channel) {
+                    self.deliver(channel, ChannelEvent::Data { ext, data });
                 } else {
                     self.link.consumed(channel, data.len());
                 }
@@ -412,14 +469,49 @@ impl ApplianceSide {
         }
     }
 
-    fn deliver(&self, channel: ChannelId, event: ChannelEvent) {
-        if let Some(chan) = self.chans.get(&channel) {
-            let _ = chan.events.try_send(event);
+    /// Stages output for a channel's user (handed on when this batch of work
+    /// is done); a flood closes the channel.
+    fn deliver(&mut self, channel: ChannelId, event: ChannelEvent) {
+        let Some(chan) = self.chans.get_mut(&channel) else {
+            return;
+        };
+        if chan.delivery.push(event).is_ok() {
+            self.staged.insert(channel);
+            return;
+        }
+        Refusals::count(&self.shared.refusals.output_floods, 1);
+        warn!(
+            link = self.generation,
+            ?channel,
+            "the guest's output came in more pieces than can be staged; channel closed"
+        );
+        if let Some(mut chan) = self.chans.remove(&channel) {
+            chan.delivery.discard();
+            self.link.close(channel);
+            self.forget(
+                chan,
+                ApiError::Refused("the guest flooded the channel".into()),
+            );
         }
     }
 
-    /// A channel is gone: whoever still waits on it hears why.
-    fn forget(&self, chan: Chan, why: ApiError) {
+    /// Hands staged output on to the channels' users, as far as they may take it.
+    fn flush_staged(&mut self) {
+        let staged = std::mem::take(&mut self.staged);
+        for channel in staged {
+            if let Some(chan) = self.chans.get_mut(&channel) {
+                chan.delivery.flush(&chan.events, false);
+                if !chan.delivery.is_empty() {
+                    self.staged.insert(channel);
+                }
+            }
+        }
+    }
+
+    /// A channel is gone: whoever still waits on it hears why, after the
+    /// output staged for it.
+    fn forget(&self, mut chan: Chan, why: ApiError) {
+        chan.delivery.flush(&chan.events, true);
         if let Some((reply, _)) = chan.opening {
             let _ = reply.try_send(Err(why.clone()));
         }

@@ -7,8 +7,11 @@ pub mod api_types;
 pub mod appliance;
 mod attachment;
 pub mod cli;
+mod delivery;
 mod guestlink;
+pub mod limits;
 mod registry;
+mod remembered;
 mod stdin;
 
 pub use api_types::*;

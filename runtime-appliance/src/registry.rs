@@ -18,6 +18,8 @@ use tracing::warn;
 
 use crate::api_types::{ApiError, ContainerView};
 use crate::guestlink::LinkCommand;
+use crate::limits::{Limits, LinkSlots, MAX_CLIENT_WAIT, Refusals};
+use crate::remembered::Remembered;
 
 /// Counters for `/metrics`.
 #[derive(Default)]
@@ -34,7 +36,7 @@ struct Registry {
     map: ConnectionMap,
     links: HashMap<u64, Sender<LinkCommand>>,
     /// Exited containers whose link is gone: still listed, still waitable.
-    remembered: BTreeMap<String, ContainerInfo>,
+    remembered: Remembered,
     /// Results for `ConnectionMap` waiters, filled as the map reports them.
     ready: HashMap<WaiterId, Result<Entry, ()>>,
 }
@@ -84,6 +86,11 @@ pub struct Shared {
     /// Keys pinned while running (VMs this appliance booted), beside `known`.
     pinned: Mutex<HashMap<String, PublicKey>>,
     pub counters: Counters,
+    /// Bounds against hostile or broken guests, and what they refused.
+    pub limits: Limits,
+    pub refusals: Refusals,
+    /// Guest links open now (counted against `limits.max_links`).
+    pub slots: std::sync::Arc<LinkSlots>,
 }
 
 impl Shared {
@@ -112,7 +119,16 @@ impl Shared {
             known,
             pinned: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            limits: Limits::default(),
+            refusals: Refusals::default(),
+            slots: Default::default(),
         }
+    }
+
+    /// The same, with these limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn pins(&self) -> std::sync::MutexGuard<'_, HashMap<String, PublicKey>> {
@@ -174,7 +190,8 @@ impl Shared {
             .map(|e| e.info)
             .collect();
         for info in exited {
-            r.remembered.insert(info.id.clone(), info);
+            let forgotten = r.remembered.insert(info, self.limits.max_remembered);
+            Refusals::count(&self.refusals.remembered, forgotten as u64);
         }
         r.map.remove_connection(generation);
         r.drain_map_events(&self.counters);
@@ -184,24 +201,35 @@ impl Shared {
 
     /// A link's full container list (a reply or a push).
     pub fn update(&self, generation: u64, host_key: Option<PublicKey>, list: Vec<ContainerInfo>) {
+        let mut foreign = 0;
         let list: Vec<ContainerInfo> = match (&self.known, host_key) {
             (Some(known), Some(key)) => list
                 .into_iter()
                 .filter(|c| {
                     let ok = owns(known, &key, &c.id) || owns(&self.pins(), &key, &c.id);
-                    if !ok {
-                        warn!(link = generation, container = %c.id, "guest claims a container its host key does not own; ignored");
+                    if !ok && foreign == 0 {
+                        warn!(link = generation, container = ?c.id, "guest claims a container its host key does not own; ignored");
                     }
+                    foreign += usize::from(!ok);
                     ok
                 })
                 .collect(),
             _ => list,
         };
-        let mut r = self.lock();
-        for c in &list {
-            r.remembered.remove(&c.id);
+        if foreign > 1 {
+            warn!(
+                link = generation,
+                foreign, "the guest's list claimed containers its host key does not own; ignored"
+            );
         }
-        r.map.update(generation, list);
+        let mut r = self.lock();
+        let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+        // A late list from a link already gone changes nothing.
+        if r.map.update(generation, list) {
+            for id in &ids {
+                r.remembered.remove(id);
+            }
+        }
         r.drain_map_events(&self.counters);
         drop(r);
         self.changed.notify(usize::MAX);
@@ -244,7 +272,7 @@ impl Shared {
         id: &str,
         timeout: Duration,
     ) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.min(MAX_CLIENT_WAIT);
         let waiter = {
             let mut r = self.lock();
             match r.map.wait(id, deadline) {

@@ -83,7 +83,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         (None, false) => Some(HashMap::new()),
     };
     let public = *key.public();
-    let appliance = Appliance::new(key, known);
+    let appliance = Appliance::with_limits(key, known, args.limits.limits());
     let bind = |addr: SocketAddr, what: &str| {
         Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"))
     };

@@ -7,6 +7,7 @@ use std::time::Duration;
 use proto_core::tether::Signal;
 
 use crate::api_types::From;
+use crate::limits::MAX_CLIENT_WAIT;
 
 use super::response::HttpError;
 
@@ -143,11 +144,12 @@ impl Query {
             .transpose()
     }
 
-    /// A duration: humantime (`50s`, `1m30s`, `250ms`) or plain seconds (`50`).
+    /// A duration: humantime (`50s`, `1m30s`, `250ms`) or plain seconds (`50`),
+    /// clamped to [`MAX_CLIENT_WAIT`] (24 h).
     pub fn duration(&self, name: &str, default: Duration) -> Result<Duration, HttpError> {
         match self.get(name) {
             None => Ok(default),
-            Some(v) => parse_duration(v).ok_or_else(|| {
+            Some(v) => parse_duration(v).map(|d| d.min(MAX_CLIENT_WAIT)).ok_or_else(|| {
                 HttpError::bad_request(format!(
                     "query parameter {name}={v:?} is not a duration (e.g. 50s, 1m30s, 250ms, or seconds)"
                 ))
@@ -271,6 +273,13 @@ mod tests {
             Duration::from_secs(7)
         );
         assert!(query.duration("t4", Duration::ZERO).is_err());
+        // A huge timeout is clamped, never an overflow later.
+        let huge = q("t=18446744073709551615&t2=100000000h");
+        assert_eq!(huge.duration("t", Duration::ZERO).unwrap(), MAX_CLIENT_WAIT);
+        assert_eq!(
+            huge.duration("t2", Duration::ZERO).unwrap(),
+            MAX_CLIENT_WAIT
+        );
         assert_eq!(query.u64("n", 0).unwrap(), 12);
         assert!(query.u64("n2", 0).is_err());
         assert_eq!(query.opt_u32("n").unwrap(), Some(12));
