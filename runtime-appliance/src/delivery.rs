@@ -84,7 +84,7 @@ impl Delivery {
             buf.extend_from_slice(&data);
             return;
         }
-        let mut buf = BytesMut::with_capacity(data.len().max(256));
+        let mut buf = BytesMut::with_capacity(data.len().max(16));
         buf.extend_from_slice(&data);
         self.staged.push_back(Piece::Merged { ext, buf });
     }

@@ -285,7 +285,17 @@ impl Backend for FakeBackend {
         self.record(format!("wait {id} {timeout:?}"));
         match self.with(id, |c| c.exit())? {
             Some(exit) => Ok(exit),
-            None => futures_lite::future::pending().await,
+            None => {
+                // Recorded when the wait is dropped (its client went away).
+                struct Dropped(FakeBackend, String);
+                impl Drop for Dropped {
+                    fn drop(&mut self) {
+                        self.0.record(format!("wait {} dropped", self.1));
+                    }
+                }
+                let _dropped = Dropped(self.clone(), id.to_owned());
+                futures_lite::future::pending().await
+            }
         }
     }
 

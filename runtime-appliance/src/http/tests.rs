@@ -319,3 +319,44 @@ fn nothing_panics_on_odd_requests() {
         assert_eq!(status, 200);
     });
 }
+
+#[test]
+fn a_wait_ends_when_its_client_leaves() {
+    use futures_lite::AsyncWriteExt;
+    let (backend, api) = fake();
+    let addr = api.url.trim_start_matches("http://").to_owned();
+    run(async {
+        let mut s = smol::Async::<std::net::TcpStream>::connect(
+            addr.parse::<std::net::SocketAddr>().unwrap(),
+        )
+        .await
+        .unwrap();
+        s.write_all(
+            b"GET /v1/containers/running/wait?timeout=1000000h HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        while !backend
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("wait running"))
+        {
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        // The huge timeout was clamped to 24 h before it reached the backend.
+        assert!(
+            backend.calls().contains(&"wait running 86400s".to_string()),
+            "{:?}",
+            backend.calls()
+        );
+        drop(s);
+        let gone = "wait running dropped".to_string();
+        for _ in 0..200 {
+            if backend.calls().contains(&gone) {
+                return;
+            }
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        panic!("the wait outlived its client: {:?}", backend.calls());
+    });
+}
