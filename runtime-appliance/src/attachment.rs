@@ -41,6 +41,7 @@ pub struct Attachment {
     rx: Receiver<Output>,
     ctl: Sender<Control>,
     stdin: Arc<StdinGauge>,
+    shared: Arc<Shared>,
 }
 
 impl Attachment {
@@ -101,12 +102,17 @@ impl Attachment {
     pub async fn signal(&self, name: &str) -> Result<(), ApiError> {
         let (tx, rx) = async_channel::bounded(1);
         self.send(Control::Signal(name.to_owned(), tx))?;
-        match rx.recv().await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::Refused(format!(
+        let limit = self.shared.limits.guest_request_timeout;
+        let answer = guest_answer(limit, &self.shared.refusals, "a signal", async {
+            rx.recv()
+                .await
+                .map_err(|_| ApiError::LinkDown("the attachment has ended".into()))
+        });
+        match answer.await? {
+            true => Ok(()),
+            false => Err(ApiError::Refused(format!(
                 "the guest could not deliver SIG{name}"
             ))),
-            Err(_) => Err(ApiError::LinkDown("the attachment has ended".into())),
         }
     }
 }
@@ -155,7 +161,7 @@ pub(crate) fn start(
     let id = plan.id.clone();
     // Detached: when the attachment is dropped, the driver sees its channels
     // close and closes the guest channel (a detach) before it ends.
-    smol::spawn(drive(shared, plan, first, out_tx, ctl_rx)).detach();
+    smol::spawn(drive(shared.clone(), plan, first, out_tx, ctl_rx)).detach();
     Attachment {
         id,
         tty,
@@ -164,6 +170,7 @@ pub(crate) fn start(
         rx: out_rx,
         ctl: ctl_tx,
         stdin: Arc::new(StdinGauge::default()),
+        shared,
     }
 }
 
