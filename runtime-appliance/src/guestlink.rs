@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::api_types::ApiError;
 use crate::delivery::Delivery;
-use crate::limits::{LinkSlot, Refusals, valid_id};
+use crate::limits::{self, LinkSlot, Refusals};
 use crate::registry::Shared;
 use crate::stdin::{QueuedStdin, StdinGauge};
 
@@ -202,14 +202,8 @@ async fn sync_within(shared: &Shared, stream: &Async<TcpStream>) -> io::Result<B
 
 /// Drops list entries with ids no container may have and caps the list at
 /// `max_containers_per_link`; one log line says what was dropped.
-fn screen(shared: &Shared, generation: u64, mut list: Vec<ContainerInfo>) -> Vec<ContainerInfo> {
-    let total = list.len();
-    list.retain(|c| valid_id(&c.id));
-    let invalid = total - list.len();
-    let over = list
-        .len()
-        .saturating_sub(shared.limits.max_containers_per_link);
-    list.truncate(shared.limits.max_containers_per_link);
+fn screen(shared: &Shared, generation: u64, list: Vec<ContainerInfo>) -> Vec<ContainerInfo> {
+    let (list, invalid, over) = limits::screen(list, shared.limits.max_containers_per_link);
     if invalid + over > 0 {
         Refusals::count(&shared.refusals.containers, (invalid + over) as u64);
         warn!(

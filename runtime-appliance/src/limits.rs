@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Args;
 use futures_lite::future;
 
+use proto_core::tether::ContainerInfo;
+
 use crate::api_types::ApiError;
 use crate::http::query::parse_duration;
 
@@ -166,9 +168,37 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
 }
 
+/// A guest's container list without entries whose id is not [`valid_id`],
+/// cut to `cap` entries; with how many were invalid and how many over the cap.
+pub fn screen(mut list: Vec<ContainerInfo>, cap: usize) -> (Vec<ContainerInfo>, usize, usize) {
+    let total = list.len();
+    list.retain(|c| valid_id(&c.id));
+    let invalid = total - list.len();
+    let over = list.len().saturating_sub(cap);
+    list.truncate(cap);
+    (list, invalid, over)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto_core::tether::{Kind, State};
+
+    #[test]
+    fn lists_lose_invalid_ids_and_what_is_over_the_cap() {
+        let c = |id: &str| ContainerInfo {
+            id: id.into(),
+            kind: Kind::Exec,
+            state: State::Running,
+            exit_status: 0,
+            output_end: 0,
+            tty: false,
+        };
+        let list = vec![c("a"), c("b\u{1b}[2J"), c("c"), c(""), c("d")];
+        let (kept, invalid, over) = screen(list, 2);
+        let ids: Vec<&str> = kept.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!((ids, invalid, over), (vec!["a", "c"], 2, 1));
+    }
 
     #[test]
     fn slots_admit_up_to_the_limit_and_free_on_drop() {
