@@ -94,10 +94,9 @@ pub struct Transport {
     rekey_bytes: u64,
     rekey_interval: Duration,
     last_kex: Instant,
-    /// The latest time the caller gave us (when a KEXINIT goes out).
-    clock: Instant,
-    /// When our KEXINIT of the exchange in flight went out.
-    kex_started: Instant,
+    /// When the exchange in flight was first seen with a clock (a KEXINIT
+    /// may go out from a call without one; the next call with one stamps it).
+    kex_started: Option<Instant>,
     kex_timeout: Duration,
     require_strict: bool,
     /// The next packet may be EXT_INFO (it follows the peer's first NEWKEYS).
@@ -147,8 +146,7 @@ impl Transport {
             rekey_bytes: config.rekey_bytes,
             rekey_interval: config.rekey_interval,
             last_kex: now,
-            clock: now,
-            kex_started: now,
+            kex_started: None,
             kex_timeout: config.kex_timeout,
             require_strict: config.require_strict_kex,
             ext_info_next: false,
@@ -277,8 +275,19 @@ impl Transport {
     /// When the key re-exchange in flight must have finished (the first
     /// exchange is bounded by the handshake timeout instead).
     pub fn kex_deadline(&self) -> Option<Instant> {
-        (self.kex_done > 0 && !matches!(self.kex, KexState::Idle))
-            .then(|| self.kex_started + self.kex_timeout)
+        if self.kex_done == 0 || matches!(self.kex, KexState::Idle) {
+            return None;
+        }
+        self.kex_started.map(|t| t + self.kex_timeout)
+    }
+
+    /// Notes `now` as the start of an exchange in flight not yet stamped.
+    fn stamp(&mut self, now: Instant) {
+        if matches!(self.kex, KexState::Idle) {
+            self.kex_started = None;
+        } else if self.kex_started.is_none() {
+            self.kex_started = Some(now);
+        }
     }
 
     /// The client is authenticated: a late EXT_INFO is out of place from now on.
@@ -305,7 +314,7 @@ impl Transport {
     /// Rekeys if a limit has been reached; fails if the re-exchange in flight
     /// is overdue.
     pub fn check_rekey(&mut self, now: Instant) -> Result<()> {
-        self.clock = now;
+        self.stamp(now);
         if self.kex_deadline().is_some_and(|d| now >= d) {
             return Err(Error::Timeout("a key re-exchange did not finish in time"));
         }
@@ -345,13 +354,13 @@ impl Transport {
         let payload = ours.clone();
         self.send_now(|b| b.put_slice(&payload));
         self.kex = KexState::SentInit { ours };
-        self.kex_started = self.clock;
+        self.kex_started = None;
     }
 
     /// Processes buffered input until a payload or event is ready for the layers
     /// above, or more input is needed.
     pub fn poll(&mut self, now: Instant) -> Result<Option<Incoming>> {
-        self.clock = now;
+        self.stamp(now);
         if self.peer_version.is_none() && !self.read_version()? {
             return Ok(None);
         }
@@ -360,6 +369,7 @@ impl Transport {
                 return Ok(None);
             };
             let incoming = self.handle_packet(packet, now)?;
+            self.stamp(now);
             self.check_pending()?;
             if let Some(incoming) = incoming {
                 if self.opener.bytes >= self.rekey_bytes {

@@ -157,3 +157,22 @@ fn one_byte_at_a_time_gives_the_same_events_and_bytes_as_whole_input() {
     assert_eq!(scenario(Chunking::Random(99)), whole);
     assert_eq!(scenario(Chunking::RandomOwned(99)), whole);
 }
+
+#[test]
+fn a_finished_rekey_leaves_no_kex_deadline_and_a_long_one_fires_none_early() {
+    let mut pair = Pair::default_pair();
+    pair.connect();
+    pair.client.conn.rekey();
+    pair.drive();
+    assert_eq!(pair.client.conn.kex_count(), 2);
+    // Only the time-based rekey (an hour away) is left, on both sides.
+    for side in [&pair.client, &pair.server] {
+        let next = side.conn.poll_timeout().expect("the rekey timer");
+        assert!(next >= pair.now + Duration::from_secs(3599));
+    }
+    // Virtual hours pass with rekeys in between: no kex deadline fires.
+    pair.client.conn.rekey();
+    pair.drive_with_time(Duration::from_secs(4 * 3600));
+    assert!(pair.client.error.is_none() && pair.server.error.is_none());
+    assert!(pair.client.conn.kex_count() >= 5);
+}
