@@ -138,6 +138,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
 pub async fn handle<B: Backend>(state: Arc<State<B>>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if let Err(e) = state.access.check(&req) {
+        tracing::warn!(%method, %path, status = e.status.as_u16(), error = %e.message, "API request refused");
+        state.metrics.request("refused", e.status.as_u16());
+        return super::access::refusal(e);
+    }
     let (label, result) = match route(&method, &path) {
         Ok(r) => (r.label(), dispatch(&state, r, req).await),
         Err(e) => ("unknown", Err(e)),
