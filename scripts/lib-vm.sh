@@ -4,8 +4,9 @@
 #   vm_prepare [--install]  installs missing Debian packages (with --install, as
 #                           root), builds the binaries and the initramfs; sets
 #                           VM_KERNEL and VM_INITRD, or VM_UNAVAILABLE (why not)
-#   vm_serve                starts `tetherd serve` on free ports with a fresh
-#                           state directory; sets VM_API; stopped at exit
+#   vm_serve                starts `tetherd serve` (a free port for guests, the
+#                           API on a unix socket) with a fresh state directory;
+#                           sets VM_API (unix:PATH); stopped at exit
 
 VM_UNAVAILABLE=""
 VM_KERNEL=""
@@ -71,15 +72,19 @@ vm_stop_serve() {
 vm_serve() {
   VM_STATE="$(mktemp -d "${TMPDIR:-/tmp}/tether-vms.XXXXXX")"
   trap vm_stop_serve EXIT
+  # The API on a unix socket in the private state directory: only this user
+  # reaches it, no token needed.
   target/release/tetherd serve --state-dir "$VM_STATE/state" \
-    --listen 127.0.0.1:0 --api 127.0.0.1:0 \
+    --listen 127.0.0.1:0 --api "unix:$VM_STATE/api.sock" \
     --kernel "$VM_KERNEL" --initrd "$VM_INITRD" \
     2>"$VM_STATE/tetherd.log" &
   VM_SERVE_PID=$!
   local i
   for i in $(seq 100); do
-    VM_API="$(sed -n 's/.*HTTP API on \(http:[^ ]*\).*/\1/p' "$VM_STATE/tetherd.log" | head -1)"
-    [ -n "$VM_API" ] && return 0
+    if [ -S "$VM_STATE/api.sock" ]; then
+      VM_API="unix:$VM_STATE/api.sock"
+      return 0
+    fi
     kill -0 "$VM_SERVE_PID" 2>/dev/null || break
     sleep 0.1
   done

@@ -82,6 +82,8 @@ impl Tether {
                         &format!("127.0.0.1:{guest_port}"),
                         "--api",
                         &api,
+                        // Loopback, for the length of a bench run.
+                        "--api-no-auth",
                         "--key",
                         key_s,
                         "--known-guests",

@@ -6,6 +6,7 @@
 //! This is test support, not product code: children are waited for by one
 //! blocking thread each, and errors are strings meant for a test failure message.
 
+pub mod api;
 pub mod client;
 pub mod driver;
 pub mod fixtures;

@@ -3,8 +3,7 @@
 //! directory that boots them, and cleanup of every hypervisor it started.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::api::ApiEndpoint;
 use crate::fixtures::binary;
 use crate::harness::{ChildGuard, Procs};
 use crate::peers::free_port;
@@ -67,7 +67,7 @@ fn find_files() -> Result<VmFiles, String> {
 
 /// A `tetherd serve` that boots VMs, with a state directory of its own.
 pub struct VmServe {
-    pub api: String,
+    pub api: ApiEndpoint,
     pub state: PathBuf,
     _dir: tempfile::TempDir,
     _serve: ChildGuard,
@@ -78,30 +78,25 @@ impl VmServe {
     pub fn start(procs: &Procs, files: &VmFiles, accel: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let state = dir.path().join("state");
-        let api = format!("127.0.0.1:{}", free_port().expect("free port"));
+        let api = ApiEndpoint::unix(dir.path());
         let listen = format!("127.0.0.1:{}", free_port().expect("free port"));
         let mut cmd = Command::new(binary("tetherd"));
-        cmd.args([
-            "serve", "--listen", &listen, "--api", &api, "--accel", accel,
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--kernel")
-        .arg(&files.kernel)
-        .arg("--initrd")
-        .arg(&files.initrd)
-        .env("TETHERD_LOG", "info,runtime_appliance=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.path().join("tetherd.log")).expect("log file"));
+        cmd.args(["serve", "--listen", &listen, "--accel", accel])
+            .args(api.serve_args())
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--kernel")
+            .arg(&files.kernel)
+            .arg("--initrd")
+            .arg(&files.initrd)
+            .env("TETHERD_LOG", "info,runtime_appliance=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("tetherd.log")).expect("log file"));
         let serve = procs.spawn(&mut cmd).expect("start tetherd serve");
-        let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&api).is_err() {
-            assert!(Instant::now() < end, "tetherd serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        api.wait_ready();
         Self {
-            api: format!("http://{api}"),
+            api,
             state,
             _dir: dir,
             _serve: serve,
@@ -111,7 +106,7 @@ impl VmServe {
     /// A `tetherd` client command against this server.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(binary("tetherd"));
-        c.env("TETHERD_API", &self.api).stdin(Stdio::null());
+        self.api.client_env(&mut c).stdin(Stdio::null());
         c
     }
 
@@ -123,25 +118,8 @@ impl VmServe {
     /// One HTTP request; returns the status and the body parsed as JSON
     /// (`Null` for an empty or non-JSON body).
     pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-        let addr = self.api.trim_start_matches("http://");
-        let mut s = TcpStream::connect(addr).expect("connect to the API");
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("send the request");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read the response");
-        let status = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
-        (status, serde_json::from_str(body).unwrap_or_default())
+        let (status, body) = self.api.http(method, path, &[], body.unwrap_or(""));
+        (status, serde_json::from_str(&body).unwrap_or_default())
     }
 
     /// A VM's console log (for failure messages).

@@ -465,20 +465,26 @@ fn a_guest_cannot_claim_a_container_pinned_to_another_guest() {
             &fx.config("a", &["/bin/sh", "-c", "echo from-a; exec sleep 60"]),
         );
         std::thread::sleep(Duration::from_millis(300));
-        // Guest b also names sessions "a" and "a-exec9": not its to claim. Its
-        // own "b-extra" is fine.
+        // Guest b also names sessions "a" and "a-exec9" (guest a's), and
+        // "b-extra" (named after b, but not b itself nor one of its execs):
+        // none is its to claim. "b-exec7" is.
         let mut b = fx.config("b", &["/bin/sh", "-c", "exec sleep 60"]);
-        for (id, text) in [("a", "from-b"), ("a-exec9", "from-b"), ("b-extra", "extra")] {
+        for (id, text) in [
+            ("a", "from-b"),
+            ("a-exec9", "from-b"),
+            ("b-extra", "extra"),
+            ("b-exec7", "seventh"),
+        ] {
             b["sessions"].as_array_mut().unwrap().push(serde_json::json!({"id": id, "cmd": ["/bin/sh", "-c", format!("echo {text}; exec sleep 60")]}));
         }
         let _b = Guest::start(&procs, dir.path(), &b);
         smol::block_on(async {
-            let mut extra = fx
+            let mut exec7 = fx
                 .appliance
-                .attach("b-extra", options(false))
+                .attach("b-exec7", options(false))
                 .await
                 .unwrap();
-            read_until(&mut extra, "extra").await;
+            read_until(&mut exec7, "seventh").await;
             let mut att = fx.appliance.attach("a", options(false)).await.unwrap();
             assert_eq!(
                 read_until(&mut att, "\n").await,
@@ -486,6 +492,12 @@ fn a_guest_cannot_claim_a_container_pinned_to_another_guest() {
                 "attach a reaches guest a"
             );
             assert!(fx.appliance.get("a-exec9").await.is_err());
+            assert!(fx.appliance.get("b-extra").await.is_err());
+            let metrics = fx.appliance.metrics();
+            assert!(
+                metrics.contains("tetherd_claims_refused_total 3\n"),
+                "a, a-exec9 and b-extra refused, each counted once: {metrics}"
+            );
         });
     });
 }

@@ -3,12 +3,13 @@
 //! mid-attach, API misuse, and the demo in a terminal.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::api::ApiEndpoint;
 use e2e::fixtures::binary;
 use e2e::harness::{ChildGuard, Procs};
 use e2e::peers::{free_port, python_with};
@@ -25,16 +26,20 @@ fn tetherd(args: &[&str]) -> Command {
 /// A `tetherd serve` and one guest, set up the way the README's tour does it.
 struct Setup {
     dir: PathBuf,
-    api: String,
+    api: ApiEndpoint,
     guest_port: u16,
     serve: Option<ChildGuard>,
     _guest: ChildGuard,
 }
 
 impl Setup {
+    /// With the API on a unix socket (tetherd's default).
     fn new(procs: &Procs, dir: &Path, id: &str, cmd: &[&str]) -> Self {
+        Self::with_api(procs, dir, id, cmd, ApiEndpoint::unix(dir))
+    }
+
+    fn with_api(procs: &Procs, dir: &Path, id: &str, cmd: &[&str], api: ApiEndpoint) -> Self {
         let guest_port = free_port().unwrap();
-        let api_port = free_port().unwrap();
         let key = dir.join("appliance.key");
         assert!(
             tetherd(&["keygen", "--out", key.to_str().unwrap()])
@@ -53,7 +58,7 @@ impl Setup {
         assert!(gc.status().unwrap().success());
         let mut setup = Self {
             dir: dir.to_owned(),
-            api: format!("http://127.0.0.1:{api_port}"),
+            api,
             guest_port,
             serve: None,
             _guest: procs
@@ -71,16 +76,14 @@ impl Setup {
     }
 
     fn start_serve(&mut self, procs: &Procs) {
-        let api: SocketAddr = self.api.trim_start_matches("http://").parse().unwrap();
         let mut c = tetherd(&[
             "serve",
             "--listen",
             &format!("127.0.0.1:{}", self.guest_port),
-            "--api",
-            &api.to_string(),
-            "--key",
         ]);
-        c.arg(self.dir.join("appliance.key"))
+        c.args(self.api.serve_args())
+            .arg("--key")
+            .arg(self.dir.join("appliance.key"))
             .arg("--known-guests")
             .arg(self.dir.join("known-guests"));
         c.stderr(
@@ -91,16 +94,12 @@ impl Setup {
                 .unwrap(),
         );
         self.serve = Some(procs.spawn(&mut c).unwrap());
-        let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(api).is_err() {
-            assert!(Instant::now() < end, "tetherd serve did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.api.wait_ready();
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut c = tetherd(args);
-        c.env("TETHERD_API", &self.api);
+        self.api.client_env(&mut c);
         c.output().unwrap()
     }
 
@@ -118,20 +117,9 @@ impl Setup {
         }
     }
 
-    /// One raw HTTP/1.1 request; returns (status, body).
+    /// One HTTP/1.1 request; returns (status, body).
     fn http(&self, method: &str, path: &str) -> (u16, String) {
-        let addr = self.api.trim_start_matches("http://");
-        let mut s = TcpStream::connect(addr).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-        (status, body)
+        self.api.http(method, path, &[], "")
     }
 }
 
@@ -169,20 +157,35 @@ fn a_websocket_client_that_is_not_ours_attaches_through_the_api() {
             return;
         };
         let dir = tempfile::tempdir().unwrap();
-        let s = Setup::new(
+        // Over TCP, with the token (the script sends TETHERD_TOKEN).
+        let api = ApiEndpoint::tcp(dir.path());
+        let s = Setup::with_api(
             &procs,
             dir.path(),
             "cat",
             &["/bin/sh", "-c", "echo before-attach; exec cat"],
+            api,
         );
         s.wait_state("cat", "running");
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../runtime-appliance/tests/peers/ws_attach.py");
         let url = format!(
             "{}/v1/containers/cat/attach?stdin=1&stdout=1&stderr=1&from=0",
-            s.api.replace("http://", "ws://")
+            s.api.url().replace("http://", "ws://")
         );
+        // A browser's WebSocket (an Origin) is refused even with the token.
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(&url)
+            .args(["--origin", "http://evil.example"])
+            .env("TETHERD_TOKEN", s.api.token().unwrap())
+            .output()
+            .unwrap();
+        let refused: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(refused["http_status"], 403, "{refused}");
         let out = Command::new(python)
+            .env("TETHERD_TOKEN", s.api.token().unwrap())
             .arg(script)
             .arg(&url)
             .args([
@@ -220,8 +223,8 @@ fn restarting_tetherd_mid_attach_resumes_the_stream_byte_exact() {
         );
         s.wait_state("counter", "running");
         let mut attach = tetherd(&["attach", "counter", "--no-stdin"]);
-        attach
-            .env("TETHERD_API", &s.api)
+        s.api
+            .client_env(&mut attach)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut attach = procs.spawn(&mut attach).unwrap();
@@ -348,5 +351,131 @@ fn the_demo_attaches_a_terminal_with_its_size_and_exits_with_the_shells_code() {
         expect("40 120");
         term.write_all(b"exit 5\r").unwrap();
         assert_eq!(demo.wait().unwrap().code(), Some(5));
+    });
+}
+
+#[test]
+fn a_tcp_api_wants_the_token_and_a_browser_origin_starts_nothing() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let api = ApiEndpoint::tcp(dir.path());
+        let s = Setup::with_api(
+            &procs,
+            dir.path(),
+            "web",
+            &["/bin/sh", "-c", "exec sleep 60"],
+            api,
+        );
+        s.wait_state("web", "running");
+        let host = format!("Host: {}\r\n", s.api.host());
+        // No token: 401, and the CLI says what it needs.
+        let (status, body) = s
+            .api
+            .raw(&format!("GET /v1/containers HTTP/1.1\r\n{host}"), "");
+        assert_eq!(status, 401, "{body}");
+        let mut ls = tetherd(&["ls"]);
+        ls.env("TETHERD_API", s.api.url())
+            .env_remove("TETHERD_TOKEN");
+        let out = ls.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("TETHERD_TOKEN"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A browser-style exec: the token is right, the Origin is foreign.
+        let marker = dir.path().join("touched");
+        let exec = format!(
+            "GET /v1/containers/web/exec?command=touch&command={} HTTP/1.1\r\n{host}\
+             Authorization: Bearer {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n",
+            marker.display(),
+            s.api.token().unwrap()
+        );
+        let (status, body) = s
+            .api
+            .raw(&format!("{exec}Origin: http://evil.example\r\n"), "");
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("Origin"), "{body}");
+        // A DNS-rebound name as Host is refused the same way.
+        let rebound = exec.replace(&host, "Host: evil.example:2378\r\n");
+        let (status, body) = s.api.raw(&rebound, "");
+        assert_eq!(status, 403, "{body}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!marker.exists(), "the refused exec ran");
+        // The same command through the CLI, with the token, does run: the
+        // test would see it.
+        let out = s.cli(&["exec", "web", "--", "touch", marker.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(marker.exists());
+        let (_, metrics) = s.http("GET", "/metrics");
+        assert!(
+            metrics.contains("tetherd_http_requests_total{route=\"refused\",code=\"403\"} 2"),
+            "{metrics}"
+        );
+    });
+}
+
+#[test]
+fn the_socket_is_0660_and_a_tcp_api_without_a_token_needs_no_auth_said_out_loud() {
+    use std::os::unix::fs::PermissionsExt;
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup::new(
+            &procs,
+            dir.path(),
+            "web",
+            &["/bin/sh", "-c", "exec sleep 60"],
+        );
+        let ApiEndpoint::Unix(path) = &s.api else {
+            panic!("Setup::new uses the unix socket");
+        };
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+        s.wait_state("web", "running");
+        // TCP without a token is refused at start, naming the way out.
+        let out = tetherd(&["serve", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state2"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--api-token-file"), "{err}");
+        // --api-no-auth serves, with a warning.
+        let port = free_port().unwrap();
+        let log = dir.path().join("no-auth.log");
+        let mut open = tetherd(&["serve", "--listen", "127.0.0.1:0", "--api-no-auth"]);
+        open.args(["--api", &format!("127.0.0.1:{port}")])
+            .arg("--state-dir")
+            .arg(dir.path().join("state3"))
+            .stderr(std::fs::File::create(&log).unwrap());
+        let _open = procs.spawn(&mut open).unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < end,
+                "tetherd serve --api-no-auth did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("WARN") && text.contains("--api-no-auth"),
+            "{text}"
+        );
+        let mut ls = tetherd(&["ls", "--api", &format!("http://127.0.0.1:{port}")]);
+        assert!(
+            ls.env_remove("TETHERD_TOKEN")
+                .output()
+                .unwrap()
+                .status
+                .success()
+        );
     });
 }

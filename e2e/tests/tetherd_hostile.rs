@@ -79,6 +79,8 @@ impl Tetherd {
             .arg("--state-dir")
             .arg(self.dir.join("state"));
         if self.bounded {
+            // A plain-HTTP client on loopback: no token needed for this test.
+            c.arg("--api-no-auth");
             c.args(["--max-links", "48", "--link-sync-timeout", "2s"])
                 .args(["--max-remembered", "2000", "--guest-request-timeout", "2s"]);
         }
@@ -116,7 +118,8 @@ impl Tetherd {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            self.api
         )
         .unwrap();
         let mut raw = Vec::new();
@@ -281,7 +284,7 @@ fn hostile_guests_leave_tetherd_bounded_and_other_guests_unaffected() {
             .map(|role| hostile(&procs, &python, dir, &t, role))
             .collect();
         wait_state(&t, "hostile", "running");
-        wait_state(&t, "hostile-f1", "running");
+        wait_state(&t, "hostile-exec1", "running");
         // Peers that connect to the link-sync listener and never sync (more
         // than --max-links: the rest are closed at accept).
         let mut stalled: Vec<TcpStream> = (0..STALLED_SYNCS)

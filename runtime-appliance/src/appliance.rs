@@ -205,6 +205,12 @@ impl Appliance {
         };
         let channel = attachment::open_on(&self.shared, &link, kind).await?;
         let exec_id = channel.exec_id.clone().unwrap_or_default();
+        if !crate::claims::valid_id(&exec_id) {
+            return Err(ApiError::LinkDown(format!(
+                "the guest named the exec {}, not a container id",
+                crate::claims::loggable(&exec_id)
+            )));
+        }
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
         let plan = Plan {
             id: exec_id,
@@ -320,6 +326,12 @@ impl Appliance {
             "counter",
             "Re-attachments after a link drop.",
             &[("", c.reattaches.load(Ordering::Relaxed))],
+        );
+        metric(
+            "tetherd_claims_refused_total",
+            "counter",
+            "Container ids a guest claimed and was refused (not its own, taken, malformed), once per link and id.",
+            &[("", c.claims_refused.load(Ordering::Relaxed))],
         );
         metric(
             "tetherd_id_conflicts_total",

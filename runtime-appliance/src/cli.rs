@@ -15,11 +15,15 @@ pub struct Cli {
 }
 
 /// Where the client commands find the API.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ApiArgs {
-    /// Base URL of tetherd's HTTP API.
-    #[arg(long, default_value = "http://127.0.0.1:2378", env = "TETHERD_API")]
-    pub api: String,
+    /// tetherd's API: `unix:PATH` or `http://HOST[:PORT][/PREFIX]` (default: the
+    /// unix socket `tetherd serve` listens on by default, see `serve --api`).
+    #[arg(long, env = "TETHERD_API")]
+    pub api: Option<String>,
+    /// A file holding the API's bearer token (else the token in TETHERD_TOKEN).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,9 +64,28 @@ pub struct ServeArgs {
     /// Listener for clean links (plain TCP, no link sync).
     #[arg(long)]
     pub listen_direct: Option<SocketAddr>,
-    /// HTTP API listener.
-    #[arg(long, default_value = "127.0.0.1:2378")]
-    pub api: SocketAddr,
+    /// HTTP API listener: `unix:PATH` (default /run/tetherd/api.sock, for a
+    /// user without root $XDG_RUNTIME_DIR/tetherd/api.sock; mode 0660, group
+    /// `tetherd` when it exists) or `ADDR:PORT` (needs --api-token-file or
+    /// --api-no-auth).
+    #[arg(long, value_name = "unix:PATH|ADDR:PORT")]
+    pub api: Option<crate::http::listen::ApiAddr>,
+    /// The bearer token every API request must carry (a file: its first line,
+    /// at least 16 characters).
+    #[arg(long, value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+    /// Serve a TCP API without a token (anyone who reaches it controls every
+    /// container: for tests).
+    #[arg(long, conflicts_with = "api_token_file")]
+    pub api_no_auth: bool,
+    /// An Origin allowed to call the API (`scheme://host[:port]`, repeatable);
+    /// requests with any other Origin header are refused.
+    #[arg(long = "api-allow-origin", value_name = "ORIGIN")]
+    pub api_allow_origins: Vec<String>,
+    /// A host name the TCP API is reached by (repeatable); a Host header that
+    /// is neither the listener's address nor such a name is refused.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
     /// The appliance's private key (OpenSSH format); default
     /// STATE_DIR/appliance.key, generated on first start.
     #[arg(long)]

@@ -4,16 +4,16 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode, Stdio};
 
 use proto_core::PrivateKey;
 use rand_core::OsRng;
-use smol::Async;
 
 use crate::appliance::Appliance;
 use crate::cli::{ApiArgs, AttachArgs, Command, DemoArgs};
+use crate::http::access::Access;
+use crate::http::listen::{ApiAddr, ApiListener};
 use crate::server_commands::{guest_config_json, write_private};
 
 /// The `tether` binary next to this one.
@@ -58,10 +58,12 @@ fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
     let guests = appliance
         .spawn_listener("127.0.0.1:0".parse().expect("address"), true)
         .map_err(|e| e.to_string())?;
-    let api = Async::<TcpListener>::bind(([127, 0, 0, 1], 0)).map_err(|e| e.to_string())?;
-    let api_addr = api.get_ref().local_addr().map_err(|e| e.to_string())?;
+    // The API on a socket in the demo's own private directory: only this
+    // user reaches it.
+    let socket = ApiAddr::Unix(dir.path().join("api.sock"));
+    let api = ApiListener::bind(&socket)?;
     let a = appliance.clone();
-    smol::spawn(async move { crate::http::serve_api(api, a).await }).detach();
+    smol::spawn(async move { crate::http::serve_api(api, a, Access::unix()).await }).detach();
 
     let shell = std::env::var("SHELL")
         .ok()
@@ -100,7 +102,8 @@ fn demo_inner(args: DemoArgs) -> Result<ExitCode, String> {
     }
     let code = crate::client::run(Command::Attach(AttachArgs {
         api: ApiArgs {
-            api: format!("http://{api_addr}"),
+            api: Some(socket.to_string()),
+            token_file: None,
         },
         id: id.into(),
         from: "0".into(),

@@ -6,6 +6,7 @@
 pub mod api_types;
 pub mod appliance;
 mod attachment;
+mod claims;
 pub mod cli;
 mod delivery;
 mod guestlink;

@@ -13,14 +13,12 @@ use futures_lite::future;
 use proto_core::tether::ContainerInfo;
 
 use crate::api_types::ApiError;
+use crate::claims;
 use crate::http::query::parse_duration;
 
 /// The longest wait a client may ask for (`timeout=` and friends); longer is
 /// clamped to it.
 pub const MAX_CLIENT_WAIT: Duration = Duration::from_secs(24 * 3600);
-
-/// Longest container id tetherd accepts from a guest, in bytes.
-pub const MAX_ID_LEN: usize = 256;
 
 /// Bounds on what guests may make tetherd hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,18 +159,12 @@ pub async fn guest_answer<T>(
     future::or(answer, timeout).await
 }
 
-/// Whether a container id from a guest is acceptable: not empty, at most
-/// [`MAX_ID_LEN`] bytes, and without control characters (which would reach
-/// terminals and logs).
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
-}
-
-/// A guest's container list without entries whose id is not [`valid_id`],
+/// A guest's container list without entries whose id is not a valid id
+/// ([`claims::valid_id`]),
 /// cut to `cap` entries; with how many were invalid and how many over the cap.
 pub fn screen(mut list: Vec<ContainerInfo>, cap: usize) -> (Vec<ContainerInfo>, usize, usize) {
     let total = list.len();
-    list.retain(|c| valid_id(&c.id));
+    list.retain(|c| claims::valid_id(&c.id));
     let invalid = total - list.len();
     let over = list.len().saturating_sub(cap);
     list.truncate(cap);
@@ -209,15 +201,6 @@ mod tests {
         drop(a);
         assert_eq!(slots.open(), 1);
         assert!(slots.admit(2).is_some());
-    }
-
-    #[test]
-    fn ids_with_control_characters_or_too_long_are_invalid() {
-        assert!(valid_id("web-1"));
-        assert!(!valid_id(""));
-        assert!(!valid_id("evil\u{1b}[2J"));
-        assert!(!valid_id("a\nb"));
-        assert!(!valid_id(&"x".repeat(MAX_ID_LEN + 1)));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use smol::Timer;
 use tracing::warn;
 
 use crate::api_types::{ApiError, ContainerView};
+use crate::claims::{self, Refusal};
 use crate::guestlink::LinkCommand;
 use crate::limits::{Limits, LinkSlots, MAX_CLIENT_WAIT, Refusals};
 use crate::remembered::Remembered;
@@ -29,6 +30,8 @@ pub struct Counters {
     pub execs: AtomicU64,
     pub reattaches: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Container claims refused (`claims`): counted once per link and id.
+    pub claims_refused: AtomicU64,
 }
 
 #[derive(Default)]
@@ -39,7 +42,22 @@ struct Registry {
     remembered: Remembered,
     /// Results for `ConnectionMap` waiters, filled as the map reports them.
     ready: HashMap<WaiterId, Result<Entry, ()>>,
+    /// Each live link's host key, and the claims refused to it so far.
+    claimants: HashMap<u64, Claimant>,
 }
+
+/// What the registry keeps of a link for judging its claims.
+#[derive(Default)]
+struct Claimant {
+    key: Option<PublicKey>,
+    /// Ids refused already (so a refusal is logged and counted once); at
+    /// most `MAX_REFUSALS_KEPT`, beyond which refusals go uncounted.
+    refused: std::collections::HashSet<String>,
+}
+
+/// Refusals remembered per link (a guest naming new bad ids forever does not
+/// grow tetherd's memory).
+const MAX_REFUSALS_KEPT: usize = 256;
 
 impl Registry {
     fn drain_map_events(&mut self, counters: &Counters) {
@@ -59,19 +77,6 @@ impl Registry {
             }
         }
     }
-}
-
-/// Whether a guest with host key `key` may serve container `id`: an id pinned
-/// to that key, or one named after it (`<id>-...`, as execs are). Any other id
-/// may belong to another guest, and claiming it would hijack its attachments.
-fn owns(known: &HashMap<String, PublicKey>, key: &PublicKey, id: &str) -> bool {
-    known.iter().any(|(pinned, k)| {
-        k == key
-            && (id == pinned
-                || id
-                    .strip_prefix(pinned.as_str())
-                    .is_some_and(|rest| rest.starts_with('-')))
-    })
 }
 
 /// Everything the appliance's tasks share.
@@ -182,6 +187,7 @@ impl Shared {
     pub fn link_gone(&self, generation: u64) {
         let mut r = self.lock();
         r.links.remove(&generation);
+        r.claimants.remove(&generation);
         let exited: Vec<ContainerInfo> = r
             .map
             .list()
@@ -199,40 +205,87 @@ impl Shared {
         self.changed.notify(usize::MAX);
     }
 
-    /// A link's full container list (a reply or a push).
+    /// A link's full container list (a reply or a push); the claims
+    /// `claims` refuses are dropped, logged and counted.
     pub fn update(&self, generation: u64, host_key: Option<PublicKey>, list: Vec<ContainerInfo>) {
-        let mut foreign = 0;
-        let list: Vec<ContainerInfo> = match (&self.known, host_key) {
-            (Some(known), Some(key)) => list
-                .into_iter()
-                .filter(|c| {
-                    let ok = owns(known, &key, &c.id) || owns(&self.pins(), &key, &c.id);
-                    if !ok && foreign == 0 {
-                        warn!(link = generation, container = ?c.id, "guest claims a container its host key does not own; ignored");
-                    }
-                    foreign += usize::from(!ok);
-                    ok
-                })
-                .collect(),
-            _ => list,
-        };
-        if foreign > 1 {
-            warn!(
-                link = generation,
-                foreign, "the guest's list claimed containers its host key does not own; ignored"
-            );
-        }
         let mut r = self.lock();
+        r.claimants.entry(generation).or_default().key = host_key;
+        let list: Vec<ContainerInfo> = list
+            .into_iter()
+            .filter(
+                |c| match self.judge(&r, generation, host_key.as_ref(), &c.id) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        self.refused(&mut r, generation, &c.id, &why);
+                        false
+                    }
+                },
+            )
+            .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
-        // A late list from a link already gone changes nothing.
+        // A late list from a link already gone changes nothing (and leaves
+        // no claimant behind).
         if r.map.update(generation, list) {
             for id in &ids {
                 r.remembered.remove(id);
             }
+        } else {
+            r.claimants.remove(&generation);
         }
         r.drain_map_events(&self.counters);
         drop(r);
         self.changed.notify(usize::MAX);
+    }
+
+    /// Whether link `generation` with `key` may serve `id` (see `claims`).
+    fn judge(
+        &self,
+        r: &Registry,
+        generation: u64,
+        key: Option<&PublicKey>,
+        id: &str,
+    ) -> Result<(), Refusal> {
+        if !claims::valid_id(id) {
+            return Err(Refusal::BadId);
+        }
+        let allowed = |key: Option<&PublicKey>| match (&self.known, key) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(Refusal::NoHostKey),
+            (Some(known), Some(key)) => {
+                if claims::pinned_to(known, key, id) || claims::pinned_to(&self.pins(), key, id) {
+                    Ok(())
+                } else {
+                    Err(Refusal::NotPinned)
+                }
+            }
+        };
+        allowed(key)?;
+        if let Some(entry) = r.map.get(id)
+            && entry.generation != generation
+            && r.links.contains_key(&entry.generation)
+        {
+            let serving = r
+                .claimants
+                .get(&entry.generation)
+                .and_then(|c| c.key.as_ref());
+            if serving != key && allowed(serving).is_ok() {
+                return Err(Refusal::Taken {
+                    serving: entry.generation,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs and counts a refused claim, once per link and id.
+    fn refused(&self, r: &mut Registry, generation: u64, id: &str, why: &Refusal) {
+        let claimant = r.claimants.entry(generation).or_default();
+        if claimant.refused.contains(id) || claimant.refused.len() >= MAX_REFUSALS_KEPT {
+            return;
+        }
+        claimant.refused.insert(id.to_owned());
+        self.counters.claims_refused.fetch_add(1, Ordering::Relaxed);
+        warn!(link = generation, container = %claims::loggable(id), "a guest's claim of a container was refused: {why}");
     }
 
     /// What is known of `id`: live, or remembered after its link went.
@@ -327,3 +380,7 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "registry_tests.rs"]
+mod tests;

@@ -16,6 +16,8 @@ use tracing::info;
 
 use crate::appliance::Appliance;
 use crate::cli::{Command, GuestConfigArgs, KeygenArgs, ServeArgs};
+use crate::http::access::Access;
+use crate::http::listen::{ApiAddr, ApiListener};
 
 /// Runs a server command.
 pub fn run(command: Command) -> ExitCode {
@@ -112,9 +114,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .listen_direct
         .map(|a| bind(a, "--listen-direct"))
         .transpose()?;
-    let api = bind(args.api, "--api")?;
-    let api_addr = api.get_ref().local_addr().map_err(|e| e.to_string())?;
-    info!("HTTP API on http://{api_addr}");
+    let (api, access) = api_listener(&args)?;
     smol::block_on(async {
         let a = appliance.clone();
         smol::spawn(async move { a.listen(guests, true).await }).detach();
@@ -130,9 +130,49 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             let a = appliance.clone();
             smol::spawn(async move { a.listen(direct, false).await }).detach();
         }
-        crate::http::serve_backend(api, node).await;
+        crate::http::serve_backend(api, node, access).await;
     });
     Ok(())
+}
+
+/// Binds the API (`--api`, the default socket without it) and its access
+/// rules: a TCP listener needs `--api-token-file` or `--api-no-auth`.
+fn api_listener(args: &ServeArgs) -> Result<(ApiListener, Access), String> {
+    let addr = args
+        .api
+        .clone()
+        .unwrap_or_else(|| ApiAddr::Unix(crate::http::listen::default_socket()));
+    let token = args
+        .api_token_file
+        .as_deref()
+        .map(crate::http::access::read_token)
+        .transpose()?;
+    let listener_ip = match &addr {
+        ApiAddr::Tcp(a) if token.is_none() && !args.api_no_auth => {
+            return Err(format!(
+                "--api {a}: a TCP API needs --api-token-file PATH (or --api-no-auth, for tests); \
+                 or listen on a unix socket (--api unix:PATH)"
+            ));
+        }
+        ApiAddr::Tcp(a) => Some(a.ip()),
+        ApiAddr::Unix(_) => None,
+    };
+    let api = ApiListener::bind(&addr)?;
+    let local = api.local_addr().map_err(|e| e.to_string())?;
+    info!("HTTP API on {local}");
+    if listener_ip.is_some() && token.is_none() {
+        tracing::warn!(
+            "--api-no-auth: the API on {local} takes requests without a token; \
+             whoever reaches it controls every container (for tests only)"
+        );
+    }
+    let access = Access {
+        token,
+        allowed_origins: args.api_allow_origins.clone(),
+        hosts: args.api_hosts.clone(),
+        listener: listener_ip,
+    };
+    Ok((api, access))
 }
 
 /// Writes a file only the owner can read.

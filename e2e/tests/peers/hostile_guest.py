@@ -73,7 +73,7 @@ def container_list(ids, state="running", status=0) -> bytes:
 def big_list() -> bytes:
     """5000 entries (a packet holds about that many): mostly ours, some
     escapes, some another key's ids."""
-    ids = [f"hostile-f{n}" for n in range(5000 - 4)]
+    ids = [f"hostile-exec{n}" for n in range(5000 - 4)]
     ids += ["good", "good-1", "hostile-\x1b[2J\x1b]0;pwned\x07", "hostile-\nforged log line"]
     return container_list(ids)
 
@@ -182,7 +182,7 @@ async def role_churn(args, end):
     n = 0
     while time.monotonic() < end:
         n += 1
-        GUEST.reply = container_list([f"hostile-c{n}-{i}" for i in range(3000)], "exited", 1)
+        GUEST.reply = container_list([f"hostile-exec{n * 10000 + i}" for i in range(3000)], "exited", 1)
         try:
             conn = await connect(args)
         except (OSError, asyncssh.Error):

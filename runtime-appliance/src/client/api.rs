@@ -4,12 +4,15 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use smol::net::TcpStream;
 use smol_hyper::rt::FuturesIo;
+
+use crate::cli::ApiArgs;
+use crate::http::access::parse_token;
+use crate::http::listen::{ApiAddr, ApiStream};
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("bad --api URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
+    #[error("bad API token: {0}")]
+    BadToken(String),
 }
 
 impl ClientError {
@@ -36,7 +41,7 @@ impl ClientError {
         match self {
             Self::Connect { .. } | Self::Protocol(_) => true,
             Self::Api { status, .. } => *status == 503 || *status == 404,
-            Self::BadUrl { .. } => false,
+            Self::BadUrl { .. } | Self::BadToken(_) => false,
         }
     }
 
@@ -63,26 +68,78 @@ impl ClientError {
     }
 }
 
-/// Where the API is: `http://HOST[:PORT][/PREFIX]`.
+/// Where the API is: `unix:PATH` or `http://HOST[:PORT][/PREFIX]`, and the
+/// bearer token to send, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Api {
     /// As given, for messages.
     pub url: String,
-    /// `host:port` for the Host header and `ws://` URLs.
+    /// Where to connect.
+    target: Target,
+    /// The Host header and the authority of `ws://` URLs.
     authority: String,
-    /// Host to connect to (no IPv6 brackets).
-    host: String,
-    port: u16,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
+    /// Sent as `Authorization: Bearer TOKEN`.
+    token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// Host (no IPv6 brackets) and port.
+    Tcp(String, u16),
+    Unix(std::path::PathBuf),
 }
 
 impl Api {
+    /// The API the client commands' `--api` and `--token-file` (or
+    /// `TETHERD_API`, `TETHERD_TOKEN`) name; by default tetherd's unix socket.
+    pub fn from_args(args: &ApiArgs) -> Result<Self, ClientError> {
+        let url = match &args.api {
+            Some(url) => url.clone(),
+            None => format!("unix:{}", crate::http::listen::default_socket().display()),
+        };
+        let api = Self::parse(&url)?;
+        let token = match &args.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| parse_token(&t))
+                    .map_err(|why| {
+                        ClientError::BadToken(format!("--token-file {}: {why}", path.display()))
+                    })?,
+            ),
+            None => match std::env::var("TETHERD_TOKEN") {
+                Ok(t) if !t.is_empty() => Some(
+                    parse_token(&t)
+                        .map_err(|why| ClientError::BadToken(format!("TETHERD_TOKEN: {why}")))?,
+                ),
+                _ => None,
+            },
+        };
+        Ok(api.with_token(token))
+    }
+
     pub fn parse(url: &str) -> Result<Self, ClientError> {
         let bad = |why: &str| ClientError::BadUrl {
             url: url.into(),
             why: why.into(),
         };
+        if let Some(path) = url.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err(bad(
+                    "unix: needs a socket path (unix:/run/tetherd/api.sock)",
+                ));
+            }
+            return Ok(Self {
+                url: url.into(),
+                target: Target::Unix(path.into()),
+                authority: "localhost".into(),
+                prefix: String::new(),
+                token: None,
+            });
+        }
         let uri: Uri = url
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
@@ -90,10 +147,10 @@ impl Api {
             Some("http") => {}
             Some(other) => {
                 return Err(bad(&format!(
-                    "scheme {other:?} is not supported (use http://)"
+                    "scheme {other:?} is not supported (use unix:PATH or http://)"
                 )));
             }
-            None => return Err(bad("missing scheme (use http://HOST:PORT)")),
+            None => return Err(bad("missing scheme (use unix:PATH or http://HOST:PORT)")),
         }
         let authority = uri.authority().ok_or_else(|| bad("missing host"))?;
         if authority.as_str().contains('@') {
@@ -106,11 +163,26 @@ impl Api {
         }
         Ok(Self {
             url: url.into(),
+            target: Target::Tcp(
+                host.trim_start_matches('[').trim_end_matches(']').into(),
+                port,
+            ),
             authority: format!("{host}:{port}"),
-            host: host.trim_start_matches('[').trim_end_matches(']').into(),
-            port,
             prefix: uri.path().trim_end_matches('/').into(),
+            token: None,
         })
+    }
+
+    /// This API with `token` sent on every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The `Authorization` header value, if a token is set.
+    pub fn authorization(&self) -> Option<HeaderValue> {
+        let token = self.token.as_ref()?;
+        HeaderValue::from_str(&format!("Bearer {token}")).ok()
     }
 
     /// The origin-form target for `path_and_query` (which starts with `/`).
@@ -123,16 +195,30 @@ impl Api {
         format!("ws://{}{}", self.authority, self.target(path_and_query))
     }
 
-    /// A TCP connection to the API.
-    pub async fn connect(&self) -> Result<TcpStream, ClientError> {
-        let stream = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|error| ClientError::Connect {
-                url: self.url.clone(),
-                error,
-            })?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+    /// A connection to the API.
+    pub async fn connect(&self) -> Result<ApiStream, ClientError> {
+        let error = |error| ClientError::Connect {
+            url: self.url.clone(),
+            error,
+        };
+        match &self.target {
+            Target::Unix(path) => ApiStream::connect(&ApiAddr::Unix(path.clone()))
+                .await
+                .map_err(error),
+            Target::Tcp(host, port) => {
+                let addrs = smol::net::resolve((host.as_str(), *port))
+                    .await
+                    .map_err(error)?;
+                let mut last = std::io::Error::other("the name has no address");
+                for addr in addrs {
+                    match ApiStream::connect(&ApiAddr::Tcp(addr)).await {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => last = e,
+                    }
+                }
+                Err(error(last))
+            }
+        }
     }
 
     /// Sends one request on a fresh connection and returns the response
@@ -177,6 +263,9 @@ impl Api {
             .map_err(|e| ClientError::Protocol(format!("bad request target {target:?}: {e}")))?;
         if let Ok(host) = HeaderValue::from_str(&self.authority) {
             req.headers_mut().insert(HOST, host);
+        }
+        if let Some(auth) = self.authorization() {
+            req.headers_mut().insert(AUTHORIZATION, auth);
         }
         if let Some(content_type) = content_type {
             req.headers_mut()
@@ -274,23 +363,28 @@ mod tests {
     #[test]
     fn parses_api_urls() {
         let api = Api::parse("http://127.0.0.1:2378").unwrap();
-        assert_eq!(
-            (api.host.as_str(), api.port, api.prefix.as_str()),
-            ("127.0.0.1", 2378, "")
-        );
+        assert_eq!(api.target, Target::Tcp("127.0.0.1".into(), 2378));
+        assert_eq!(api.prefix, "");
         assert_eq!(
             api.ws_url("/v1/containers/x/attach?stdin=1"),
             "ws://127.0.0.1:2378/v1/containers/x/attach?stdin=1"
         );
         let api = Api::parse("http://[::1]:9/tether/").unwrap();
-        assert_eq!(
-            (api.host.as_str(), api.port, api.prefix.as_str()),
-            ("::1", 9, "/tether")
-        );
+        assert_eq!(api.target, Target::Tcp("::1".into(), 9));
+        assert_eq!(api.prefix, "/tether");
         assert_eq!(api.target("/healthz"), "/tether/healthz");
         assert_eq!(api.ws_url("/x"), "ws://[::1]:9/tether/x");
-        assert_eq!(Api::parse("http://localhost").unwrap().port, 80);
+        assert_eq!(
+            Api::parse("http://localhost").unwrap().target,
+            Target::Tcp("localhost".into(), 80)
+        );
+        for unix in ["unix:/run/tetherd/api.sock", "unix:///run/tetherd/api.sock"] {
+            let api = Api::parse(unix).unwrap();
+            assert_eq!(api.target, Target::Unix("/run/tetherd/api.sock".into()));
+            assert_eq!(api.ws_url("/x"), "ws://localhost/x");
+        }
         for bad in [
+            "unix:",
             "https://x",
             "127.0.0.1:2378",
             "http://",
@@ -299,6 +393,14 @@ mod tests {
         ] {
             assert!(Api::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_token_is_sent_as_a_bearer_header() {
+        let api = Api::parse("http://127.0.0.1:1").unwrap();
+        assert_eq!(api.authorization(), None);
+        let api = api.with_token(Some("0123456789abcdef".into()));
+        assert_eq!(api.authorization().unwrap(), "Bearer 0123456789abcdef");
     }
 
     #[test]

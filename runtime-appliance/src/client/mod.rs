@@ -103,14 +103,14 @@ pub fn format_table(rows: &[ContainerRow]) -> String {
 }
 
 async fn ls(args: ApiArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api)?;
+    let api = Api::from_args(&args)?;
     let rows: Vec<ContainerRow> = api.json(Method::GET, "/v1/containers").await?;
     print!("{}", format_table(&rows));
     Ok(ExitCode::SUCCESS)
 }
 
 async fn kill(args: KillArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let path = format!(
         "/v1/containers/{}/signal?signal={}",
         encode(&args.id),
@@ -125,7 +125,7 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
     struct Waited {
         exit_code: u32,
     }
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let waited: Waited = api
         .json(
             Method::GET,
@@ -139,7 +139,7 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
 /// `logs`: streams output to stdout; with `--follow`, resumes at the offset
 /// received so far if the stream breaks.
 async fn logs(args: LogsArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let mut out = std::io::stdout();
     stream_logs(
         &api,
@@ -246,7 +246,7 @@ fn parse_from(v: &str) -> Result<String, ClientError> {
 }
 
 async fn attach_command(args: AttachArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let from = parse_from(&args.from).map_err(|_| {
         ClientError::Protocol(format!(
             "--from {:?}: expected an output offset or \"live\"",
@@ -272,7 +272,7 @@ async fn attach_command(args: AttachArgs) -> Result<ExitCode, ClientError> {
 }
 
 async fn exec_command(args: ExecArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let mut path = format!(
         "/v1/containers/{}/exec?stdin={}&stdout=1&stderr=1&tty={}",
         encode(&args.id),

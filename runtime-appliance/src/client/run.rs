@@ -103,7 +103,7 @@ fn absolute(path: Option<&Path>, flag: &str) -> Result<Option<PathBuf>, ClientEr
 
 /// `tetherd run`.
 pub async fn run(args: RunArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     let request = request(&args)?;
     let started = Instant::now();
     let created: Created = api
@@ -152,7 +152,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, ClientError> {
 
 /// `tetherd stop ID...`.
 pub async fn stop(args: StopArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     for id in &args.ids {
         let path = format!("/v1/containers/{}/stop?grace={}s", encode(id), args.time);
         let reply: StopReply = api.json(Method::POST, &path).await?;
@@ -169,7 +169,7 @@ pub async fn stop(args: StopArgs) -> Result<ExitCode, ClientError> {
 
 /// `tetherd rm ID...`.
 pub async fn rm(args: RmArgs) -> Result<ExitCode, ClientError> {
-    let api = Api::parse(&args.api.api)?;
+    let api = Api::from_args(&args.api)?;
     for id in &args.ids {
         let path = format!(
             "/v1/containers/{}?force={}",

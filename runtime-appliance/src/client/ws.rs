@@ -1,19 +1,18 @@
 //! The client side of the attach/exec WebSocket: connecting with the k8s
 //! subprotocols and reading tether's response headers.
 
+use super::api::{Api, ClientError};
+use crate::http::k8s::{self, Protocol};
+use crate::http::listen::ApiStream;
+use crate::http::{EXEC_ID_HEADER, OFFSET_HEADER, TTY_HEADER};
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{self, http::HeaderValue};
-use smol::net::TcpStream;
-
-use super::api::{Api, ClientError};
-use crate::http::k8s::{self, Protocol};
-use crate::http::{EXEC_ID_HEADER, OFFSET_HEADER, TTY_HEADER};
 
 /// A connected attach or exec stream.
 pub struct Connected {
-    pub ws: WebSocketStream<TcpStream>,
+    pub ws: WebSocketStream<ApiStream>,
     pub protocol: Protocol,
     /// `X-Tether-Offset`: where the output starts.
     pub offset: Option<u64>,
@@ -35,6 +34,9 @@ pub async fn connect(api: &Api, path_and_query: &str) -> Result<Connected, Clien
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&offer).map_err(|e| ClientError::Protocol(e.to_string()))?,
     );
+    if let Some(auth) = api.authorization() {
+        req.headers_mut().insert("Authorization", auth);
+    }
     let stream = api.connect().await?;
     let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
     let (ws, resp) =

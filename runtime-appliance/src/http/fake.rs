@@ -375,12 +375,27 @@ impl Backend for FakeBackend {
     }
 }
 
-/// Serves `backend` on a loopback port in the background; returns its API.
+/// Serves `backend` on a loopback port in the background, open to anyone
+/// (no token); returns its API.
 pub fn serve<B: Backend>(backend: B) -> crate::client::api::Api {
-    let listener = smol::Async::<std::net::TcpListener>::bind(([127, 0, 0, 1], 0)).unwrap();
-    let addr = listener.get_ref().local_addr().unwrap();
-    smol::spawn(super::serve_backend(listener, backend)).detach();
-    crate::client::api::Api::parse(&format!("http://{addr}")).unwrap()
+    let open = super::access::Access {
+        listener: Some([127, 0, 0, 1].into()),
+        ..Default::default()
+    };
+    serve_on(backend, "127.0.0.1:0", open)
+}
+
+/// Serves `backend` on `addr` (`unix:PATH` or `ADDR:PORT`) with `access`;
+/// returns its API (without a token).
+pub fn serve_on<B: Backend>(
+    backend: B,
+    addr: &str,
+    access: super::access::Access,
+) -> crate::client::api::Api {
+    let listener = super::listen::ApiListener::bind(&addr.parse().unwrap()).unwrap();
+    let local = listener.local_addr().unwrap();
+    smol::spawn(super::serve_backend(listener, backend, access)).detach();
+    crate::client::api::Api::parse(&local.to_string()).unwrap()
 }
 
 /// Runs a test future, failing it after 30 s instead of hanging.

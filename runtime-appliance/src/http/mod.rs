@@ -3,14 +3,18 @@
 //! WebSocket attach/exec speaking the Kubernetes remote-command protocol
 //! (`k8s`). The routes are documented in `docs/API.md`.
 
+pub mod access;
 pub mod backend;
 pub mod k8s;
+pub mod listen;
 mod metrics;
 pub mod query;
 pub mod response;
 mod routes;
 mod ws;
 
+#[cfg(test)]
+mod access_tests;
 #[cfg(test)]
 pub(crate) mod fake;
 #[cfg(test)]
@@ -22,7 +26,6 @@ mod ws_tests;
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,11 +34,12 @@ use std::time::Duration;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use smol::Async;
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::appliance::Appliance;
+use access::Access;
 use backend::Backend;
+use listen::{ApiListener, ApiStream};
 use metrics::HttpMetrics;
 
 /// Response header on attach, exec and logs: the output offset the stream
@@ -46,20 +50,21 @@ pub const EXEC_ID_HEADER: &str = "x-tether-exec-id";
 /// Response header on attach and exec: `1` if the process has a terminal, else `0`.
 pub const TTY_HEADER: &str = "x-tether-tty";
 
-/// Serves the HTTP API on `listener` until the process ends. Each connection
-/// runs in its own task on smol's global executor; an accept error is
-/// logged and retried.
-pub async fn serve_api(listener: Async<TcpListener>, appliance: Appliance) {
-    serve_backend(listener, appliance).await
+/// Serves the HTTP API on `listener` until the process ends, refusing what
+/// `access` does not allow. Each connection runs in its own task on smol's
+/// global executor; an accept error is logged and retried.
+pub async fn serve_api(listener: ApiListener, appliance: Appliance, access: Access) {
+    serve_backend(listener, appliance, access).await
 }
 
 /// `serve_api` over any `Backend` (the tests use a scripted fake).
-pub async fn serve_backend<B: Backend>(listener: Async<TcpListener>, backend: B) {
+pub async fn serve_backend<B: Backend>(listener: ApiListener, backend: B, access: Access) {
     let state = Arc::new(State {
         backend,
         metrics: HttpMetrics::default(),
+        access,
     });
-    if let Ok(addr) = listener.get_ref().local_addr() {
+    if let Ok(addr) = listener.local_addr() {
         tracing::debug!(%addr, "HTTP API listening");
     }
     loop {
@@ -80,14 +85,11 @@ pub async fn serve_backend<B: Backend>(listener: Async<TcpListener>, backend: B)
 struct State<B> {
     backend: B,
     metrics: HttpMetrics,
+    /// Checked on every request before routing.
+    access: Access,
 }
 
-async fn serve_connection<B: Backend>(
-    state: Arc<State<B>>,
-    stream: Async<TcpStream>,
-    peer: SocketAddr,
-) {
-    let _ = stream.get_ref().set_nodelay(true);
+async fn serve_connection<B: Backend>(state: Arc<State<B>>, stream: ApiStream, peer: String) {
     let service = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(routes::handle(state, req).await) }

@@ -99,6 +99,13 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
         if id.is_empty() {
             return Err(HttpError::no_route(method.as_str(), path));
         }
+        if !crate::claims::valid_id(&id) {
+            return Err(HttpError::bad_request(format!(
+                "bad container id {}: 1 to {} of A-Z a-z 0-9 _ . -",
+                crate::claims::loggable(&id),
+                crate::claims::MAX_ID_LEN
+            )));
+        }
         Ok(id)
     };
     let route = match segments.as_slice() {
@@ -138,6 +145,11 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
 pub async fn handle<B: Backend>(state: Arc<State<B>>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if let Err(e) = state.access.check(&req) {
+        tracing::warn!(%method, %path, status = e.status.as_u16(), error = %e.message, "API request refused");
+        state.metrics.request("refused", e.status.as_u16());
+        return super::access::refusal(e);
+    }
     let (label, result) = match route(&method, &path) {
         Ok(r) => (r.label(), dispatch(&state, r, req).await),
         Err(e) => ("unknown", Err(e)),
@@ -470,8 +482,8 @@ mod tests {
             Route::Get("web".into())
         );
         assert_eq!(
-            route(&get, "/v1/containers/a%2Fb/logs").unwrap(),
-            Route::Logs("a/b".into())
+            route(&get, "/v1/containers/a%2Db.1_x/logs").unwrap(),
+            Route::Logs("a-b.1_x".into())
         );
         assert_eq!(
             route(&post, "/v1/containers/x/signal").unwrap(),
@@ -523,6 +535,13 @@ mod tests {
         assert_eq!((e.status.as_u16(), e.allow), (405, Some("POST")));
         let e = route(&Method::GET, "/v1/containers/%ff/logs").unwrap_err();
         assert_eq!(e.status.as_u16(), 400);
+        // Ids that could not be a container's, and would carry escape
+        // sequences into a log or a terminal.
+        for bad in ["a%2Fb", "%1B%5B2J", "a%20b", &"x".repeat(129)] {
+            let e = route(&Method::GET, &format!("/v1/containers/{bad}/logs")).unwrap_err();
+            assert_eq!(e.status.as_u16(), 400, "{bad}");
+            assert!(!e.message.contains('\x1b'), "{}", e.message);
+        }
     }
 
     #[test]

@@ -331,11 +331,10 @@ fn a_wait_ends_when_its_client_leaves() {
         )
         .await
         .unwrap();
-        s.write_all(
-            b"GET /v1/containers/running/wait?timeout=1000000h HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await
-        .unwrap();
+        let request = format!(
+            "GET /v1/containers/running/wait?timeout=1000000h HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+        );
+        s.write_all(request.as_bytes()).await.unwrap();
         while !backend
             .calls()
             .iter()

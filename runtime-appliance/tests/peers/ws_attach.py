@@ -20,6 +20,7 @@ Usage:
   ws_attach.py ws://127.0.0.1:2378/v1/containers/ID/attach?stdin=1 --stdin 'echo hi' --close-stdin
   ws_attach.py URL --protocol v4 --resize 80x24 --wait-for '$ ' --stdin 'exit 3\n'
 
+With TETHERD_TOKEN set it sends `Authorization: Bearer $TETHERD_TOKEN`.
 Stdin texts are UTF-8 with backslash escapes (\\n, \\r, \\t, \\xNN, \\\\).
 Needs the `websockets` package (requirements: scripts/requirements.txt).
 """
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 
 from websockets.asyncio.client import connect
@@ -66,6 +68,7 @@ def parse_args(argv):
     p.add_argument("--stdin", action="append", default=[], metavar="TEXT", help="send TEXT on stdin (repeatable)")
     p.add_argument("--close-stdin", action="store_true", help="then close stdin ([255, 0], v5 only)")
     p.add_argument("--resize", metavar="WxH", help="send a resize first, e.g. 80x24")
+    p.add_argument("--origin", metavar="ORIGIN", help="send this Origin header, as a browser would")
     p.add_argument("--protocol", choices=["v5", "v4", "both"], default="both", help="subprotocols to offer")
     p.add_argument("--wait-for", metavar="TEXT", help="send stdin only once stdout contains TEXT")
     p.add_argument("--stdin-delay", type=float, default=0.0, help="seconds between stdin chunks")
@@ -83,7 +86,12 @@ async def session(args, result, stdout, stderr):
         return text is not None and text.encode() in stdout
 
     try:
-        ws = await connect(args.url, subprotocols=offer, open_timeout=args.open_timeout, max_size=None, compression=None)
+        headers = {}
+        token = os.environ.get("TETHERD_TOKEN")
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        ws = await connect(args.url, subprotocols=offer, open_timeout=args.open_timeout, max_size=None,
+                           compression=None, additional_headers=headers, origin=args.origin)
     except InvalidStatus as e:
         body = bytes(e.response.body or b"")
         try:
