@@ -4,6 +4,7 @@
 //! from exactly the offset it had delivered (proto-core's `Cursor` keeps that
 //! position), so the stream stays byte-exact with no duplicates.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub struct Attachment {
     /// The output offset this attachment started at.
     pub start: u64,
     offset: u64,
+    /// Output replayed from the store before `rx` (its window is not the
+    /// guest's, so it is not reported as consumed).
+    prefix: Option<Receiver<Output>>,
     rx: Receiver<Output>,
     ctl: Sender<Control>,
     stdin: Arc<StdinGauge>,
@@ -47,16 +51,69 @@ impl Attachment {
     /// `Output::Exit`, at the end of a non-follow log, or when the container did
     /// not come back after its link dropped).
     pub async fn next(&mut self) -> Option<Output> {
+        if let Some(prefix) = &self.prefix {
+            match prefix.recv().await {
+                Ok(out) => {
+                    self.advance(&out);
+                    return Some(out);
+                }
+                Err(_) => self.prefix = None,
+            }
+        }
         let out = self.rx.recv().await.ok()?;
-        match &out {
+        if let Output::Stdout(b) | Output::Stderr(b) = &out {
+            let _ = self.ctl.try_send(Control::Consumed(b.len()));
+        }
+        self.advance(&out);
+        Some(out)
+    }
+
+    fn advance(&mut self, out: &Output) {
+        match out {
             Output::Stdout(b) | Output::Stderr(b) => {
                 self.offset = self.offset.saturating_add(b.len() as u64);
-                let _ = self.ctl.try_send(Control::Consumed(b.len()));
             }
             Output::Gap(n) => self.offset = self.offset.saturating_add(*n),
             Output::Exit(_) => {}
         }
-        Some(out)
+    }
+
+    /// An attachment fed by `rx` alone (output from the store; no guest
+    /// channel behind it, so stdin, resize and signals are refused).
+    pub(crate) fn fed(id: &str, tty: bool, start: u64, rx: Receiver<Output>) -> Self {
+        let (ctl, _) = async_channel::unbounded();
+        Self {
+            id: id.to_owned(),
+            tty,
+            start,
+            offset: start,
+            prefix: None,
+            rx,
+            ctl,
+            stdin: Arc::new(StdinGauge::default()),
+        }
+    }
+
+    /// Serves `prefix` (stored output from `start` to `end`) before this
+    /// attachment's own output; if that starts past `end`, a gap in between.
+    pub(crate) fn after_replay(mut self, start: u64, end: u64, prefix: Receiver<Output>) -> Self {
+        let (tx, rx) = async_channel::bounded(16);
+        let lost = self.start.saturating_sub(end);
+        smol::spawn(async move {
+            while let Ok(out) = prefix.recv().await {
+                if tx.send(out).await.is_err() {
+                    return;
+                }
+            }
+            if lost > 0 {
+                let _ = tx.send(Output::Gap(lost)).await;
+            }
+        })
+        .detach();
+        self.start = start;
+        self.offset = start;
+        self.prefix = Some(rx);
+        self
     }
 
     /// The output offset just past what `next` has returned.
@@ -137,29 +194,73 @@ pub(crate) async fn attach(
     link: Sender<LinkCommand>,
 ) -> Result<Attachment, ApiError> {
     let channel = open_on(&link, plan.open_kind()).await?;
-    Ok(start(shared, plan, tty, (channel, link)))
+    let pending = barrier(&link, &channel).await;
+    Ok(start_after(shared, plan, tty, (channel, link), pending))
+}
+
+/// Waits until everything the guest sent on a new attach channel before
+/// answering a request is here: the gap it reports right after the start
+/// offset then belongs to the start, so the offset a client is told is
+/// exact. The events received meanwhile are returned, to be handled first.
+async fn barrier(link: &Sender<LinkCommand>, lc: &LinkChannel) -> VecDeque<ChannelEvent> {
+    let (tx, rx) = async_channel::bounded(1);
+    let request = ChannelRequest::Other {
+        name: "keepalive@openssh.com".into(),
+        data: Bytes::new(),
+    };
+    let command = LinkCommand::Request {
+        channel: lc.channel,
+        request,
+        reply: Some(tx),
+    };
+    if link.send(command).await.is_ok() {
+        // Any answer will do; none means the link dropped (the driver sees).
+        let _ = rx.recv().await;
+    }
+    let mut pending = VecDeque::new();
+    while let Ok(event) = lc.events.try_recv() {
+        pending.push_back(event);
+    }
+    pending
 }
 
 /// Starts a driver for an open channel and returns the attachment.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    mut plan: Plan,
+    plan: Plan,
     tty: bool,
     first: (LinkChannel, Sender<LinkCommand>),
 ) -> Attachment {
+    start_after(shared, plan, tty, first, VecDeque::new())
+}
+
+/// `start`, with the channel's first events already received: gaps at their
+/// front move the start offset.
+fn start_after(
+    shared: Arc<Shared>,
+    mut plan: Plan,
+    tty: bool,
+    first: (LinkChannel, Sender<LinkCommand>),
+    mut pending: VecDeque<ChannelEvent>,
+) -> Attachment {
     plan.cursor.opened(first.0.offset);
+    while let Some(ChannelEvent::Gap(lost)) = pending.front() {
+        plan.cursor.gap(*lost);
+        pending.pop_front();
+    }
     let start = plan.cursor.offset();
     let (out_tx, out_rx) = async_channel::unbounded();
     let (ctl_tx, ctl_rx) = async_channel::unbounded();
     let id = plan.id.clone();
     // Detached: when the attachment is dropped, the driver sees its channels
     // close and closes the guest channel (a detach) before it ends.
-    smol::spawn(drive(shared, plan, first, out_tx, ctl_rx)).detach();
+    smol::spawn(drive(shared, plan, first, pending, out_tx, ctl_rx)).detach();
     Attachment {
         id,
         tty,
         start,
         offset: start,
+        prefix: None,
         rx: out_rx,
         ctl: ctl_tx,
         stdin: Arc::new(StdinGauge::default()),
@@ -189,6 +290,7 @@ async fn drive(
     shared: Arc<Shared>,
     mut plan: Plan,
     first: (LinkChannel, Sender<LinkCommand>),
+    mut pending: VecDeque<ChannelEvent>,
     out: Sender<Output>,
     ctl: Receiver<Control>,
 ) {
@@ -224,10 +326,15 @@ async fn drive(
         };
         let channel = lc.channel;
         loop {
-            let step = future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
-                Step::Control(ctl.recv().await.ok())
-            })
-            .await;
+            let step = match pending.pop_front() {
+                Some(event) => Step::Event(Some(event)),
+                None => {
+                    future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
+                        Step::Control(ctl.recv().await.ok())
+                    })
+                    .await
+                }
+            };
             let command = match step {
                 Step::Event(Some(ChannelEvent::Data { ext, data })) => {
                     let item = match plan.cursor.data(ext, data) {

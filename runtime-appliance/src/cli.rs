@@ -74,7 +74,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub accept_any_host_key: bool,
     /// Where tetherd keeps its state: VMs in `vms/ID/` (config, console log, QMP
-    /// socket). Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
+    /// socket), container records and output in `containers/ID/`.
+    /// Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The kernel VMs boot (default: the newest /boot/vmlinuz-*).
@@ -89,6 +90,8 @@ pub struct ServeArgs {
     /// The accelerator: `auto` tries KVM for real and falls back to TCG.
     #[arg(long, default_value = "auto")]
     pub accel: crate::vm::accel::AccelChoice,
+    #[command(flatten)]
+    pub logs: crate::store::LogArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -7,9 +7,13 @@ pub mod api_types;
 pub mod appliance;
 mod attachment;
 pub mod cli;
+mod follower;
 mod guestlink;
+mod logs;
 mod registry;
 mod stdin;
+pub mod store;
+mod stored;
 
 pub use api_types::*;
 pub use appliance::{Appliance, Attachment, shell_quote};

@@ -130,6 +130,17 @@ impl Shared {
         self.pins().remove(id);
     }
 
+    /// Lists a container no link serves (one a state directory remembers),
+    /// until a guest lists it again.
+    pub fn remember(&self, info: ContainerInfo) {
+        let mut r = self.lock();
+        if r.map.get(&info.id).is_none() {
+            r.remembered.insert(info.id.clone(), info);
+        }
+        drop(r);
+        self.changed.notify(usize::MAX);
+    }
+
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
         self.lock().remembered.remove(id);

@@ -83,7 +83,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         (None, false) => Some(HashMap::new()),
     };
     let public = *key.public();
-    let appliance = Appliance::new(key, known);
+    let appliance =
+        Appliance::new(key, known).with_store(&state.join("containers"), args.logs.limits())?;
     let bind = |addr: SocketAddr, what: &str| {
         Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"))
     };

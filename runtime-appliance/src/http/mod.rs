@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod k8s;
+mod logs_query;
 mod metrics;
 pub mod query;
 pub mod response;

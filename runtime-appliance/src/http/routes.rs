@@ -401,10 +401,9 @@ async fn logs<B: Backend>(
     id: String,
     query: &Query,
 ) -> Result<Response<Body>, HttpError> {
-    query.check("logs", &["follow", "from"], &[])?;
-    let follow = query.bool("follow", false)?;
-    let from = query.u64("from", 0)?;
-    let session = state.backend.logs(&id, from, follow).await?;
+    let options = super::logs_query::options(query)?;
+    let follow = options.follow;
+    let session = state.backend.logs(&id, options).await?;
     let start = session.start();
     let st = state.clone();
     let chunks = stream::unfold(Some(session), move |session| {
@@ -418,12 +417,10 @@ async fn logs<B: Backend>(
                         return Some((Ok(Frame::data(b)), Some(session)));
                     }
                     Some(Output::Gap(n)) => {
-                        tracing::info!(
-                            id = session.id(),
-                            bytes = n,
-                            "logs: output lost before the replay point"
-                        );
+                        // Mid-stream: abort, so the client sees it and can
+                        // resume past the gap (`X-Tether-Offset` says).
                         st.metrics.gap(n);
+                        return Some((Err(super::logs_query::gap_error(&session, n)), None));
                     }
                     Some(Output::Exit(_)) => return None,
                     None if follow => {
