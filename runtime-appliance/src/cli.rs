@@ -182,6 +182,15 @@ pub struct LogsArgs {
     /// Start at this output offset.
     #[arg(long, default_value_t = 0)]
     pub from: u64,
+    /// Start each line with the time tetherd received it.
+    #[arg(short = 't', long)]
+    pub timestamps: bool,
+    /// Only output since this time (RFC 3339) or for this long (`10m`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only the last N lines (`all`: every line).
+    #[arg(short = 'n', long)]
+    pub tail: Option<String>,
     /// Container id.
     pub id: String,
 }
