@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use bytes::Bytes;
@@ -68,6 +68,11 @@ impl Attachment {
         Some(out)
     }
 
+    /// The output offset just past what `next` has returned.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     fn advance(&mut self, out: &Output) {
         match out {
             Output::Stdout(b) | Output::Stderr(b) => {
@@ -94,31 +99,19 @@ impl Attachment {
         }
     }
 
-    /// Serves `prefix` (stored output from `start` to `end`) before this
-    /// attachment's own output; if that starts past `end`, a gap in between.
-    pub(crate) fn after_replay(mut self, start: u64, end: u64, prefix: Receiver<Output>) -> Self {
-        let (tx, rx) = async_channel::bounded(16);
-        let lost = self.start.saturating_sub(end);
-        smol::spawn(async move {
-            while let Ok(out) = prefix.recv().await {
-                if tx.send(out).await.is_err() {
-                    return;
-                }
-            }
-            if lost > 0 {
-                let _ = tx.send(Output::Gap(lost)).await;
-            }
-        })
-        .detach();
-        self.start = start;
-        self.offset = start;
-        self.prefix = Some(rx);
+    /// This attachment's input with `output`'s output (an attachment whose
+    /// channel carries no output, and one fed from the store).
+    pub(crate) fn with_output_of(mut self, mut output: Attachment) -> Self {
+        self.start = output.start;
+        self.offset = output.offset;
+        self.tty = output.tty;
+        // Its output comes first and ends with the exit; this one's own
+        // receiver yields nothing.
+        self.prefix = Some(std::mem::replace(
+            &mut output.rx,
+            async_channel::bounded(1).1,
+        ));
         self
-    }
-
-    /// The output offset just past what `next` has returned.
-    pub fn offset(&self) -> u64 {
-        self.offset
     }
 
     fn send(&self, c: Control) -> Result<(), ApiError> {
@@ -308,11 +301,7 @@ async fn drive(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let offset = plan.cursor.offset();
                 info!(container = %plan.id, offset, "re-attaching after a link drop");
-                let opened = match shared.wait_for(&plan.id, plan.reattach_timeout).await {
-                    Ok((_, link)) => open_on(&link, plan.open_kind()).await.map(|c| (c, link)),
-                    Err(e) => Err(e),
-                };
-                match opened {
+                match reopen(&shared, &plan).await {
                     Ok(c) => {
                         plan.cursor.opened(c.0.offset);
                         c
@@ -407,6 +396,29 @@ async fn drive(
         if out.is_closed() || ctl.is_closed() {
             let _ = link.send(LinkCommand::Close { channel }).await;
             return;
+        }
+    }
+}
+
+/// Opens a new channel for `plan` once its container is served again,
+/// trying again while links keep dropping, for `reattach_timeout` at most.
+async fn reopen(
+    shared: &Shared,
+    plan: &Plan,
+) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
+    let deadline = Instant::now() + plan.reattach_timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = match shared.wait_for(&plan.id, left).await {
+            Ok((_, link)) => open_on(&link, plan.open_kind()).await.map(|c| (c, link)),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Err(ApiError::LinkDown(why)) if Instant::now() < deadline => {
+                debug!(container = %plan.id, "re-attach: {why}; trying again");
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
+            other => return other,
         }
     }
 }

@@ -62,6 +62,14 @@ fn record_of(view: &ContainerView, old: Option<Record>) -> Record {
     }
 }
 
+/// Writes the record of a newly listed container unless it exists.
+pub(crate) fn save_new_record(store: &Store, view: &ContainerView) -> std::io::Result<()> {
+    if store.record(&view.id).is_some() {
+        return Ok(());
+    }
+    store.save_record(&record_of(view, None))
+}
+
 /// Whether everything the guest will ever have for `record` is stored.
 fn complete(store: &Store, record: &Record) -> bool {
     record.state == "exited"

@@ -207,8 +207,11 @@ impl Drop for ApplianceSide {
         for (_, waiter) in std::mem::take(&mut self.lists) {
             let _ = waiter.try_send(Err(gone()));
         }
-        // Commands still queued are answered by being dropped.
+        // Commands still queued are answered by being dropped: take them out
+        // (the channel lives on while anyone holds a sender, and with it
+        // their reply senders, so a waiter would never hear).
         self.rx.close();
+        while self.rx.try_recv().is_ok() {}
     }
 }
 

@@ -1,12 +1,12 @@
 //! Output served from the store: `logs` (with timestamps, `since`, `tail`,
-//! `follow`) whether or not the guest is still there, and the part of an
-//! attach's replay the guest no longer holds.
+//! `follow`) whether or not the guest is still there, and the output of an
+//! attach.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use async_channel::{Receiver, Sender};
+use async_channel::Sender;
 use bytes::{Bytes, BytesMut};
 
 use crate::api_types::{ApiError, ExitStatus, LogsOptions, Output};
@@ -222,30 +222,6 @@ pub(crate) fn from_store(
     let (tx, rx) = async_channel::bounded(QUEUE);
     smol::spawn(producer.run(first, tx)).detach();
     Ok(Attachment::fed(id, record.tty, start, rx))
-}
-
-/// The stored output of `id` in `[from, to)` as output items (gaps
-/// included), for an attach to replay before the guest's part.
-pub(crate) fn replay(
-    store: &Arc<Store>,
-    id: &str,
-    from: u64,
-    to: u64,
-) -> Result<Receiver<Output>, ApiError> {
-    let log = store.log(id).map_err(|e| internal(id, e))?;
-    let reader = lock(&log).reader(from);
-    let producer = Producer {
-        store: store.clone(),
-        id: id.to_owned(),
-        log,
-        reader,
-        options: LogsOptions::default(),
-        end_at: Some(to),
-        stamper: Stamper::default(),
-    };
-    let (tx, rx) = async_channel::bounded(QUEUE);
-    smol::spawn(producer.run(None, tx)).detach();
-    Ok(rx)
 }
 
 #[cfg(test)]

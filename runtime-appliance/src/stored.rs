@@ -29,6 +29,29 @@ impl Appliance {
         self.store.as_ref().filter(|s| s.record(id).is_some())
     }
 
+    /// The store, once it has a record for `id`: waits up to `timeout` for a
+    /// guest to list it, and writes its record if the follower has not yet.
+    /// `None` without a store.
+    async fn stored_after(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+    ) -> Option<Result<&Arc<Store>, ApiError>> {
+        let store = self.store.as_ref()?;
+        if store.record(id).is_none() {
+            if let Err(e) = self.shared.wait_for(id, timeout).await {
+                return Some(Err(e));
+            }
+            if let Some((info, generation)) = self.shared.info(id) {
+                let view = crate::api_types::ContainerView::new(&info, generation);
+                if let Err(e) = follower::save_new_record(store, &view) {
+                    return Some(Err(ApiError::Internal(format!("the record of {id}: {e}"))));
+                }
+            }
+        }
+        Some(Ok(store))
+    }
+
     /// Whether a live guest link serves `id`.
     fn served(&self, id: &str) -> bool {
         self.shared.info(id).is_some_and(|(_, link)| link.is_some())
@@ -44,48 +67,51 @@ impl Appliance {
         Some(logs::from_store(store, id, options.clone()))
     }
 
-    /// An attach that replays from the store what is stored past `from`, then
-    /// goes on with the guest (or, with the guest gone, with the store until
-    /// the exit). `None`: the guest alone serves it.
+    /// An attach served from the store: its output is the stored output
+    /// from `from` (or from the stored end, for `live`), followed as the
+    /// follower appends to it, ending with the stored exit; its input (stdin,
+    /// resize, signals) goes to the guest over a channel that carries no
+    /// output. So the follower is the guest's only output reader, and a
+    /// `block` session waits for the disk, never for a client. `None`
+    /// without a store: the guest alone serves it then.
     pub(crate) async fn attach_stored(
         &self,
         id: &str,
         options: &AttachOptions,
     ) -> Option<Result<Attachment, ApiError>> {
-        let store = self.stored(id)?;
-        let From::Offset(from) = options.from else {
-            return None;
-        };
-        if !self.served(id) {
-            let logs = LogsOptions {
-                from,
-                follow: true,
-                ..Default::default()
-            };
-            return Some(logs::from_store(store, id, logs));
-        }
-        let (start, end) = match store.log(id) {
-            Ok(log) => {
-                let log = lock(&log);
-                (from.max(log.start()), log.end())
-            }
-            Err(e) => return Some(Err(ApiError::Internal(e.to_string()))),
-        };
-        if start >= end {
-            return None;
-        }
-        let prefix = match logs::replay(store, id, start, end) {
-            Ok(p) => p,
+        let store = match self.stored_after(id, options.timeout).await? {
+            Ok(store) => store,
             Err(e) => return Some(Err(e)),
         };
-        let rest = AttachOptions {
-            from: From::Offset(end),
+        let from = match options.from {
+            From::Offset(n) => n,
+            From::Live => match store.log(id) {
+                Ok(log) => lock(&log).end(),
+                Err(e) => return Some(Err(ApiError::Internal(e.to_string()))),
+            },
+        };
+        let logs = LogsOptions {
+            from,
+            follow: true,
+            ..Default::default()
+        };
+        let output = match logs::from_store(store, id, logs) {
+            Ok(att) => att,
+            Err(e) => return Some(Err(e)),
+        };
+        if !(options.stdin && self.served(id)) {
+            return Some(Ok(output));
+        }
+        let input = AttachOptions {
+            stdout: false,
+            stderr: false,
+            from: From::Live,
             ..options.clone()
         };
         Some(
-            self.attach_guest(id, rest)
+            self.attach_guest(id, input)
                 .await
-                .map(|att| att.after_replay(start, end, prefix)),
+                .map(|control| control.with_output_of(output)),
         )
     }
 
