@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_listener::Event;
@@ -152,7 +153,13 @@ impl Store {
     pub fn save_record(&self, record: &Record) -> io::Result<()> {
         let dir = self.dir(&record.id);
         fs::create_dir_all(&dir)?;
-        let tmp = dir.join("record.json.tmp");
+        // A name of its own per write: two writers must not rename each
+        // other's file away.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            "record.json.tmp{}",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut f = fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(record).map_err(io::Error::other)?)?;
         f.write_all(b"\n")?;
