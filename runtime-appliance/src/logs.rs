@@ -41,7 +41,7 @@ pub fn tail_start(log: &OutputLog, n: usize) -> std::io::Result<u64> {
     let mut reader = log.reader(log.start());
     let mut starts: VecDeque<u64> = VecDeque::new();
     starts.push_back(reader.offset());
-    while let Some(frame) = reader.next()? {
+    while let Some(frame) = reader.next_frame()? {
         if frame.kind == FrameKind::Gap {
             continue;
         }
@@ -104,7 +104,7 @@ impl Producer {
             if self.end_at.is_some_and(|end| self.reader.offset() >= end) {
                 return Ok(None);
             }
-            let Some(mut frame) = self.reader.next()? else {
+            let Some(mut frame) = self.reader.next_frame()? else {
                 return Ok(None);
             };
             if let Some(end) = self.end_at

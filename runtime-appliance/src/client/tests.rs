@@ -258,7 +258,7 @@ fn logs_follow_resumes_at_the_offset_received() {
             &api,
             "ghost",
             &LogsQuery {
-                follow: follow,
+                follow,
                 ..Default::default()
             },
             &mut plain,

@@ -307,7 +307,7 @@ impl Reader {
     /// The next frame (cut to start at the reader's offset); `None` when the
     /// reader has everything stored so far. Output rotated away before the
     /// reader got to it comes as a gap.
-    pub fn next(&mut self) -> io::Result<Option<Frame>> {
+    pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
         loop {
             if self.file.is_none() && !self.open_segment()? {
                 return Ok(None);

@@ -12,7 +12,7 @@ fn t(s: u64) -> SystemTime {
 fn read_all(log: &OutputLog, from: u64) -> (Vec<u8>, u64) {
     let mut r = log.reader(from);
     let (mut out, mut gaps) = (Vec::new(), 0);
-    while let Some(f) = r.next().unwrap() {
+    while let Some(f) = r.next_frame().unwrap() {
         match f.kind {
             FrameKind::Gap => gaps += f.len,
             _ => out.extend_from_slice(&f.data),
@@ -31,12 +31,12 @@ fn frames_come_back_exactly_from_any_offset() {
     assert_eq!(read_all(&log, 0), (b"hello world".to_vec(), 0));
     assert_eq!(read_all(&log, 3), (b"lo world".to_vec(), 0));
     let mut r = log.reader(6);
-    let f = r.next().unwrap().unwrap();
+    let f = r.next_frame().unwrap().unwrap();
     assert_eq!((f.kind, f.time, f.offset), (FrameKind::Stderr, t(2), 6));
-    assert!(r.next().unwrap().is_none());
+    assert!(r.next_frame().unwrap().is_none());
     log.append(FrameKind::Stdout, t(3), b"!").unwrap();
     assert_eq!(
-        r.next().unwrap().unwrap().data,
+        r.next_frame().unwrap().unwrap().data,
         &b"!"[..],
         "a reader sees later output"
     );
@@ -55,7 +55,7 @@ fn segments_rotate_by_size_and_the_oldest_go() {
     for i in 0..50u8 {
         log.append(FrameKind::Stdout, t(i.into()), &[i; 20])
             .unwrap();
-        while let Some(f) = r.next().unwrap() {
+        while let Some(f) = r.next_frame().unwrap() {
             seen.extend_from_slice(&f.data);
         }
     }
