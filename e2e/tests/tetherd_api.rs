@@ -258,7 +258,7 @@ fn logs_outlive_the_guest_and_a_kill_9_of_tetherd() {
             &[
                 "/bin/sh",
                 "-c",
-                "echo one; echo two >&2; echo three; exit 3",
+                "echo one; sleep 0.1; echo two >&2; sleep 0.1; echo three; exit 3",
             ],
         );
         s.wait_state("gone", "exited");

@@ -58,6 +58,7 @@ fn record_of(view: &ContainerView, old: Option<Record>) -> Record {
         exit_code: view.exit_code,
         output_end: view.output_end,
         tty: view.tty,
+        exit_signal: old.as_ref().and_then(|r| r.exit_signal.clone()),
         guest_key: old.and_then(|r| r.guest_key),
     }
 }
@@ -170,9 +171,13 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
                         output_end: 0,
                         tty: false,
                         guest_key: None,
+                        exit_signal: None,
                     });
                     record.state = "exited".into();
                     record.exit_code = Some(status.code());
+                    if let proto_core::tether::ExitStatus::Signal { name, .. } = &status {
+                        record.exit_signal = Some(name.clone());
+                    }
                     record.output_end = record.output_end.max(lock(&log).end());
                     if let Err(e) = store.save_record(&record) {
                         warn!(container = %id, "writing its record: {e}");

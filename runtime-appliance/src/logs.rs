@@ -139,8 +139,16 @@ impl Producer {
     fn finished(&self) -> Option<ExitStatus> {
         let record = self.store.record(&self.id)?;
         let end = lock(&self.log).end();
-        (record.state == "exited" && self.reader.offset() >= record.output_end.min(end))
-            .then(|| ExitStatus::Code(record.exit_code.unwrap_or(0)))
+        if record.state != "exited" || self.reader.offset() < record.output_end.min(end) {
+            return None;
+        }
+        Some(match record.exit_signal {
+            Some(name) => ExitStatus::Signal {
+                name,
+                core_dumped: false,
+            },
+            None => ExitStatus::Code(record.exit_code.unwrap_or(0)),
+        })
     }
 
     async fn run(mut self, first: Option<Frame>, out: Sender<Output>) {
@@ -293,6 +301,37 @@ mod tests {
             "c\n",
             "stdout was mid-line"
         );
+    }
+
+    #[test]
+    fn a_stored_exit_by_signal_comes_back_as_the_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let record = crate::store::Record {
+            id: "web".into(),
+            kind: "primary".into(),
+            state: "exited".into(),
+            exit_code: Some(143),
+            output_end: 0,
+            tty: false,
+            guest_key: None,
+            exit_signal: Some("TERM".into()),
+        };
+        store.save_record(&record).unwrap();
+        let log = store.log("web").unwrap();
+        let reader = lock(&log).reader(0);
+        let p = Producer {
+            store: store.clone(),
+            id: "web".into(),
+            log,
+            reader,
+            options: LogsOptions::default(),
+            end_at: None,
+            stamper: Stamper::default(),
+        };
+        let exit = p.finished().unwrap();
+        assert_eq!(exit.code(), 143);
+        assert!(matches!(exit, ExitStatus::Signal { ref name, .. } if name == "TERM"));
     }
 
     #[test]

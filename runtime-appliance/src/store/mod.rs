@@ -73,6 +73,9 @@ pub struct Record {
     /// The host key of the guest that served it (OpenSSH public key).
     #[serde(default)]
     pub guest_key: Option<String>,
+    /// The signal that ended it (name without `SIG`), if one did.
+    #[serde(default)]
+    pub exit_signal: Option<String>,
 }
 
 /// A container's directory name: the id itself when it is a plain name, else

@@ -107,6 +107,7 @@ fn records_are_written_atomically_and_listed() {
         output_end: 5,
         tty: false,
         guest_key: None,
+        exit_signal: None,
     };
     store.save_record(&record).unwrap();
     assert_eq!(store.records(), vec![record.clone()]);
