@@ -80,6 +80,13 @@ impl FakeContainer {
                     pos = end;
                 }
                 (Output::Exit(_), None) if with_exit => queue.push_back(out.clone()),
+                // Lost mid-stream.
+                (Output::Gap(n), None) => {
+                    if pos >= start {
+                        queue.push_back(out.clone());
+                    }
+                    pos += n;
+                }
                 _ => {}
             }
         }
@@ -194,6 +201,9 @@ impl FakeSession {
             }
             (out, _) => out,
         };
+        if let Output::Gap(n) = &out {
+            self.offset += n;
+        }
         if let Some(b) = chunk(&out) {
             self.offset += b.len() as u64;
         }

@@ -420,6 +420,8 @@ async fn logs<B: Backend>(
                         // Mid-stream: abort, so the client sees it and can
                         // resume past the gap (`X-Tether-Offset` says).
                         st.metrics.gap(n);
+                        // As below: let hyper flush what came before.
+                        smol::Timer::after(Duration::from_millis(20)).await;
                         return Some((Err(super::logs_query::gap_error(&session, n)), None));
                     }
                     Some(Output::Exit(_)) => return None,
