@@ -161,11 +161,16 @@ struct ProxyState {
     inject: HashMap<bool, Vec<u8>>,
     /// Flip bit 0x10 of the byte this many bytes ahead in this direction, once.
     flip: Option<(Dir, u64)>,
+    /// Cut every connection after this many more bytes in this direction, once.
+    cut_at: Option<(Dir, u64)>,
+    /// Cuts done by `cut_at`.
+    cuts: u32,
     accepted: u32,
 }
 
 /// A TCP proxy between a guest and the appliance that can cut, stall or
-/// corrupt what passes.
+/// corrupt what passes. Clones control the same proxy.
+#[derive(Clone)]
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<Mutex<ProxyState>>,
@@ -237,6 +242,23 @@ impl Proxy {
         self.state.lock().unwrap().flip = Some((dir, ahead));
     }
 
+    /// Cuts every connection once `ahead` more bytes went through in
+    /// direction `dir` (the bytes before the point are forwarded), unless a
+    /// cut is armed already; false then.
+    pub fn cut_after(&self, dir: Dir, ahead: u64) -> bool {
+        let mut s = self.state.lock().unwrap();
+        if s.cut_at.is_some() {
+            return false;
+        }
+        s.cut_at = Some((dir, ahead));
+        true
+    }
+
+    /// Cuts done by `cut_after` so far.
+    pub fn cuts(&self) -> u32 {
+        self.state.lock().unwrap().cuts
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u32 {
         self.state.lock().unwrap().accepted
@@ -271,8 +293,31 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, state: Arc<Mutex<Proxy
                 }
             }
         }
+        let cut = {
+            let mut s = state.lock().unwrap();
+            match &mut s.cut_at {
+                Some((d, ahead)) if *d == dir && (*ahead as usize) < chunk.len() => {
+                    chunk.truncate(*ahead as usize);
+                    s.cut_at = None;
+                    s.cuts += 1;
+                    true
+                }
+                Some((d, ahead)) if *d == dir => {
+                    *ahead -= chunk.len() as u64;
+                    false
+                }
+                _ => false,
+            }
+        };
         out.extend_from_slice(&chunk);
         if to.write_all(&out).is_err() {
+            break;
+        }
+        if cut {
+            for (a, b) in state.lock().unwrap().conns.drain(..) {
+                let _ = a.shutdown(Shutdown::Both);
+                let _ = b.shutdown(Shutdown::Both);
+            }
             break;
         }
     }

@@ -232,3 +232,171 @@ fn a_silently_dead_link_is_detected_within_15_seconds() {
         });
     });
 }
+
+/// Link drops for `block_output_survives_link_drops_exactly_once`:
+/// `TETHER_DROPS`, default 60 (about 15 s; run 1000 by hand).
+fn drops() -> u32 {
+    std::env::var("TETHER_DROPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60)
+}
+
+/// A small xorshift, seeded from the clock (the seed is printed).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Checks that a stream carries `expect` byte for byte, no more.
+struct Exact<'a> {
+    what: &'static str,
+    expect: &'a [u8],
+    at: usize,
+}
+
+impl Exact<'_> {
+    fn take(&mut self, out: Option<Output>) -> Option<ExitStatus> {
+        match out {
+            Some(Output::Stdout(b)) => {
+                let end = self.at + b.len();
+                assert!(
+                    end <= self.expect.len(),
+                    "{}: more bytes than written",
+                    self.what
+                );
+                assert!(
+                    self.expect[self.at..end] == b[..],
+                    "{}: wrong bytes at offset {} (lost or duplicated): {:?}...",
+                    self.what,
+                    self.at,
+                    String::from_utf8_lossy(&b[..b.len().min(40)])
+                );
+                self.at = end;
+                None
+            }
+            Some(Output::Exit(e)) => Some(e),
+            other => panic!("{}: unexpected {other:?} at offset {}", self.what, self.at),
+        }
+    }
+}
+
+#[test]
+fn block_output_survives_link_drops_exactly_once_on_disk_and_in_an_attach() {
+    const SIZE: usize = 100 << 20;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TETHER_TEST_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let limit = Duration::from_secs(120 + u64::from(drops()) / 2);
+    with_timeout(limit, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let limits = runtime_appliance::store::Limits::default();
+        let appliance = fx
+            .appliance
+            .clone()
+            .with_store(&dir.path().join("containers"), limits)
+            .unwrap();
+        let proxy = Proxy::start(fx.addr);
+        let mut config = fx.config(
+            "drops",
+            &[
+                "/bin/sh",
+                "-c",
+                "seq 1 20000000 | head -c 104857600; exit 7",
+            ],
+        );
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        config["sessions"][0]["overflow"] = "block".into();
+        let mut expect = seq(20_000_000);
+        expect.truncate(SIZE);
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        // The fault injector: once per connection, a cut at a random byte
+        // of what the guest sends (up to SIZE / drops() bytes in), until
+        // `drops()` cuts were made or the test is done.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("drop seed {seed:#x}, {} drops", drops());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cutter = {
+            let (proxy, done) = (proxy.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(seed | 1);
+                let started = Instant::now();
+                let spacing = (SIZE as u64 / u64::from(drops().max(1))).max(1);
+                while proxy.cuts() < drops() && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if proxy.accepted() > proxy.cuts() {
+                        proxy.cut_after(Dir::ToAppliance, rng.below(spacing));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                started.elapsed()
+            })
+        };
+        smol::block_on(async {
+            let options = AttachOptions {
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            // The link may drop while the attach opens: then try again.
+            let mut att = loop {
+                match appliance.attach("drops", options.clone()).await {
+                    Ok(att) => break att,
+                    Err(runtime_appliance::ApiError::LinkDown(why)) => eprintln!("attach: {why}"),
+                    Err(e) => panic!("attach: {e}"),
+                }
+                smol::Timer::after(Duration::from_millis(20)).await;
+            };
+            assert_eq!(att.start, 0);
+            let mut live = Exact {
+                what: "attach",
+                expect: &expect,
+                at: 0,
+            };
+            let exit = loop {
+                if let Some(e) = live.take(att.next().await) {
+                    break e;
+                }
+            };
+            assert_eq!((exit, live.at), (ExitStatus::Code(7), SIZE));
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let took = cutter.join().unwrap();
+            eprintln!(
+                "{} link drops in {took:?} ({} connections) while 100 MiB went through",
+                proxy.cuts(),
+                proxy.accepted()
+            );
+            assert_eq!(
+                proxy.cuts(),
+                drops(),
+                "the output ended before every drop was made"
+            );
+            let logs = runtime_appliance::LogsOptions {
+                follow: true,
+                ..Default::default()
+            };
+            let mut stored = appliance.logs("drops", logs).await.unwrap();
+            assert_eq!(stored.start, 0, "the stored log starts at the first byte");
+            let mut disk = Exact {
+                what: "stored log",
+                expect: &expect,
+                at: 0,
+            };
+            let exit = loop {
+                if let Some(e) = disk.take(stored.next().await) {
+                    break e;
+                }
+            };
+            assert_eq!((exit, disk.at), (ExitStatus::Code(7), SIZE));
+        });
+    });
+}

@@ -29,7 +29,7 @@ struct Setup {
     api: ApiEndpoint,
     guest_port: u16,
     serve: Option<ChildGuard>,
-    _guest: ChildGuard,
+    guest: ChildGuard,
 }
 
 impl Setup {
@@ -61,7 +61,7 @@ impl Setup {
             api,
             guest_port,
             serve: None,
-            _guest: procs
+            guest: procs
                 .spawn(
                     Command::new(binary("tether"))
                         .arg("--config")
@@ -85,7 +85,9 @@ impl Setup {
             .arg("--key")
             .arg(self.dir.join("appliance.key"))
             .arg("--known-guests")
-            .arg(self.dir.join("known-guests"));
+            .arg(self.dir.join("known-guests"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"));
         c.stderr(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -245,6 +247,71 @@ fn restarting_tetherd_mid_attach_resumes_the_stream_byte_exact() {
         let expect: String = (0..300).map(|i| format!("line-{i}\n")).collect();
         assert_eq!(out, expect, "lost or duplicated lines across the restart");
         assert_eq!(status.code(), Some(6));
+    });
+}
+
+#[test]
+fn logs_outlive_the_guest_and_a_kill_9_of_tetherd() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Setup::new(
+            &procs,
+            dir.path(),
+            "gone",
+            &[
+                "/bin/sh",
+                "-c",
+                "echo one; sleep 0.1; echo two >&2; sleep 0.1; echo three; exit 3",
+            ],
+        );
+        s.wait_state("gone", "exited");
+        // The guest stops serving once tetherd holds all the output (well
+        // within its 30 s exit_linger), and goes.
+        let started = Instant::now();
+        let status = s.guest.wait().unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let text = |out: std::process::Output| {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(text(s.cli(&["logs", "gone"])), "one\ntwo\nthree\n");
+        let stamped = text(s.cli(&["logs", "--timestamps", "gone"]));
+        let lines: Vec<&str> = stamped.lines().collect();
+        assert_eq!(lines.len(), 3, "{stamped}");
+        for (line, word) in lines.iter().zip(["one", "two", "three"]) {
+            let (time, rest) = line.split_once(' ').unwrap();
+            assert!(time.ends_with('Z') && time.contains('T'), "{line}");
+            assert_eq!(rest, word);
+        }
+        // kill -9 tetherd, start it again: the exited container is still
+        // listed with its exit code, and its logs are still there.
+        drop(s.serve.take());
+        s.start_serve(&procs);
+        let ls = text(s.cli(&["ls"]));
+        let row = ls
+            .lines()
+            .find(|l| l.starts_with("gone "))
+            .unwrap_or_else(|| panic!("{ls}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cols[1..4], ["primary", "exited", "3"], "{ls}");
+        assert_eq!(text(s.cli(&["logs", "gone"])), "one\ntwo\nthree\n");
+        assert_eq!(text(s.cli(&["logs", "--tail", "1", "gone"])), "three\n");
+        assert_eq!(text(s.cli(&["logs", "-f", "gone"])), "one\ntwo\nthree\n");
+        // An attach replays it from disk and ends with the exit code.
+        let attach = s.cli(&["attach", "--no-stdin", "gone"]);
+        assert_eq!(String::from_utf8_lossy(&attach.stdout), "one\nthree\n");
+        assert_eq!(String::from_utf8_lossy(&attach.stderr), "two\n");
+        assert_eq!(attach.status.code(), Some(3));
+        // rm removes the container and its files.
+        assert_eq!(text(s.cli(&["rm", "gone"])).trim(), "gone");
+        assert!(!text(s.cli(&["ls"])).contains("gone"));
+        assert!(!dir.path().join("state/containers/gone").exists());
+        assert!(!s.cli(&["logs", "gone"]).status.success());
     });
 }
 

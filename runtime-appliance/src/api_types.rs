@@ -91,6 +91,21 @@ pub struct ExecOptions {
     pub timeout: Duration,
 }
 
+/// What a logs request wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogsOptions {
+    /// The output offset to start at.
+    pub from: u64,
+    /// Keep streaming until the process has exited and all its output was sent.
+    pub follow: bool,
+    /// Start each line with the time tetherd received it (RFC 3339, UTC, ns).
+    pub timestamps: bool,
+    /// Only output received at or after this time.
+    pub since: Option<std::time::SystemTime>,
+    /// Only the last this many lines (before `follow` goes on).
+    pub tail: Option<usize>,
+}
+
 pub use proto_core::tether::ExitStatus;
 
 /// One piece of an attachment's output.

@@ -26,7 +26,9 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The appliance. Cheap to clone; every clone is the same appliance.
 #[derive(Clone)]
 pub struct Appliance {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
+    /// Container records and output on disk (`stored`), when configured.
+    pub(crate) store: Option<Arc<crate::store::Store>>,
 }
 
 impl Appliance {
@@ -44,6 +46,7 @@ impl Appliance {
     ) -> Self {
         Self {
             shared: Arc::new(Shared::new(key, known).with_limits(limits)),
+            store: None,
         }
     }
 
@@ -163,7 +166,20 @@ impl Appliance {
     }
 
     /// Attaches to a container's stdio, waiting up to `options.timeout` for it.
+    /// Output the guest no longer holds is replayed from the store.
     pub async fn attach(&self, id: &str, options: AttachOptions) -> Result<Attachment, ApiError> {
+        if let Some(att) = self.attach_stored(id, &options).await {
+            return att;
+        }
+        self.attach_guest(id, options).await
+    }
+
+    /// An attach served by the guest alone.
+    pub(crate) async fn attach_guest(
+        &self,
+        id: &str,
+        options: AttachOptions,
+    ) -> Result<Attachment, ApiError> {
         let (entry, link) = self.shared.wait_for(id, options.timeout).await?;
         let from = match options.from {
             From::Offset(n) => n,
@@ -225,9 +241,20 @@ impl Appliance {
         Ok(att)
     }
 
-    /// Output from offset `from`; without `follow` it ends at the output that
-    /// existed when the call was made (no `Output::Exit` then).
-    pub async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<Attachment, ApiError> {
+    /// Output from offset `options.from`; without `follow` it ends at the
+    /// output that existed when the call was made (no `Output::Exit` then).
+    /// Served from the store when there is one (then also after the guest is
+    /// gone, and with timestamps, `since` and `tail`).
+    pub async fn logs(&self, id: &str, options: LogsOptions) -> Result<Attachment, ApiError> {
+        if let Some(logs) = self.logs_stored(id, &options) {
+            return logs;
+        }
+        if options.timestamps || options.since.is_some() || options.tail.is_some() {
+            return Err(ApiError::BadRequest(
+                "timestamps, since and tail need a tetherd with a state directory".into(),
+            ));
+        }
+        let (from, follow) = (options.from, options.follow);
         let timeout = Duration::from_secs(10);
         let Some((info, generation)) = self.shared.info(id) else {
             return Err(ApiError::NotFound(id.into()));
@@ -263,10 +290,14 @@ impl Appliance {
         self.shared.unpin_guest(id);
     }
 
-    /// Forgets container `id` if it has exited and its link is gone.
+    /// Forgets container `id` (and removes its stored records and output) if
+    /// it has exited and its link is gone.
     pub fn forget(&self, id: &str) {
         if self.shared.info(id).is_some_and(|(_, link)| link.is_none()) {
             self.shared.forget(id);
+            if let Err(e) = self.remove_stored(id) {
+                warn!(container = %id, "{e}");
+            }
         }
     }
 

@@ -4,8 +4,9 @@
 //! from exactly the offset it had delivered (proto-core's `Cursor` keeps that
 //! position), so the stream stays byte-exact with no duplicates.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
 use bytes::Bytes;
@@ -38,6 +39,9 @@ pub struct Attachment {
     /// The output offset this attachment started at.
     pub start: u64,
     offset: u64,
+    /// Output replayed from the store before `rx` (its window is not the
+    /// guest's, so it is not reported as consumed).
+    prefix: Option<Receiver<Output>>,
     rx: Receiver<Output>,
     ctl: Sender<Control>,
     stdin: Arc<StdinGauge>,
@@ -49,21 +53,74 @@ impl Attachment {
     /// `Output::Exit`, at the end of a non-follow log, or when the container did
     /// not come back after its link dropped).
     pub async fn next(&mut self) -> Option<Output> {
-        let out = self.rx.recv().await.ok()?;
-        match &out {
-            Output::Stdout(b) | Output::Stderr(b) => {
-                self.offset = self.offset.saturating_add(b.len() as u64);
-                let _ = self.ctl.try_send(Control::Consumed(b.len()));
+        if let Some(prefix) = &self.prefix {
+            match prefix.recv().await {
+                Ok(out) => {
+                    self.advance(&out);
+                    return Some(out);
+                }
+                Err(_) => self.prefix = None,
             }
-            Output::Gap(n) => self.offset = self.offset.saturating_add(*n),
-            Output::Exit(_) => {}
         }
+        let out = self.rx.recv().await.ok()?;
+        if let Output::Stdout(b) | Output::Stderr(b) = &out {
+            let _ = self.ctl.try_send(Control::Consumed(b.len()));
+        }
+        self.advance(&out);
         Some(out)
     }
 
     /// The output offset just past what `next` has returned.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    fn advance(&mut self, out: &Output) {
+        match out {
+            Output::Stdout(b) | Output::Stderr(b) => {
+                self.offset = self.offset.saturating_add(b.len() as u64);
+            }
+            Output::Gap(n) => self.offset = self.offset.saturating_add(*n),
+            Output::Exit(_) => {}
+        }
+    }
+
+    /// An attachment fed by `rx` alone (output from the store; no guest
+    /// channel behind it, so stdin, resize and signals are refused).
+    pub(crate) fn fed(
+        shared: Arc<Shared>,
+        id: &str,
+        tty: bool,
+        start: u64,
+        rx: Receiver<Output>,
+    ) -> Self {
+        let (ctl, _) = async_channel::unbounded();
+        Self {
+            id: id.to_owned(),
+            tty,
+            start,
+            offset: start,
+            prefix: None,
+            rx,
+            ctl,
+            stdin: Arc::new(StdinGauge::default()),
+            shared,
+        }
+    }
+
+    /// This attachment's input with `output`'s output (an attachment whose
+    /// channel carries no output, and one fed from the store).
+    pub(crate) fn with_output_of(mut self, mut output: Attachment) -> Self {
+        self.start = output.start;
+        self.offset = output.offset;
+        self.tty = output.tty;
+        // Its output comes first and ends with the exit; this one's own
+        // receiver yields nothing.
+        self.prefix = Some(std::mem::replace(
+            &mut output.rx,
+            async_channel::bounded(1).1,
+        ));
+        self
     }
 
     fn send(&self, c: Control) -> Result<(), ApiError> {
@@ -144,29 +201,87 @@ pub(crate) async fn attach(
     link: Sender<LinkCommand>,
 ) -> Result<Attachment, ApiError> {
     let channel = open_on(&shared, &link, plan.open_kind()).await?;
-    Ok(start(shared, plan, tty, (channel, link)))
+    let pending = barrier(&shared, &link, &channel).await?;
+    Ok(start_after(shared, plan, tty, (channel, link), pending))
+}
+
+/// Waits until everything the guest sent on a new attach channel before
+/// answering a request is here: the gap it reports right after the start
+/// offset then belongs to the start, so the offset a client is told is
+/// exact. The events received meanwhile are returned, to be handled first.
+async fn barrier(
+    shared: &Shared,
+    link: &Sender<LinkCommand>,
+    lc: &LinkChannel,
+) -> Result<VecDeque<ChannelEvent>, ApiError> {
+    let (tx, rx) = async_channel::bounded(1);
+    let request = ChannelRequest::Other {
+        name: "keepalive@openssh.com".into(),
+        data: Bytes::new(),
+    };
+    let command = LinkCommand::Request {
+        channel: lc.channel,
+        request,
+        reply: Some(tx),
+    };
+    if link.send(command).await.is_ok() {
+        // Any answer will do; none means the link dropped (the driver sees).
+        let limit = shared.limits.guest_request_timeout;
+        guest_answer(
+            limit,
+            &shared.refusals,
+            "an attach's first request",
+            async {
+                let _ = rx.recv().await;
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    let mut pending = VecDeque::new();
+    while let Ok(event) = lc.events.try_recv() {
+        pending.push_back(event);
+    }
+    Ok(pending)
 }
 
 /// Starts a driver for an open channel and returns the attachment.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    mut plan: Plan,
+    plan: Plan,
     tty: bool,
     first: (LinkChannel, Sender<LinkCommand>),
 ) -> Attachment {
+    start_after(shared, plan, tty, first, VecDeque::new())
+}
+
+/// `start`, with the channel's first events already received: gaps at their
+/// front move the start offset.
+fn start_after(
+    shared: Arc<Shared>,
+    mut plan: Plan,
+    tty: bool,
+    first: (LinkChannel, Sender<LinkCommand>),
+    mut pending: VecDeque<ChannelEvent>,
+) -> Attachment {
     plan.cursor.opened(first.0.offset);
+    while let Some(ChannelEvent::Gap(lost)) = pending.front() {
+        plan.cursor.gap(*lost);
+        pending.pop_front();
+    }
     let start = plan.cursor.offset();
     let (out_tx, out_rx) = async_channel::unbounded();
     let (ctl_tx, ctl_rx) = async_channel::unbounded();
     let id = plan.id.clone();
     // Detached: when the attachment is dropped, the driver sees its channels
     // close and closes the guest channel (a detach) before it ends.
-    smol::spawn(drive(shared.clone(), plan, first, out_tx, ctl_rx)).detach();
+    smol::spawn(drive(shared.clone(), plan, first, pending, out_tx, ctl_rx)).detach();
     Attachment {
         id,
         tty,
         start,
         offset: start,
+        prefix: None,
         rx: out_rx,
         ctl: ctl_tx,
         stdin: Arc::new(StdinGauge::default()),
@@ -202,6 +317,7 @@ async fn drive(
     shared: Arc<Shared>,
     mut plan: Plan,
     first: (LinkChannel, Sender<LinkCommand>),
+    mut pending: VecDeque<ChannelEvent>,
     out: Sender<Output>,
     ctl: Receiver<Control>,
 ) {
@@ -219,13 +335,7 @@ async fn drive(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let offset = plan.cursor.offset();
                 info!(container = %plan.id, offset, "re-attaching after a link drop");
-                let opened = match shared.wait_for(&plan.id, plan.reattach_timeout).await {
-                    Ok((_, link)) => open_on(&shared, &link, plan.open_kind())
-                        .await
-                        .map(|c| (c, link)),
-                    Err(e) => Err(e),
-                };
-                match opened {
+                match reopen(&shared, &plan).await {
                     Ok(c) => {
                         plan.cursor.opened(c.0.offset);
                         c
@@ -239,10 +349,15 @@ async fn drive(
         };
         let channel = lc.channel;
         loop {
-            let step = future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
-                Step::Control(ctl.recv().await.ok())
-            })
-            .await;
+            let step = match pending.pop_front() {
+                Some(event) => Step::Event(Some(event)),
+                None => {
+                    future::or(async { Step::Event(lc.events.recv().await.ok()) }, async {
+                        Step::Control(ctl.recv().await.ok())
+                    })
+                    .await
+                }
+            };
             let command = match step {
                 Step::Event(Some(ChannelEvent::Data { ext, data })) => {
                     let item = match plan.cursor.data(ext, data) {
@@ -315,6 +430,31 @@ async fn drive(
         if out.is_closed() || ctl.is_closed() {
             let _ = link.send(LinkCommand::Close { channel }).await;
             return;
+        }
+    }
+}
+
+/// Opens a new channel for `plan` once its container is served again,
+/// trying again while links keep dropping, for `reattach_timeout` at most.
+async fn reopen(
+    shared: &Shared,
+    plan: &Plan,
+) -> Result<(LinkChannel, Sender<LinkCommand>), ApiError> {
+    let deadline = Instant::now() + plan.reattach_timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = match shared.wait_for(&plan.id, left).await {
+            Ok((_, link)) => open_on(shared, &link, plan.open_kind())
+                .await
+                .map(|c| (c, link)),
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Err(ApiError::LinkDown(why)) if Instant::now() < deadline => {
+                debug!(container = %plan.id, "re-attach: {why}; trying again");
+                smol::Timer::after(Duration::from_millis(20)).await;
+            }
+            other => return other,
         }
     }
 }

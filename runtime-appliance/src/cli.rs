@@ -97,7 +97,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub accept_any_host_key: bool,
     /// Where tetherd keeps its state: VMs in `vms/ID/` (config, console log, QMP
-    /// socket). Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
+    /// socket), container records and output in `containers/ID/`.
+    /// Default: /var/lib/tetherd for root, else $XDG_STATE_HOME/tetherd.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The kernel VMs boot (default: the newest /boot/vmlinuz-*).
@@ -115,6 +116,9 @@ pub struct ServeArgs {
     /// Bounds against hostile or broken guests.
     #[command(flatten)]
     pub limits: crate::limits::LimitArgs,
+    /// Where and how much container output is kept.
+    #[command(flatten)]
+    pub logs: crate::store::LogArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -205,6 +209,15 @@ pub struct LogsArgs {
     /// Start at this output offset.
     #[arg(long, default_value_t = 0)]
     pub from: u64,
+    /// Start each line with the time tetherd received it.
+    #[arg(short = 't', long)]
+    pub timestamps: bool,
+    /// Only output since this time (RFC 3339) or for this long (`10m`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only the last N lines (`all`: every line).
+    #[arg(short = 'n', long)]
+    pub tail: Option<String>,
     /// Container id.
     pub id: String,
 }

@@ -217,6 +217,10 @@ fn screen(shared: &Shared, generation: u64, list: Vec<ContainerInfo>) -> Vec<Con
 }
 
 /// An `ApplianceLink` and the users of its channels.
+/// Channel opens a link may have waiting for the guest's answer; more are
+/// refused at once (a guest that never answers does not collect them).
+const MAX_OPENING: usize = 256;
+
 struct ApplianceSide {
     shared: Arc<Shared>,
     generation: u64,
@@ -250,8 +254,11 @@ impl Drop for ApplianceSide {
         for (_, waiter) in std::mem::take(&mut self.lists) {
             let _ = waiter.try_send(Err(gone()));
         }
-        // Commands still queued are answered by being dropped.
+        // Commands still queued are answered by being dropped: take them out
+        // (the channel lives on while anyone holds a sender, and with it
+        // their reply senders, so a waiter would never hear).
         self.rx.close();
+        while self.rx.try_recv().is_ok() {}
     }
 }
 
@@ -304,6 +311,13 @@ impl ApplianceSide {
     fn command(&mut self, command: LinkCommand) {
         match command {
             LinkCommand::Open { kind, reply } => {
+                if self.chans.len() >= MAX_OPENING
+                    && self.chans.values().filter(|c| c.opening.is_some()).count() >= MAX_OPENING
+                {
+                    let why = format!("the guest has {MAX_OPENING} channel opens unanswered");
+                    let _ = reply.try_send(Err(ApiError::Unavailable(why)));
+                    return;
+                }
                 let what = match kind {
                     OpenKind::Attach(req) => Open::Attach(req),
                     OpenKind::Exec { command, tty, env } => Open::Exec { command, tty, env },

@@ -9,11 +9,15 @@ mod attachment;
 mod claims;
 pub mod cli;
 mod delivery;
+mod follower;
 mod guestlink;
 pub mod limits;
+mod logs;
 mod registry;
 mod remembered;
 mod stdin;
+pub mod store;
+mod stored;
 
 pub use api_types::*;
 pub use appliance::{Appliance, Attachment, shell_quote};

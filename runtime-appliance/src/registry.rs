@@ -151,6 +151,18 @@ impl Shared {
         self.pins().remove(id);
     }
 
+    /// Lists a container no link serves (one a state directory remembers),
+    /// until a guest lists it again.
+    pub fn remember(&self, info: ContainerInfo) {
+        let mut r = self.lock();
+        if r.map.get(&info.id).is_none() {
+            let forgotten = r.remembered.insert(info, self.limits.max_remembered);
+            Refusals::count(&self.refusals.remembered, forgotten as u64);
+        }
+        drop(r);
+        self.changed.notify(usize::MAX);
+    }
+
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
         self.lock().remembered.remove(id);

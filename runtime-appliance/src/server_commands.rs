@@ -85,7 +85,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         (None, false) => Some(HashMap::new()),
     };
     let public = *key.public();
-    let appliance = Appliance::with_limits(key, known, args.limits.limits());
+    let appliance = Appliance::with_limits(key, known, args.limits.limits())
+        .with_store(&state.join("containers"), args.logs.limits())?;
     let bind = |addr: SocketAddr, what: &str| {
         Async::<TcpListener>::bind(addr).map_err(|e| format!("{what} {addr}: {e}"))
     };

@@ -280,6 +280,10 @@ class Collector(asyncssh.SSHClientSession):
 
     def eof_received(self):
         self.activity()
+        if self.exit_status is not None or self.exit_signal is not None:
+            # The end sequence is complete and we have the output: an attach
+            # channel is ours to close (4.2); the guest answers with CLOSE.
+            self._chan_ref().close()
         # Returning True keeps our side open: AsyncSSH would otherwise answer
         # with EOF, which for tether closes the process's stdin (4.2).
         return True

@@ -81,6 +81,9 @@ enum Role {
 
 struct Attached {
     session: String,
+    /// Opened as `attach@tether` (the appliance closes it after the end
+    /// sequence); else an exec's session channel (the guest closes it).
+    attach: bool,
     /// The next output offset to send.
     cursor: u64,
     stdin: bool,
@@ -260,6 +263,11 @@ impl GuestLink {
             }
             Event::ChannelClosed { channel } => {
                 if let Some(Role::Attached(a)) = self.roles.remove(&channel) {
+                    if a.attach && a.done && a.session == s.primary() && (a.stdout || a.stderr) {
+                        // The appliance closes an attach channel after its
+                        // end sequence once it holds the output.
+                        s.note_primary_drained();
+                    }
                     s.remove_reader(&a.session, (self.link, channel));
                 }
             }
@@ -332,6 +340,7 @@ impl GuestLink {
         }
         let attached = Attached {
             session: req.id,
+            attach: true,
             cursor,
             stdin: req.stdin,
             stdout: req.stdout,
@@ -442,6 +451,7 @@ impl GuestLink {
         }
         let attached = Attached {
             session: session.clone(),
+            attach: false,
             cursor: 0,
             stdin: true,
             stdout: true,
@@ -475,7 +485,6 @@ impl GuestLink {
                 continue;
             };
             send_output(&mut self.conn, channel, a, session);
-            let drained = a.done && session.state == State::Exited;
             if session.log.overflow() == Overflow::Block {
                 // Sent output stops counting against the log; it is freed only
                 // once the appliance acknowledged it by returning window, so
@@ -484,9 +493,6 @@ impl GuestLink {
                 let acked = a.cursor.saturating_sub(unacked);
                 s.set_reader(&a.session, (self.link, channel), a.cursor, acked);
                 blocked.push(a.session.clone());
-            }
-            if drained && a.session == s.primary() {
-                s.note_primary_drained();
             }
         }
         blocked.sort();
@@ -518,17 +524,18 @@ impl GuestLink {
     }
 
     /// Tells the sessions once the primary's exit has reached the appliance:
-    /// pushed, its output carried to the end by an attachment (a primary that
-    /// exits before anyone attached waits for one, up to `exit_linger`), and
-    /// every attachment to it finished.
+    /// pushed, its output carried to the end by an attachment and that
+    /// attachment closed by the appliance, which means it holds the output
+    /// (a primary that exits before anyone attached waits for one, up to
+    /// `exit_linger`), and every attachment to it closed.
     fn note_exit_reported(&self, s: &mut Sessions) {
         let primary = s.primary();
         let exited = s.state(primary) == Some(State::Exited);
         let pushed = self.pushed == Some(s.version());
-        let open = self
-            .roles
-            .values()
-            .any(|r| matches!(r, Role::Attached(a) if a.session == primary && !a.done));
+        let open = self.roles.values().any(|r| {
+            matches!(r, Role::Attached(a) if a.session == primary
+                && (!a.done || (a.attach && (a.stdout || a.stderr))))
+        });
         if exited && pushed && !open && s.primary_drained() {
             s.note_exit_reported();
         }
@@ -577,7 +584,9 @@ fn send_output(
                 if let Some(exit) = &session.exit {
                     let _ = conn.channel_request(channel, &exit.request(), false);
                     let _ = conn.channel_eof(channel);
-                    let _ = conn.channel_close(channel);
+                    if !a.attach {
+                        let _ = conn.channel_close(channel);
+                    }
                 }
                 a.done = true;
                 return;

@@ -81,7 +81,7 @@ fn a_live_attach_learns_the_exact_offset_it_starts_at() {
 }
 
 #[test]
-fn an_exited_session_ends_with_its_status_after_all_output_then_closes() {
+fn an_exited_session_ends_with_its_status_after_all_output_and_the_appliance_closes() {
     for (exit, expect) in [
         (ExitStatus::Code(3), 3),
         (ExitStatus::signal(Signal::TERM, false), 143),
@@ -96,6 +96,12 @@ fn an_exited_session_ends_with_its_status_after_all_output_then_closes() {
         let (data, _, got) = pair.received(ch);
         assert_eq!((&data[..], got.clone()), (&b"bye"[..], Some(exit)));
         assert_eq!(got.map(|e| e.code()), Some(expect));
+        assert!(
+            !matches!(pair.events.last(), Some(ApplianceEvent::Closed { .. })),
+            "an attach channel is the appliance's to close"
+        );
+        pair.appliance.close(ch);
+        pair.drive();
         let tail: Vec<_> = pair.events.iter().rev().take(2).collect();
         assert!(matches!(tail[0], ApplianceEvent::Closed { .. }), "{tail:?}");
         assert!(matches!(tail[1], ApplianceEvent::Exit { .. }), "{tail:?}");
@@ -408,7 +414,7 @@ fn container_list_changes_are_pushed_without_asking() {
 }
 
 #[test]
-fn the_primary_exit_counts_as_reported_once_every_attachment_has_its_output() {
+fn the_primary_exit_counts_as_reported_once_every_attachment_has_its_output_and_closed() {
     let mut pair = connected(1 << 20, Overflow::DropOldest);
     pair.sessions.started(PRIMARY);
     let ch = pair.appliance.open(LinkPair::attach(0, false)).unwrap();
@@ -418,8 +424,14 @@ fn the_primary_exit_counts_as_reported_once_every_attachment_has_its_output() {
     pair.sessions.finish(PRIMARY, ExitStatus::Code(0));
     assert!(!pair.sessions.exit_reported());
     pair.drive();
-    assert!(pair.sessions.exit_reported());
     assert_eq!(pair.received(ch).2, Some(ExitStatus::Code(0)));
+    assert!(
+        !pair.sessions.exit_reported(),
+        "the appliance has the exit but has not said it holds the output"
+    );
+    pair.appliance.close(ch);
+    pair.drive();
+    assert!(pair.sessions.exit_reported());
 }
 
 #[test]
@@ -527,5 +539,7 @@ fn a_primary_that_exits_before_anyone_attached_waits_for_an_attachment() {
     let ch = pair.appliance.open(LinkPair::attach(0, false)).unwrap();
     pair.drive();
     assert_eq!(pair.received(ch).0, b"early");
+    pair.appliance.close(ch);
+    pair.drive();
     assert!(pair.sessions.exit_reported());
 }

@@ -136,43 +136,69 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `logs`: streams output to stdout; with `--follow`, resumes at the offset
-/// received so far if the stream breaks.
+/// `logs`: streams output to stdout; if the stream breaks after it started
+/// (a gap, a restarted tetherd), resumes at the offset received so far.
 async fn logs(args: LogsArgs) -> Result<ExitCode, ClientError> {
     let api = Api::from_args(&args.api)?;
     let mut out = std::io::stdout();
-    stream_logs(
-        &api,
-        &args.id,
-        args.from,
-        args.follow,
-        &mut out,
-        RECONNECT_FOR,
-    )
-    .await?;
+    let query = LogsQuery {
+        from: args.from,
+        follow: args.follow,
+        timestamps: args.timestamps,
+        since: args.since.clone(),
+        tail: args.tail.clone(),
+    };
+    stream_logs(&api, &args.id, &query, &mut out, RECONNECT_FOR).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogsQuery {
+    pub from: u64,
+    pub follow: bool,
+    pub timestamps: bool,
+    pub since: Option<String>,
+    pub tail: Option<String>,
+}
+
+impl LogsQuery {
+    /// The query string for a request from `offset` (`tail` only on the
+    /// first: a resumed stream goes on where it was).
+    fn path(&self, id: &str, offset: u64, first: bool) -> String {
+        let mut path = format!(
+            "/v1/containers/{}/logs?follow={}&from={offset}",
+            encode(id),
+            u8::from(self.follow)
+        );
+        if self.timestamps {
+            path.push_str("&timestamps=1");
+        }
+        if let Some(since) = &self.since {
+            path.push_str(&format!("&since={}", encode(since)));
+        }
+        if let (Some(tail), true) = (&self.tail, first) {
+            path.push_str(&format!("&tail={}", encode(tail)));
+        }
+        path
+    }
 }
 
 /// The logs loop, writing to `out`; returns the offset reached.
 pub async fn stream_logs(
     api: &Api,
     id: &str,
-    from: u64,
-    follow: bool,
+    query: &LogsQuery,
     out: &mut dyn Write,
     reconnect_for: Duration,
 ) -> Result<u64, ClientError> {
-    let mut offset = from;
+    let mut offset = query.from;
     let mut broken_since: Option<Instant> = None;
     // Only a stream that worked once is resumed: a first failure (no such
     // container, API down) is reported at once.
     let mut streamed = false;
     loop {
-        let path = format!(
-            "/v1/containers/{}/logs?follow={}&from={offset}",
-            encode(id),
-            u8::from(follow)
-        );
+        let path = query.path(id, offset, !streamed);
         let attempt = async {
             let resp = api.request(Method::GET, &path).await?;
             let status = resp.status();
@@ -218,7 +244,9 @@ pub async fn stream_logs(
             Err(e) => e,
         };
         let since = *broken_since.get_or_insert_with(Instant::now);
-        if !follow || !streamed || !e.is_transient() || since.elapsed() > reconnect_for {
+        // With timestamps the bytes received are not output offsets.
+        let resumable = streamed && !query.timestamps && e.is_transient();
+        if !resumable || since.elapsed() > reconnect_for {
             return Err(e);
         }
         tracing::debug!(error = %e, offset, "logs: resuming");

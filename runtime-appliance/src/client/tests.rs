@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::session::{self, Outcome, Resume, Terminal};
 use super::term::{CTRL_P, CTRL_Q};
-use super::{ContainerRow, format_table, stream_logs, ws};
+use super::{ContainerRow, LogsQuery, format_table, stream_logs, ws};
 use crate::api_types::*;
 use crate::http::fake::{FakeBackend, FakeContainer, hello_script, run, serve};
 
@@ -216,8 +216,10 @@ fn logs_follow_resumes_at_the_offset_received() {
     let end = run(stream_logs(
         &api,
         "flaky",
-        0,
-        true,
+        &LogsQuery {
+            follow: true,
+            ..Default::default()
+        },
         &mut got,
         Duration::from_secs(5),
     ))
@@ -240,8 +242,10 @@ fn logs_follow_resumes_at_the_offset_received() {
     run(stream_logs(
         &api,
         "steady",
-        0,
-        false,
+        &LogsQuery {
+            follow: false,
+            ..Default::default()
+        },
         &mut plain,
         Duration::from_secs(5),
     ))
@@ -253,8 +257,10 @@ fn logs_follow_resumes_at_the_offset_received() {
         let err = run(stream_logs(
             &api,
             "ghost",
-            0,
-            follow,
+            &LogsQuery {
+                follow,
+                ..Default::default()
+            },
             &mut plain,
             Duration::from_secs(5),
         ))

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api_types::ApiError;
-use crate::api_types::{AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
+use crate::api_types::{
+    AttachOptions, ContainerView, ExecOptions, ExitStatus, LogsOptions, Output,
+};
 use crate::appliance::{Appliance, Attachment};
 use crate::node::request::{CreateRequest, Created, NodeView, Removed, StopReply};
 
@@ -61,8 +63,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn logs(
         &self,
         id: &str,
-        from: u64,
-        follow: bool,
+        options: LogsOptions,
     ) -> impl Future<Output = Result<Self::Session, ApiError>> + Send;
     fn metrics(&self) -> String;
 
@@ -166,10 +167,9 @@ impl Backend for Appliance {
     fn logs(
         &self,
         id: &str,
-        from: u64,
-        follow: bool,
+        options: LogsOptions,
     ) -> impl Future<Output = Result<Attachment, ApiError>> + Send {
-        Appliance::logs(self, id, from, follow)
+        Appliance::logs(self, id, options)
     }
     fn metrics(&self) -> String {
         Appliance::metrics(self)

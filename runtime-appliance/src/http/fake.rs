@@ -59,13 +59,11 @@ impl FakeContainer {
         })
     }
 
-    /// The script from offset `from` (with a leading gap if that was lost).
+    /// The script from offset `from`, or from the first byte not lost (the
+    /// start offset then includes the gap, as the appliance's does).
     fn suffix(&self, from: u64, with_exit: bool) -> (u64, VecDeque<Output>) {
         let mut queue = VecDeque::new();
         let start = from.max(self.lost);
-        if start > from {
-            queue.push_back(Output::Gap(start - from));
-        }
         let mut pos = 0u64;
         for out in &self.script {
             match (out, chunk(out)) {
@@ -82,6 +80,13 @@ impl FakeContainer {
                     pos = end;
                 }
                 (Output::Exit(_), None) if with_exit => queue.push_back(out.clone()),
+                // Lost mid-stream.
+                (Output::Gap(n), None) => {
+                    if pos >= start {
+                        queue.push_back(out.clone());
+                    }
+                    pos += n;
+                }
                 _ => {}
             }
         }
@@ -196,6 +201,9 @@ impl FakeSession {
             }
             (out, _) => out,
         };
+        if let Output::Gap(n) = &out {
+            self.offset += n;
+        }
         if let Some(b) = chunk(&out) {
             self.offset += b.len() as u64;
         }
@@ -356,7 +364,8 @@ impl Backend for FakeBackend {
         Ok(self.session(&exec_id, &c, 0, VecDeque::from([argv]), false))
     }
 
-    async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<FakeSession, ApiError> {
+    async fn logs(&self, id: &str, options: LogsOptions) -> Result<FakeSession, ApiError> {
+        let (from, follow) = (options.from, options.follow);
         self.record(format!("logs {id} from={from} follow={follow}"));
         let c = self.with(id, |c| {
             c.attaches += u32::from(follow);

@@ -7,6 +7,7 @@ pub mod access;
 pub mod backend;
 pub mod k8s;
 pub mod listen;
+mod logs_query;
 mod metrics;
 pub mod query;
 pub mod response;

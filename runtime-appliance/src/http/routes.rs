@@ -413,10 +413,9 @@ async fn logs<B: Backend>(
     id: String,
     query: &Query,
 ) -> Result<Response<Body>, HttpError> {
-    query.check("logs", &["follow", "from"], &[])?;
-    let follow = query.bool("follow", false)?;
-    let from = query.u64("from", 0)?;
-    let session = state.backend.logs(&id, from, follow).await?;
+    let options = super::logs_query::options(query)?;
+    let follow = options.follow;
+    let session = state.backend.logs(&id, options).await?;
     let start = session.start();
     let st = state.clone();
     let chunks = stream::unfold(Some(session), move |session| {
@@ -430,12 +429,12 @@ async fn logs<B: Backend>(
                         return Some((Ok(Frame::data(b)), Some(session)));
                     }
                     Some(Output::Gap(n)) => {
-                        tracing::info!(
-                            id = session.id(),
-                            bytes = n,
-                            "logs: output lost before the replay point"
-                        );
+                        // Mid-stream: abort, so the client sees it and can
+                        // resume past the gap (`X-Tether-Offset` says).
                         st.metrics.gap(n);
+                        // As below: let hyper flush what came before.
+                        smol::Timer::after(Duration::from_millis(20)).await;
+                        return Some((Err(super::logs_query::gap_error(&session, n)), None));
                     }
                     Some(Output::Exit(_)) => return None,
                     None if follow => {

@@ -212,11 +212,15 @@ pub async fn run<B: Backend, S: Session>(
                     }
                     Output::Stdout(_) | Output::Stderr(_) => continue,
                     Output::Gap(n) => {
-                        // The X-Tether-Offset header already told the client
-                        // where the stream starts; keep the bytes exact.
-                        tracing::info!(%id, bytes = n, "attach: output lost before the replay point");
+                        // A gap at the start is in X-Tether-Offset already;
+                        // one mid-stream ends the session (1011, the reason
+                        // names the offsets), so the client knows and can
+                        // re-attach past it: the bytes stay exact.
                         state.metrics.gap(n);
-                        continue;
+                        let why = super::logs_query::gap_message(&session, n);
+                        tracing::info!(%id, "attach session: {why}");
+                        close(&mut ws, CloseCode::Error, &why).await;
+                        return;
                     }
                     Output::Exit(exit) => {
                         let status = Status::from_exit(&exit);

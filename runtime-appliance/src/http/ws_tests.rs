@@ -251,3 +251,67 @@ fn a_session_without_an_exit_status_closes_abnormally() {
         assert_eq!(status.unwrap().exit_code(), Ok(0));
     });
 }
+
+#[test]
+fn a_gap_mid_stream_closes_the_websocket_naming_where_to_resume() {
+    let (backend, api) = fake();
+    backend.add(
+        "holey",
+        FakeContainer::script(vec![
+            Output::Stdout(Bytes::from_static(b"ab")),
+            Output::Gap(5),
+            Output::Stdout(Bytes::from_static(b"cd")),
+            Output::Exit(ExitStatus::Code(0)),
+        ]),
+    );
+    run(async {
+        let mut conn = ws::connect(&api, "/v1/containers/holey/attach")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut reason = None;
+        while let Some(msg) = conn.ws.next().await {
+            match msg.unwrap() {
+                Message::Binary(b) => match k8s::parse_server(conn.protocol, &b).unwrap() {
+                    ServerFrame::Stdout(d) => out.extend_from_slice(&d),
+                    other => panic!("{other:?}"),
+                },
+                Message::Close(f) => reason = f.map(|f| (u16::from(f.code), f.reason.to_string())),
+                _ => {}
+            }
+        }
+        assert_eq!(out, b"ab", "nothing after the gap");
+        assert_eq!(
+            reason,
+            Some((
+                1011,
+                "5 bytes of output lost at offset 2; resume from=7".into()
+            ))
+        );
+        // Resuming there goes on with the bytes after the gap.
+        let mut conn = ws::connect(&api, "/v1/containers/holey/attach?from=7")
+            .await
+            .unwrap();
+        assert_eq!(conn.offset, Some(7));
+        let (out, _, status, close) = drain(&mut conn).await;
+        assert_eq!((&out[..], close), (&b"cd"[..], Some(1000)));
+        assert!(status.is_some());
+        // logs aborts its body at the gap.
+        let resp = api
+            .request(hyper::Method::GET, "/v1/containers/holey/logs")
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-tether-offset"], "0");
+        let mut body = resp.into_body();
+        let mut got = Vec::new();
+        let broke = loop {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                Some(Ok(f)) => got.extend_from_slice(f.data_ref().map(|d| &d[..]).unwrap_or(b"")),
+                Some(Err(_)) => break true,
+                None => break false,
+            }
+        };
+        assert!(broke, "the body must not end cleanly");
+        assert_eq!(got, b"ab");
+    });
+}

@@ -18,7 +18,9 @@ use bytes::Bytes;
 use futures_lite::future;
 use smol::Timer;
 
-use crate::api_types::{ApiError, AttachOptions, ContainerView, ExecOptions, ExitStatus, Output};
+use crate::api_types::{
+    ApiError, AttachOptions, ContainerView, ExecOptions, ExitStatus, LogsOptions, Output,
+};
 use crate::appliance::{Appliance, Attachment};
 use crate::http::backend::{Backend, Session};
 use request::{CreateRequest, Created, NodeView, Removed, StopReply};
@@ -172,9 +174,9 @@ impl Backend for Node {
         Ok(NodeSession::new(inner, watch))
     }
 
-    async fn logs(&self, id: &str, from: u64, follow: bool) -> Result<NodeSession, ApiError> {
+    async fn logs(&self, id: &str, options: LogsOptions) -> Result<NodeSession, ApiError> {
         let watch = self.watch(id);
-        let inner = self.appliance.logs(id, from, follow).await?;
+        let inner = self.appliance.logs(id, options).await?;
         Ok(NodeSession::new(inner, watch))
     }
 
@@ -199,7 +201,22 @@ impl Backend for Node {
     }
 
     async fn remove(&self, id: &str, force: bool) -> Result<Removed, ApiError> {
-        self.vms()?.remove(id, force).await
+        let vm = match &self.vms {
+            Some(vms) => vms.remove(id, force).await,
+            None => Err(ApiError::NotFound(id.to_owned())),
+        };
+        match vm {
+            // Not a VM: a container a guest of its own serves, whose
+            // records and output the state directory holds.
+            Err(ApiError::NotFound(_)) if self.appliance.remove_stored(id)? => {
+                self.appliance.forget(id);
+                Ok(Removed {
+                    id: id.to_owned(),
+                    killed: false,
+                })
+            }
+            other => other,
+        }
     }
 
     async fn node(&self) -> Result<NodeView, ApiError> {

@@ -1,0 +1,368 @@
+//! Output served from the store: `logs` (with timestamps, `since`, `tail`,
+//! `follow`) whether or not the guest is still there, and the output of an
+//! attach.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_channel::Sender;
+use bytes::{Bytes, BytesMut};
+
+use crate::api_types::{ApiError, ExitStatus, LogsOptions, Output};
+use crate::appliance::Attachment;
+use crate::registry::Shared;
+use crate::store::{Frame, FrameKind, OutputLog, Reader, Store, lock};
+
+/// Output items buffered between the disk reader and the client.
+const QUEUE: usize = 16;
+
+fn internal(id: &str, e: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("reading the stored output of {id}: {e}"))
+}
+
+/// A `since` value: an RFC 3339 time (`2026-12-03T05:00:00Z`, fractions and
+/// a space instead of `T` allowed), or a duration meaning that long before
+/// `now` (`10m`, `1h30m`, or seconds).
+pub fn parse_since(v: &str, now: SystemTime) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(v) {
+        return Ok(t);
+    }
+    crate::http::query::parse_duration(v)
+        .and_then(|d| now.checked_sub(d))
+        .ok_or_else(|| {
+            format!("since={v:?} is neither an RFC 3339 time (2026-12-03T05:00:00Z) nor a duration (10m)")
+        })
+}
+
+/// The offset where the last `n` lines start (a final line without its
+/// newline counts as a line).
+pub fn tail_start(log: &OutputLog, n: usize) -> std::io::Result<u64> {
+    let end = log.end();
+    let mut reader = log.reader(log.start());
+    let mut starts: VecDeque<u64> = VecDeque::new();
+    starts.push_back(reader.offset());
+    while let Some(frame) = reader.next_frame()? {
+        if frame.kind == FrameKind::Gap {
+            continue;
+        }
+        for (i, _) in frame.data.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            starts.push_back(frame.offset + i as u64 + 1);
+            if starts.len() > n + 1 {
+                starts.pop_front();
+            }
+        }
+    }
+    if starts.back() == Some(&end) {
+        starts.pop_back();
+    }
+    while starts.len() > n {
+        starts.pop_front();
+    }
+    Ok(starts.front().copied().unwrap_or(end))
+}
+
+/// Prefixes every line with the time its first byte was received.
+#[derive(Default)]
+struct Stamper {
+    /// Per stream (stdout, stderr): whether the next byte starts a line.
+    mid_line: [bool; 2],
+}
+
+impl Stamper {
+    fn stamp(&mut self, frame: &Frame) -> Bytes {
+        let i = usize::from(frame.kind == FrameKind::Stderr);
+        let stamp = humantime::format_rfc3339_nanos(frame.time).to_string();
+        let mut out = BytesMut::with_capacity(frame.data.len() + 40);
+        for line in frame.data.split_inclusive(|b| *b == b'\n') {
+            if !self.mid_line[i] {
+                out.extend_from_slice(stamp.as_bytes());
+                out.extend_from_slice(b" ");
+            }
+            out.extend_from_slice(line);
+            self.mid_line[i] = line.last() != Some(&b'\n');
+        }
+        out.freeze()
+    }
+}
+
+/// Reads stored frames into output items for a logs request.
+struct Producer {
+    store: Arc<Store>,
+    id: String,
+    log: Arc<Mutex<OutputLog>>,
+    reader: Reader,
+    options: LogsOptions,
+    /// Without follow: stop here.
+    end_at: Option<u64>,
+    stamper: Stamper,
+}
+
+impl Producer {
+    /// The next frame wanted (after `since`), if stored yet.
+    fn next_frame(&mut self) -> std::io::Result<Option<Frame>> {
+        loop {
+            if self.end_at.is_some_and(|end| self.reader.offset() >= end) {
+                return Ok(None);
+            }
+            let Some(mut frame) = self.reader.next_frame()? else {
+                return Ok(None);
+            };
+            if let Some(end) = self.end_at
+                && frame.offset + frame.len > end
+            {
+                frame.len = end - frame.offset;
+                if frame.kind != FrameKind::Gap {
+                    frame.data = frame.data.slice(..frame.len as usize);
+                }
+            }
+            if self.options.since.is_some_and(|since| frame.time < since) {
+                continue;
+            }
+            return Ok(Some(frame));
+        }
+    }
+
+    fn output(&mut self, frame: &Frame) -> Output {
+        let data = if self.options.timestamps {
+            self.stamper.stamp(frame)
+        } else {
+            frame.data.clone()
+        };
+        match frame.kind {
+            FrameKind::Stdout => Output::Stdout(data),
+            FrameKind::Stderr => Output::Stderr(data),
+            FrameKind::Gap => Output::Gap(frame.len),
+        }
+    }
+
+    /// The exit status once everything of an exited container was sent.
+    fn finished(&self) -> Option<ExitStatus> {
+        let record = self.store.record(&self.id)?;
+        let end = lock(&self.log).end();
+        if record.state != "exited" || self.reader.offset() < record.output_end.min(end) {
+            return None;
+        }
+        Some(match record.exit_signal {
+            Some(name) => ExitStatus::Signal {
+                name,
+                core_dumped: false,
+            },
+            None => ExitStatus::Code(record.exit_code.unwrap_or(0)),
+        })
+    }
+
+    async fn run(mut self, first: Option<Frame>, out: Sender<Output>) {
+        if let Some(frame) = first
+            && out.send(self.output(&frame)).await.is_err()
+        {
+            return;
+        }
+        loop {
+            let listener = self.store.changed.listen();
+            match self.next_frame() {
+                Ok(Some(frame)) => {
+                    if out.send(self.output(&frame)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(None) if !self.options.follow => return,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(container = %self.id, "reading its stored output: {e}");
+                    return;
+                }
+            }
+            if let Some(exit) = self.finished() {
+                let _ = out.send(Output::Exit(exit)).await;
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// `logs` from the store. The stream starts at the first stored byte at or
+/// after `options.from` (a leading gap is folded into the start offset).
+pub(crate) fn from_store(
+    shared: &Arc<Shared>,
+    store: &Arc<Store>,
+    id: &str,
+    options: LogsOptions,
+) -> Result<Attachment, ApiError> {
+    let record = store
+        .record(id)
+        .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+    let log = store.log(id).map_err(|e| internal(id, e))?;
+    let (reader, end) = {
+        let log = lock(&log);
+        let mut from = options.from.max(log.start());
+        if let Some(n) = options.tail {
+            from = from.max(tail_start(&log, n).map_err(|e| internal(id, e))?);
+        }
+        (log.reader(from), log.end())
+    };
+    let end_at = (!options.follow).then_some(end);
+    let mut start = reader.offset();
+    let mut producer = Producer {
+        store: store.clone(),
+        id: id.to_owned(),
+        log,
+        reader,
+        options,
+        end_at,
+        stamper: Stamper::default(),
+    };
+    // Leading gaps (output rotated away or lost before it was stored) move
+    // the start instead of interrupting the stream.
+    let first = loop {
+        match producer.next_frame().map_err(|e| internal(id, e))? {
+            Some(f) if f.kind == FrameKind::Gap => start = f.offset + f.len,
+            Some(f) => {
+                start = f.offset;
+                break Some(f);
+            }
+            None => {
+                start = start.max(producer.reader.offset());
+                break None;
+            }
+        }
+    };
+    let (tx, rx) = async_channel::bounded(QUEUE);
+    smol::spawn(producer.run(first, tx)).detach();
+    Ok(Attachment::fed(shared.clone(), id, record.tty, start, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::store::Limits;
+
+    #[test]
+    fn since_is_a_time_or_a_duration_ago() {
+        let now = UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(
+            parse_since("10s", now),
+            Ok(UNIX_EPOCH + Duration::from_secs(990))
+        );
+        assert_eq!(
+            parse_since("1970-01-01T00:01:00Z", now),
+            Ok(UNIX_EPOCH + Duration::from_secs(60))
+        );
+        assert!(
+            parse_since("yesterday", now)
+                .unwrap_err()
+                .contains("since=\"yesterday\"")
+        );
+    }
+
+    #[test]
+    fn tail_counts_lines_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = OutputLog::open(dir.path(), Limits::default()).unwrap();
+        let t = UNIX_EPOCH;
+        log.append(FrameKind::Stdout, t, b"one\ntw").unwrap();
+        log.append(FrameKind::Stderr, t, b"o\nthree\n").unwrap();
+        assert_eq!(tail_start(&log, 1).unwrap(), 8);
+        assert_eq!(tail_start(&log, 2).unwrap(), 4);
+        assert_eq!(tail_start(&log, 9).unwrap(), 0);
+        assert_eq!(tail_start(&log, 0).unwrap(), log.end());
+        log.append(FrameKind::Stdout, t, b"partial").unwrap();
+        assert_eq!(
+            tail_start(&log, 1).unwrap(),
+            14,
+            "a last line without newline counts"
+        );
+    }
+
+    #[test]
+    fn timestamps_start_every_line_of_each_stream() {
+        let t = UNIX_EPOCH + Duration::from_secs(1);
+        let frame = |kind, data: &'static [u8]| Frame {
+            kind,
+            time: t,
+            offset: 0,
+            len: data.len() as u64,
+            data: Bytes::from_static(data),
+        };
+        let mut s = Stamper::default();
+        let ts = "1970-01-01T00:00:01.000000000Z";
+        assert_eq!(
+            s.stamp(&frame(FrameKind::Stdout, b"a\nb")),
+            format!("{ts} a\n{ts} b")
+        );
+        assert_eq!(
+            s.stamp(&frame(FrameKind::Stderr, b"e\n")),
+            format!("{ts} e\n")
+        );
+        assert_eq!(
+            s.stamp(&frame(FrameKind::Stdout, b"c\n")),
+            "c\n",
+            "stdout was mid-line"
+        );
+    }
+
+    #[test]
+    fn a_stored_exit_by_signal_comes_back_as_the_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let record = crate::store::Record {
+            id: "web".into(),
+            kind: "primary".into(),
+            state: "exited".into(),
+            exit_code: Some(143),
+            output_end: 0,
+            tty: false,
+            guest_key: None,
+            exit_signal: Some("TERM".into()),
+        };
+        store.save_record(&record).unwrap();
+        let log = store.log("web").unwrap();
+        let reader = lock(&log).reader(0);
+        let p = Producer {
+            store: store.clone(),
+            id: "web".into(),
+            log,
+            reader,
+            options: LogsOptions::default(),
+            end_at: None,
+            stamper: Stamper::default(),
+        };
+        let exit = p.finished().unwrap();
+        assert_eq!(exit.code(), 143);
+        assert!(matches!(exit, ExitStatus::Signal { ref name, .. } if name == "TERM"));
+    }
+
+    #[test]
+    fn since_and_the_end_bound_what_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let log = store.log("web").unwrap();
+        let at = |s| UNIX_EPOCH + Duration::from_secs(s);
+        lock(&log)
+            .append(FrameKind::Stdout, at(10), b"old\n")
+            .unwrap();
+        lock(&log)
+            .append(FrameKind::Stdout, at(20), b"new\n")
+            .unwrap();
+        let reader = lock(&log).reader(0);
+        let mut p = Producer {
+            store: store.clone(),
+            id: "web".into(),
+            log: log.clone(),
+            reader,
+            options: LogsOptions {
+                since: Some(at(15)),
+                ..Default::default()
+            },
+            end_at: Some(6),
+            stamper: Stamper::default(),
+        };
+        let f = p.next_frame().unwrap().unwrap();
+        assert_eq!((f.offset, &f.data[..]), (4, &b"ne"[..]));
+        assert!(p.next_frame().unwrap().is_none());
+    }
+}
