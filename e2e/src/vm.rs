@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::fixtures::binary;
+use crate::fixtures::{binary, guest_binary};
 use crate::harness::{ChildGuard, Procs};
 use crate::peers::free_port;
 
@@ -42,7 +42,7 @@ fn find_files() -> Result<VmFiles, String> {
     let mut cmd = Command::new(&script);
     cmd.arg("--no-install")
         .arg("--tether")
-        .arg(binary("tether"));
+        .arg(guest_binary());
     let out = cmd
         .stdin(Stdio::null())
         .output()

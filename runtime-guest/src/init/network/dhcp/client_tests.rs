@@ -38,7 +38,7 @@ fn bound(t0: Instant, lease: u32) -> Client {
     let mut c = Client::new(MAC, Some("box".into()), 7, t0);
     let discover = decode(&c.poll_transmit().expect("a DISCOVER at once"));
     assert_eq!(discover.message_type(), Some(MessageType::Discover));
-    assert!(discover.flags().broadcast(), "replies must be broadcast");
+    assert!(discover.broadcast, "replies must be broadcast");
     c.handle_packet(&reply(&discover, MessageType::Offer, lease), t0);
     let request = decode(&c.poll_transmit().expect("a REQUEST"));
     assert_eq!(request.message_type(), Some(MessageType::Request));
