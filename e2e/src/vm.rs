@@ -40,9 +40,7 @@ fn find_files() -> Result<VmFiles, String> {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-initramfs");
     let mut cmd = Command::new(&script);
-    cmd.arg("--no-install")
-        .arg("--tether")
-        .arg(guest_binary());
+    cmd.arg("--no-install").arg("--tether").arg(guest_binary());
     let out = cmd
         .stdin(Stdio::null())
         .output()

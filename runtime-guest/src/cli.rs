@@ -106,7 +106,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
             Some(v) if v.to_string_lossy().starts_with("--") && !text.contains('=') => {
                 return Err(UsageError::missing_value(name));
             }
-            Some(v) if v.len() > 1 && v.to_string_lossy().starts_with('-') && !text.contains('=') => {
+            Some(v)
+                if v.len() > 1 && v.to_string_lossy().starts_with('-') && !text.contains('=') =>
+            {
                 return Err(UsageError::unexpected(&v.to_string_lossy()));
             }
             Some(v) if !(v.is_empty() && name == "config") => v,
@@ -178,13 +180,21 @@ mod tests {
         assert!(err(&["--config"]).starts_with(
             "error: a value is required for '--config <CONFIG>' but none was supplied"
         ));
-        assert!(err(&["--config="]).starts_with("error: a value is required for '--config <CONFIG>'"));
+        assert!(
+            err(&["--config="]).starts_with("error: a value is required for '--config <CONFIG>'")
+        );
         assert!(err(&["--link"]).starts_with("error: a value is required for '--link <LINK>'"));
         assert_eq!(parse_str(&["--link", ""]), Ok(run(None, Some(""))));
-        assert!(err(&["--config", "--link", "x"]).starts_with("error: a value is required for '--config <CONFIG>'"));
+        assert!(
+            err(&["--config", "--link", "x"])
+                .starts_with("error: a value is required for '--config <CONFIG>'")
+        );
         assert!(err(&["--link", "-5"]).starts_with("error: unexpected argument '-5' found"));
-        assert!(err(&["--config", "a", "--config", "b"])
-            .starts_with("error: the argument '--config <CONFIG>' cannot be used multiple times"));
+        assert!(
+            err(&["--config", "a", "--config", "b"]).starts_with(
+                "error: the argument '--config <CONFIG>' cannot be used multiple times"
+            )
+        );
         assert!(err(&["--link=a", "--link", "b"]).contains("'--link <LINK>' cannot be used"));
         for e in [err(&["--bogus"]), err(&["--config"])] {
             assert!(e.ends_with("For more information, try '--help'."), "{e}");

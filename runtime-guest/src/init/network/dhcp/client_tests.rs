@@ -43,10 +43,7 @@ fn bound(t0: Instant, lease: u32) -> Client {
     let request = decode(&c.poll_transmit().expect("a REQUEST"));
     assert_eq!(request.message_type(), Some(MessageType::Request));
     assert_eq!(request.xid, discover.xid);
-    assert_eq!(
-        request.ipv4(code::REQUESTED_IP_ADDRESS),
-        Some(OURS)
-    );
+    assert_eq!(request.ipv4(code::REQUESTED_IP_ADDRESS), Some(OURS));
     c.handle_packet(&reply(&request, MessageType::Ack, lease), t0);
     c
 }

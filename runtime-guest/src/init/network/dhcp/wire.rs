@@ -196,7 +196,9 @@ impl Message {
         if cookie != MAGIC_COOKIE {
             return Err(DecodeError::NoCookie);
         }
-        let be32 = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+        let be32 = |at: usize| {
+            u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
         let mut chaddr = [0; 16];
         chaddr.copy_from_slice(&header[28..44]);
         let mut m = Message {

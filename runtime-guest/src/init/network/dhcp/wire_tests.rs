@@ -19,7 +19,10 @@ fn encodes_the_header_cookie_options_and_padding() {
     assert_eq!(&b[12..16], &[10, 0, 0, 9]);
     assert_eq!(&b[28..34], &MAC);
     assert_eq!(&b[236..240], &[99, 130, 83, 99]);
-    assert_eq!(&b[240..251], &[53, 1, 3, 12, 3, b'b', b'o', b'x', 255, 0, 0]);
+    assert_eq!(
+        &b[240..251],
+        &[53, 1, 3, 12, 3, b'b', b'o', b'x', 255, 0, 0]
+    );
     assert_eq!(Message::decode(&b), Ok(m));
 }
 
@@ -31,7 +34,10 @@ fn typed_getters_check_lengths() {
     m.set(code::ADDRESS_LEASE_TIME, 3600u32.to_be_bytes());
     m.set(code::DOMAIN_NAME_SERVER, [1, 2, 3]);
     m.set(code::MESSAGE_TYPE, [MessageType::Ack as u8]);
-    assert_eq!(m.ipv4(code::SUBNET_MASK), Some(Ipv4Addr::new(255, 255, 255, 0)));
+    assert_eq!(
+        m.ipv4(code::SUBNET_MASK),
+        Some(Ipv4Addr::new(255, 255, 255, 0))
+    );
     assert_eq!(m.ipv4(code::ROUTER), None);
     assert_eq!(
         m.ipv4_list(code::ROUTER),
@@ -52,7 +58,14 @@ fn long_options_are_split_and_joined() {
     let b = m.encode();
     assert_eq!(&b[240..242], &[12, 255]);
     assert_eq!(&b[240 + 257..240 + 259], &[12, 45]);
-    assert_eq!(Message::decode(&b).unwrap().get(code::HOSTNAME).unwrap().len(), 300);
+    assert_eq!(
+        Message::decode(&b)
+            .unwrap()
+            .get(code::HOSTNAME)
+            .unwrap()
+            .len(),
+        300
+    );
 }
 
 #[test]
@@ -64,7 +77,10 @@ fn bad_packets_are_errors() {
     assert_eq!(Message::decode(&no_cookie), Err(DecodeError::NoCookie));
     let mut truncated = good[..240].to_vec();
     truncated.extend_from_slice(&[54, 4, 10, 0]);
-    assert_eq!(Message::decode(&truncated), Err(DecodeError::TruncatedOption(54)));
+    assert_eq!(
+        Message::decode(&truncated),
+        Err(DecodeError::TruncatedOption(54))
+    );
     // Without an END the options simply run to the end of the packet.
     truncated.extend_from_slice(&[0, 1]);
     assert_eq!(
