@@ -39,12 +39,13 @@ vm_prepare() {
     fi
   fi
   cargo build --release --quiet -p runtime-guest -p runtime-appliance
+  cargo build --profile guest --quiet -p runtime-guest
   if [ -n "$need" ]; then
     VM_UNAVAILABLE="missing Debian packages: $need (apt-get install $need, as root)"
     return 0
   fi
   local files
-  if ! files="$(scripts/build-initramfs --no-install --tether target/release/tether)"; then
+  if ! files="$(scripts/build-initramfs --no-install --tether target/guest/tether)"; then
     VM_UNAVAILABLE="scripts/build-initramfs failed"
     return 0
   fi

@@ -32,6 +32,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The `tether` a VM boots: the guest profile's smaller build
+/// (`target/guest/tether`, which scripts/test builds) when it is at least as
+/// new as the release build, else the release build.
+pub fn guest_binary() -> PathBuf {
+    let release = binary("tether");
+    let small = release
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("guest").join("tether"));
+    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    match small {
+        Some(small) if modified(&small) >= modified(&release) => small,
+        _ => release,
+    }
+}
+
 /// A key from a seed, so tests are reproducible.
 pub fn key(seed: u8) -> PrivateKey {
     PrivateKey::from_seed([seed; 32])

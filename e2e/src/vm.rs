@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::api::ApiEndpoint;
-use crate::fixtures::binary;
+use crate::fixtures::{binary, guest_binary};
 use crate::harness::{ChildGuard, Procs};
 use crate::peers::free_port;
 
@@ -40,9 +40,7 @@ fn find_files() -> Result<VmFiles, String> {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-initramfs");
     let mut cmd = Command::new(&script);
-    cmd.arg("--no-install")
-        .arg("--tether")
-        .arg(binary("tether"));
+    cmd.arg("--no-install").arg("--tether").arg(guest_binary());
     let out = cmd
         .stdin(Stdio::null())
         .output()

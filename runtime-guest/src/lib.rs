@@ -15,6 +15,7 @@
 //!   primary exits. It never returns: a fatal error goes to the console and
 //!   the link, then the VM powers off.
 
+pub mod cli;
 pub mod config;
 pub mod guest;
 pub mod init;
@@ -35,6 +36,20 @@ use guest::Guest;
 
 /// How long a link has to deliver a fatal error as an SSH DISCONNECT.
 const FATAL_DELIVERY: Duration = Duration::from_secs(2);
+
+/// Which logs are written: `TETHER_LOG` as a comma-separated list of `LEVEL`
+/// and `TARGET=LEVEL` (e.g. `debug` or `info,runtime_guest::serve=trace`);
+/// `info` when unset or not understood. (No span or field filters: that
+/// needs tracing-subscriber's regex-based `EnvFilter`, too big for the guest.)
+pub fn log_filter() -> tracing_subscriber::filter::Targets {
+    parse_log_filter(std::env::var("TETHER_LOG").ok().as_deref())
+}
+
+fn parse_log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    spec.and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO))
+}
 
 /// Runs the guest as an ordinary process until the primary session has exited
 /// and its exit has been reported (or `exit_linger` passed). Returns the
@@ -153,5 +168,26 @@ async fn forward_signals(guest: Rc<Guest>) {
             info!("forwarding SIG{sig} to the primary session");
             guest.forward_to_primary(sig);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_levels_and_targets_and_defaults_to_info() {
+        let f = parse_log_filter(None);
+        assert!(f.would_enable("runtime_guest", &Level::INFO));
+        assert!(!f.would_enable("runtime_guest", &Level::DEBUG));
+        let f = parse_log_filter(Some("debug"));
+        assert!(f.would_enable("neli", &Level::DEBUG));
+        let f = parse_log_filter(Some("warn,runtime_guest::serve=trace"));
+        assert!(f.would_enable("runtime_guest::serve::link", &Level::TRACE));
+        assert!(!f.would_enable("runtime_guest::guest", &Level::INFO));
+        let f = parse_log_filter(Some("runtime_guest=nonsense"));
+        assert!(f.would_enable("runtime_guest", &Level::INFO));
+        assert!(!f.would_enable("runtime_guest", &Level::DEBUG));
     }
 }

@@ -81,6 +81,21 @@ fn find_script() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
+/// The `tether` a VM gets: the one next to `tetherd`, or in a checkout the
+/// smaller build of the guest profile (`target/guest/tether`, see the
+/// workspace Cargo.toml) when it is at least as new.
+fn guest_tether(tetherd: &Path) -> Option<PathBuf> {
+    let sibling = tetherd.with_file_name("tether");
+    let small = tetherd.parent()?.parent()?.join("guest").join("tether");
+    let modified = |p: &Path| p.metadata().ok().filter(|m| m.is_file())?.modified().ok();
+    match (modified(&sibling), modified(&small)) {
+        (Some(a), Some(b)) if b < a => Some(sibling),
+        (_, Some(_)) => Some(small),
+        (Some(_), None) => Some(sibling),
+        (None, None) => None,
+    }
+}
+
 fn run_script(kernel: Option<&Path>) -> Result<BootFiles, String> {
     let script = find_script().ok_or_else(|| {
         format!(
@@ -90,11 +105,7 @@ fn run_script(kernel: Option<&Path>) -> Result<BootFiles, String> {
     })?;
     let mut cmd = Command::new(&script);
     cmd.arg("--no-install");
-    if let Some(tether) = std::env::current_exe()
-        .ok()
-        .map(|e| e.with_file_name("tether"))
-        .filter(|t| t.is_file())
-    {
+    if let Some(tether) = std::env::current_exe().ok().and_then(|e| guest_tether(&e)) {
         cmd.arg("--tether").arg(tether);
     }
     if let Some(kernel) = kernel {
@@ -151,6 +162,25 @@ fn parse_script_output(text: &str) -> Option<BootFiles> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_profile_build_is_taken_when_it_is_as_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let release = dir.path().join("release");
+        let guest = dir.path().join("guest");
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::create_dir_all(&guest).unwrap();
+        let tetherd = release.join("tetherd");
+        assert_eq!(guest_tether(&tetherd), None);
+        std::fs::write(release.join("tether"), "").unwrap();
+        assert_eq!(guest_tether(&tetherd), Some(release.join("tether")));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(guest.join("tether"), "").unwrap();
+        assert_eq!(guest_tether(&tetherd), Some(guest.join("tether")));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(release.join("tether"), "x").unwrap();
+        assert_eq!(guest_tether(&tetherd), Some(release.join("tether")));
+    }
 
     #[test]
     fn script_output_and_versions() {

@@ -7,6 +7,9 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
 const CONSOLE: &str = "/dev/console";
 
 fn open_console() -> io::Result<File> {
@@ -75,12 +78,10 @@ impl Write for ConsoleWriter {
 /// as an environment variable).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
         .with_writer(|| ConsoleWriter)
         .with_ansi(false)
+        .finish()
+        .with(crate::log_filter())
         .try_init();
 }
 

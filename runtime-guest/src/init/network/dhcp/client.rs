@@ -8,11 +8,10 @@ use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
-use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
+use super::wire::{BOOT_REPLY, BOOT_REQUEST, Message, MessageType, code};
 use crate::init::network::spec::MacAddr;
 
 /// The first retransmission interval; it doubles up to `MAX_BACKOFF`. Shorter
@@ -276,26 +275,25 @@ impl Client {
 
     /// Takes a packet received on port 68; anything not for us is ignored.
     pub fn handle_packet(&mut self, bytes: &[u8], now: Instant) {
-        let Ok(msg) = Message::decode(&mut Decoder::new(bytes)) else {
+        let Ok(msg) = Message::decode(bytes) else {
             return;
         };
-        if msg.opcode() != Opcode::BootReply || msg.chaddr().get(..6) != Some(&self.mac.0[..]) {
+        if msg.op != BOOT_REPLY || msg.chaddr[..6] != self.mac.0 {
             return;
         }
-        let Some(kind) = msg.opts().msg_type() else {
+        let Some(kind) = msg.message_type() else {
             return;
         };
         match (self.state.clone(), kind) {
-            (State::Selecting { xid, started, .. }, MessageType::Offer) if msg.xid() == xid => {
-                let server = match msg.opts().get(OptionCode::ServerIdentifier) {
-                    Some(DhcpOption::ServerIdentifier(s)) => *s,
-                    _ => return, // RFC 2131: an offer must name its server
+            (State::Selecting { xid, started, .. }, MessageType::Offer) if msg.xid == xid => {
+                let Some(server) = msg.ipv4(code::SERVER_IDENTIFIER) else {
+                    return; // RFC 2131: an offer must name its server
                 };
-                if msg.yiaddr().is_unspecified() {
+                if msg.yiaddr.is_unspecified() {
                     return;
                 }
                 let offer = Box::new(Offer {
-                    address: msg.yiaddr(),
+                    address: msg.yiaddr,
                     server,
                 });
                 self.send_request_selecting(xid, started, &offer, now);
@@ -307,7 +305,7 @@ impl Client {
                     tries: 1,
                 };
             }
-            (State::Requesting { xid, started, .. }, MessageType::Ack) if msg.xid() == xid => {
+            (State::Requesting { xid, started, .. }, MessageType::Ack) if msg.xid == xid => {
                 if let Some(lease) = lease_from(&msg, started, None) {
                     self.lease = Some(lease.clone());
                     self.state = State::Bound;
@@ -317,7 +315,7 @@ impl Client {
             (
                 State::Renewing { xid, started, .. } | State::Rebinding { xid, started, .. },
                 MessageType::Ack,
-            ) if msg.xid() == xid => {
+            ) if msg.xid == xid => {
                 let Some(lease) = lease_from(&msg, started, self.lease.as_ref()) else {
                     return;
                 };
@@ -339,7 +337,7 @@ impl Client {
                 | State::Renewing { xid, .. }
                 | State::Rebinding { xid, .. },
                 MessageType::Nak,
-            ) if msg.xid() == xid => {
+            ) if msg.xid == xid => {
                 if let Some(l) = self.lease.take() {
                     self.events.push_back(Event::Lost(l));
                 }
@@ -350,34 +348,28 @@ impl Client {
     }
 
     fn base(&self, xid: u32, kind: MessageType, started: Instant, now: Instant) -> Message {
-        let unspecified = Ipv4Addr::UNSPECIFIED;
-        let mut m = Message::new_with_id(
-            xid,
-            unspecified,
-            unspecified,
-            unspecified,
-            unspecified,
-            &self.mac.0,
-        );
+        let mut m = Message::new(BOOT_REQUEST, xid, &self.mac.0);
         let secs = now.saturating_duration_since(started).as_secs();
-        m.set_secs(u16::try_from(secs).unwrap_or(u16::MAX));
-        let opts = m.opts_mut();
-        opts.insert(DhcpOption::MessageType(kind));
+        m.secs = u16::try_from(secs).unwrap_or(u16::MAX);
+        m.set(code::MESSAGE_TYPE, [kind as u8]);
         let mut id = vec![1u8]; // hardware type: Ethernet
         id.extend_from_slice(&self.mac.0);
-        opts.insert(DhcpOption::ClientIdentifier(id));
-        opts.insert(DhcpOption::MaxMessageSize(1500));
-        opts.insert(DhcpOption::ParameterRequestList(vec![
-            OptionCode::SubnetMask,
-            OptionCode::Router,
-            OptionCode::DomainNameServer,
-            OptionCode::DomainName,
-            OptionCode::AddressLeaseTime,
-            OptionCode::Renewal,
-            OptionCode::Rebinding,
-        ]));
+        m.set(code::CLIENT_IDENTIFIER, id);
+        m.set(code::MAX_MESSAGE_SIZE, 1500u16.to_be_bytes());
+        m.set(
+            code::PARAMETER_REQUEST_LIST,
+            [
+                code::SUBNET_MASK,
+                code::ROUTER,
+                code::DOMAIN_NAME_SERVER,
+                code::DOMAIN_NAME,
+                code::ADDRESS_LEASE_TIME,
+                code::RENEWAL_TIME,
+                code::REBINDING_TIME,
+            ],
+        );
         if let Some(h) = &self.hostname {
-            opts.insert(DhcpOption::Hostname(h.clone()));
+            m.set(code::HOSTNAME, h.as_bytes());
         }
         m
     }
@@ -385,17 +377,15 @@ impl Client {
     fn send_discover(&mut self, xid: u32, started: Instant, now: Instant) {
         let mut m = self.base(xid, MessageType::Discover, started, now);
         // Ask for broadcast replies: we cannot receive unicast before we have the address.
-        m.set_flags(Flags::default().set_broadcast());
+        m.broadcast = true;
         self.queue(Transmit::Broadcast, m);
     }
 
     fn send_request_selecting(&mut self, xid: u32, started: Instant, offer: &Offer, now: Instant) {
         let mut m = self.base(xid, MessageType::Request, started, now);
-        m.set_flags(Flags::default().set_broadcast());
-        m.opts_mut()
-            .insert(DhcpOption::RequestedIpAddress(offer.address));
-        m.opts_mut()
-            .insert(DhcpOption::ServerIdentifier(offer.server));
+        m.broadcast = true;
+        m.set(code::REQUESTED_IP_ADDRESS, offer.address.octets());
+        m.set(code::SERVER_IDENTIFIER, offer.server.octets());
         self.queue(Transmit::Broadcast, m);
     }
 
@@ -409,7 +399,7 @@ impl Client {
         now: Instant,
     ) {
         let mut m = self.base(xid, MessageType::Request, started, now);
-        m.set_ciaddr(lease.address);
+        m.ciaddr = lease.address;
         match server {
             Some(s) => self.queue(|b| Transmit::Unicast(s, b), m),
             None => self.queue(Transmit::Broadcast, m),
@@ -417,14 +407,7 @@ impl Client {
     }
 
     fn queue(&mut self, to: impl FnOnce(Vec<u8>) -> Transmit, m: Message) {
-        let mut buf = Vec::with_capacity(576);
-        if m.encode(&mut Encoder::new(&mut buf)).is_ok() {
-            // Some servers drop BOOTP packets shorter than the classic 300 bytes.
-            if buf.len() < 300 {
-                buf.resize(300, 0);
-            }
-            self.transmits.push_back(to(buf));
-        }
+        self.transmits.push_back(to(m.encode()));
     }
 }
 
@@ -435,13 +418,12 @@ fn half_until(now: Instant, t: Instant) -> Duration {
 
 /// The lease an ACK grants; `old` fills in what a renewal ACK may leave out.
 fn lease_from(msg: &Message, start: Instant, old: Option<&Lease>) -> Option<Lease> {
-    let address = msg.yiaddr();
+    let address = msg.yiaddr;
     if address.is_unspecified() {
         return None;
     }
-    let opts = msg.opts();
-    let prefix_len = match opts.get(OptionCode::SubnetMask) {
-        Some(DhcpOption::SubnetMask(m)) => u32::from(*m).leading_ones() as u8,
+    let prefix_len = match msg.ipv4(code::SUBNET_MASK) {
+        Some(m) => u32::from(m).leading_ones() as u8,
         _ => match old {
             Some(o) => o.prefix_len,
             // No mask: the classful default, as old clients did.
@@ -452,17 +434,12 @@ fn lease_from(msg: &Message, start: Instant, old: Option<&Lease>) -> Option<Leas
             },
         },
     };
-    let server = match opts.get(OptionCode::ServerIdentifier) {
-        Some(DhcpOption::ServerIdentifier(s)) => *s,
-        _ => old.map(|o| o.server).unwrap_or(msg.siaddr()),
+    let server = match msg.ipv4(code::SERVER_IDENTIFIER) {
+        Some(s) => s,
+        None => old.map(|o| o.server).unwrap_or(msg.siaddr),
     };
-    let secs = |code| match opts.get(code) {
-        Some(
-            DhcpOption::AddressLeaseTime(s) | DhcpOption::Renewal(s) | DhcpOption::Rebinding(s),
-        ) => Some(*s),
-        _ => None,
-    };
-    let lease_time = match secs(OptionCode::AddressLeaseTime) {
+    let secs = |code| msg.u32(code);
+    let lease_time = match secs(code::ADDRESS_LEASE_TIME) {
         Some(u32::MAX) => None,
         Some(s) => Some(Duration::from_secs(u64::from(s))),
         None => Some(Duration::from_secs(3600)),
@@ -470,27 +447,23 @@ fn lease_from(msg: &Message, start: Instant, old: Option<&Lease>) -> Option<Leas
     let (t1, t2) = match lease_time {
         None => (None, None),
         Some(l) => {
-            let t1 = secs(OptionCode::Renewal).map(|s| Duration::from_secs(u64::from(s)));
-            let t2 = secs(OptionCode::Rebinding).map(|s| Duration::from_secs(u64::from(s)));
+            let t1 = secs(code::RENEWAL_TIME).map(|s| Duration::from_secs(u64::from(s)));
+            let t2 = secs(code::REBINDING_TIME).map(|s| Duration::from_secs(u64::from(s)));
             let t2 = t2.filter(|t| *t <= l).unwrap_or(l * 7 / 8);
             let t1 = t1.filter(|t| *t <= t2).unwrap_or((l / 2).min(t2));
             (Some(t1), Some(t2))
         }
     };
-    let list = |code| match opts.get(code) {
-        Some(DhcpOption::Router(v) | DhcpOption::DomainNameServer(v)) => v.clone(),
-        _ => Vec::new(),
-    };
-    let domain = match opts.get(OptionCode::DomainName) {
-        Some(DhcpOption::DomainName(d)) => Some(d.trim_end_matches('\0').to_owned()),
-        _ => None,
-    };
+    let domain = msg
+        .get(code::DOMAIN_NAME)
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .map(|d| d.trim_end_matches('\0').to_owned());
     Some(Lease {
         address,
         prefix_len,
         server,
-        routers: list(OptionCode::Router),
-        dns: list(OptionCode::DomainNameServer),
+        routers: msg.ipv4_list(code::ROUTER),
+        dns: msg.ipv4_list(code::DOMAIN_NAME_SERVER),
         domain,
         lease_time,
         t1,

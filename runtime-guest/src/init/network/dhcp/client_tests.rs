@@ -2,6 +2,7 @@
 //! no sleeping.
 
 use super::*;
+use crate::init::network::dhcp::wire::code;
 
 const MAC: MacAddr = MacAddr([0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -11,32 +12,21 @@ fn decode(t: &Transmit) -> Message {
     let bytes = match t {
         Transmit::Broadcast(b) | Transmit::Unicast(_, b) => b,
     };
-    Message::decode(&mut Decoder::new(bytes)).unwrap()
+    Message::decode(bytes).unwrap()
 }
 
 /// A server's reply of `kind` to `req`, granting `OURS` for `lease` seconds.
 fn reply(req: &Message, kind: MessageType, lease: u32) -> Vec<u8> {
-    let mut m = Message::new_with_id(
-        req.xid(),
-        Ipv4Addr::UNSPECIFIED,
-        OURS,
-        SERVER,
-        Ipv4Addr::UNSPECIFIED,
-        &MAC.0,
-    );
-    m.set_opcode(Opcode::BootReply);
-    let o = m.opts_mut();
-    o.insert(DhcpOption::MessageType(kind));
-    o.insert(DhcpOption::ServerIdentifier(SERVER));
-    o.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)));
-    o.insert(DhcpOption::Router(vec![SERVER]));
-    o.insert(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
-        10, 0, 2, 3,
-    )]));
-    o.insert(DhcpOption::AddressLeaseTime(lease));
-    let mut buf = Vec::new();
-    m.encode(&mut Encoder::new(&mut buf)).unwrap();
-    buf
+    let mut m = Message::new(BOOT_REPLY, req.xid, &MAC.0);
+    m.yiaddr = OURS;
+    m.siaddr = SERVER;
+    m.set(code::MESSAGE_TYPE, [kind as u8]);
+    m.set(code::SERVER_IDENTIFIER, SERVER.octets());
+    m.set(code::SUBNET_MASK, [255, 255, 255, 0]);
+    m.set(code::ROUTER, SERVER.octets());
+    m.set(code::DOMAIN_NAME_SERVER, [10, 0, 2, 3]);
+    m.set(code::ADDRESS_LEASE_TIME, lease.to_be_bytes());
+    m.encode()
 }
 
 fn secs(s: u64) -> Duration {
@@ -47,16 +37,13 @@ fn secs(s: u64) -> Duration {
 fn bound(t0: Instant, lease: u32) -> Client {
     let mut c = Client::new(MAC, Some("box".into()), 7, t0);
     let discover = decode(&c.poll_transmit().expect("a DISCOVER at once"));
-    assert_eq!(discover.opts().msg_type(), Some(MessageType::Discover));
-    assert!(discover.flags().broadcast(), "replies must be broadcast");
+    assert_eq!(discover.message_type(), Some(MessageType::Discover));
+    assert!(discover.broadcast, "replies must be broadcast");
     c.handle_packet(&reply(&discover, MessageType::Offer, lease), t0);
     let request = decode(&c.poll_transmit().expect("a REQUEST"));
-    assert_eq!(request.opts().msg_type(), Some(MessageType::Request));
-    assert_eq!(request.xid(), discover.xid());
-    assert_eq!(
-        request.opts().get(OptionCode::RequestedIpAddress),
-        Some(&DhcpOption::RequestedIpAddress(OURS))
-    );
+    assert_eq!(request.message_type(), Some(MessageType::Request));
+    assert_eq!(request.xid, discover.xid);
+    assert_eq!(request.ipv4(code::REQUESTED_IP_ADDRESS), Some(OURS));
     c.handle_packet(&reply(&request, MessageType::Ack, lease), t0);
     c
 }
@@ -102,7 +89,7 @@ fn replies_for_another_transaction_or_client_are_ignored() {
     let mut c = Client::new(MAC, None, 1, t0);
     let discover = decode(&c.poll_transmit().unwrap());
     let mut other = discover.clone();
-    other.set_xid(discover.xid().wrapping_add(1));
+    other.xid = discover.xid.wrapping_add(1);
     c.handle_packet(&reply(&other, MessageType::Offer, 60), t0);
     c.handle_packet(b"not dhcp at all", t0);
     assert_eq!(c.poll_transmit(), None);
@@ -119,9 +106,9 @@ fn renewal_at_t1_is_unicast_to_the_server_and_refreshes_the_lease() {
         panic!("a unicast REQUEST at T1")
     };
     assert_eq!(to, SERVER);
-    let req = Message::decode(&mut Decoder::new(&bytes)).unwrap();
-    assert_eq!(req.ciaddr(), OURS);
-    assert!(req.opts().get(OptionCode::RequestedIpAddress).is_none());
+    let req = Message::decode(&bytes).unwrap();
+    assert_eq!(req.ciaddr, OURS);
+    assert!(req.get(code::REQUESTED_IP_ADDRESS).is_none());
     c.handle_packet(&reply(&req, MessageType::Ack, 20), t0 + secs(11));
     let Some(Event::Renewed(l)) = c.poll_event() else {
         panic!("renewed")
@@ -144,7 +131,7 @@ fn silence_while_renewing_leads_to_rebinding_then_loss_and_rediscovery() {
         while let Some(t) = c.poll_transmit() {
             let kind = match &t {
                 Transmit::Unicast(..) => "renew",
-                Transmit::Broadcast(_) => match decode(&t).opts().msg_type() {
+                Transmit::Broadcast(_) => match decode(&t).message_type() {
                     Some(MessageType::Discover) => "discover",
                     _ => "rebind",
                 },
@@ -187,7 +174,7 @@ fn a_nak_while_renewing_drops_the_lease_and_starts_over() {
     c.handle_packet(&reply(&req, MessageType::Nak, 0), t0 + secs(10));
     assert!(matches!(c.poll_event(), Some(Event::Lost(_))));
     let next = decode(&c.poll_transmit().expect("a new DISCOVER"));
-    assert_eq!(next.opts().msg_type(), Some(MessageType::Discover));
+    assert_eq!(next.message_type(), Some(MessageType::Discover));
 }
 
 #[test]
@@ -199,13 +186,13 @@ fn an_unanswered_request_goes_back_to_discover() {
     let mut kinds = Vec::new();
     for _ in 0..5 {
         while let Some(t) = c.poll_transmit() {
-            kinds.push(decode(&t).opts().msg_type().unwrap());
+            kinds.push(decode(&t).message_type().unwrap());
         }
         let now = c.poll_timeout().unwrap();
         c.handle_timeout(now);
     }
     while let Some(t) = c.poll_transmit() {
-        kinds.push(decode(&t).opts().msg_type().unwrap());
+        kinds.push(decode(&t).message_type().unwrap());
     }
     use MessageType::{Discover, Request};
     assert_eq!(

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod socket;
+pub mod wire;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
