@@ -288,6 +288,21 @@ fn logs_outlive_the_guest_and_a_kill_9_of_tetherd() {
             assert!(time.ends_with('Z') && time.contains('T'), "{line}");
             assert_eq!(rest, word);
         }
+        // The record names the guest that served it, by its pinned host key.
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("state/containers/gone/record.json")).unwrap(),
+        )
+        .unwrap();
+        let known = std::fs::read_to_string(dir.path().join("known-guests")).unwrap();
+        let pinned = known
+            .lines()
+            .find_map(|l| l.strip_prefix("gone "))
+            .and_then(|k| k.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("{known}"));
+        let stored = record["guest_key"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{record}"));
+        assert_eq!(stored.split_whitespace().nth(1), Some(pinned), "{record}");
         // kill -9 tetherd, start it again: the exited container is still
         // listed with its exit code, and its logs are still there.
         drop(s.serve.take());

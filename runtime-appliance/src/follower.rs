@@ -111,7 +111,10 @@ async fn manage(shared: Arc<Shared>, store: Arc<Store>) {
                 store.record(&view.id).unwrap_or_else(|| listed.clone())
             } else {
                 let old = store.record(&view.id);
-                let record = record_of(&view, old.clone());
+                let mut record = record_of(&view, old.clone());
+                if let Some(key) = view.connection.and_then(|g| shared.link_key(g)) {
+                    record.guest_key = Some(key.to_openssh());
+                }
                 if old.as_ref() != Some(&record)
                     && let Err(e) = store.save_record(&record)
                 {

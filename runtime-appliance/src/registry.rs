@@ -190,6 +190,11 @@ impl Shared {
         config
     }
 
+    /// The host key of live link `generation`'s guest, once it authenticated.
+    pub fn link_key(&self, generation: u64) -> Option<PublicKey> {
+        self.lock().claimants.get(&generation).and_then(|c| c.key)
+    }
+
     /// A link is ready to take commands.
     pub fn link_up(&self, generation: u64, commands: Sender<LinkCommand>) {
         self.lock().links.insert(generation, commands);
