@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_channel::Sender;
 use bytes::{Bytes, BytesMut};
@@ -96,7 +96,22 @@ struct Producer {
     /// Without follow: stop here.
     end_at: Option<u64>,
     stamper: Stamper,
+    /// Whether a live guest link serves the container now.
+    served: Served,
+    /// How long a follow waits at the end of the stored output for a
+    /// container no guest serves (its guest went without an exit) before
+    /// it ends the stream instead of waiting forever.
+    unserved_wait: Duration,
 }
+
+/// Asks whether a live guest link serves the container.
+type Served = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How long a follow waits for a container no guest serves: as long as a
+/// client re-attaches after a drop (a guest reconnecting comes back sooner).
+const UNSERVED_WAIT: Duration = Duration::from_secs(60);
+/// How often a follow of an unserved container looks again.
+const UNSERVED_CHECK: Duration = Duration::from_secs(1);
 
 impl Producer {
     /// The next frame wanted (after `since`), if stored yet.
@@ -158,6 +173,7 @@ impl Producer {
         {
             return;
         }
+        let mut unserved_since: Option<Instant> = None;
         loop {
             let listener = self.store.changed.listen();
             match self.next_frame() {
@@ -178,7 +194,21 @@ impl Producer {
                 let _ = out.send(Output::Exit(exit)).await;
                 return;
             }
-            listener.await;
+            if (self.served)() {
+                unserved_since = None;
+                listener.await;
+                continue;
+            }
+            let since = *unserved_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.unserved_wait {
+                tracing::info!(container = %self.id, "no guest serves it and no exit is stored; the stream ends");
+                return;
+            }
+            // Nothing may ever change the store again: look now and then.
+            let tick = async {
+                smol::Timer::after(UNSERVED_CHECK.min(self.unserved_wait)).await;
+            };
+            futures_lite::future::or(listener, tick).await;
         }
     }
 }
@@ -213,6 +243,11 @@ pub(crate) fn from_store(
         options,
         end_at,
         stamper: Stamper::default(),
+        served: {
+            let (shared, id) = (shared.clone(), id.to_owned());
+            Arc::new(move || shared.info(&id).is_some_and(|(_, link)| link.is_some()))
+        },
+        unserved_wait: UNSERVED_WAIT,
     };
     // Leading gaps (output rotated away or lost before it was stored) move
     // the start instead of interrupting the stream.
@@ -236,7 +271,7 @@ pub(crate) fn from_store(
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::UNIX_EPOCH;
 
     use super::*;
     use crate::store::Limits;
@@ -330,6 +365,8 @@ mod tests {
             options: LogsOptions::default(),
             end_at: None,
             stamper: Stamper::default(),
+            served: Arc::new(|| false),
+            unserved_wait: UNSERVED_WAIT,
         };
         let exit = p.finished().unwrap();
         assert_eq!(exit.code(), 143);
@@ -360,9 +397,74 @@ mod tests {
             },
             end_at: Some(6),
             stamper: Stamper::default(),
+            served: Arc::new(|| false),
+            unserved_wait: UNSERVED_WAIT,
         };
         let f = p.next_frame().unwrap().unwrap();
         assert_eq!((f.offset, &f.data[..]), (4, &b"ne"[..]));
         assert!(p.next_frame().unwrap().is_none());
+    }
+
+    /// A follow of a running container whose guest went without an exit
+    /// ends once no guest has served it for the wait; while one does, it
+    /// keeps waiting for output.
+    #[test]
+    fn a_follow_ends_when_no_guest_serves_its_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let record = crate::store::Record {
+            id: "web".into(),
+            kind: "primary".into(),
+            state: "running".into(),
+            exit_code: None,
+            output_end: 3,
+            tty: false,
+            guest_key: None,
+            exit_signal: None,
+        };
+        store.save_record(&record).unwrap();
+        let log = store.log("web").unwrap();
+        lock(&log)
+            .append(FrameKind::Stdout, SystemTime::now(), b"hi\n")
+            .unwrap();
+        let producer = |served: bool| Producer {
+            store: store.clone(),
+            id: "web".into(),
+            log: log.clone(),
+            reader: lock(&log).reader(0),
+            options: LogsOptions {
+                follow: true,
+                ..Default::default()
+            },
+            end_at: None,
+            stamper: Stamper::default(),
+            served: Arc::new(move || served),
+            unserved_wait: Duration::from_millis(300),
+        };
+        smol::block_on(async {
+            // Unserved: the stored output, then the end (no exit).
+            let (tx, rx) = async_channel::bounded(8);
+            let started = Instant::now();
+            producer(false).run(None, tx).await;
+            assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"hi\n"));
+            assert!(rx.recv().await.is_err(), "ended without an exit");
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            // Served: still waiting well past the wait.
+            let (tx, rx) = async_channel::bounded(8);
+            let run = producer(true).run(None, tx);
+            let waited = futures_lite::future::or(
+                async {
+                    run.await;
+                    false
+                },
+                async {
+                    smol::Timer::after(Duration::from_millis(900)).await;
+                    true
+                },
+            )
+            .await;
+            assert!(waited, "a served container's follow ended");
+            drop(rx);
+        });
     }
 }

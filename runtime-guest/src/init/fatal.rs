@@ -25,6 +25,10 @@ static REPORT_LINK: Mutex<Option<LinkSpec>> = Mutex::new(None);
 static DYING: AtomicBool = AtomicBool::new(false);
 /// How long processes have to stop after a fatal error.
 const FATAL_GRACE: Duration = Duration::from_secs(1);
+/// How many times a FATAL frame is written on a serial line, and how far
+/// apart.
+const SERIAL_REPEATS: usize = 3;
+const SERIAL_REPEAT_GAP: Duration = Duration::from_millis(250);
 /// Longest a FATAL frame may take to go out.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -76,8 +80,16 @@ pub fn send_fatal_frame(link: &LinkSpec, reason: &str) -> io::Result<()> {
     match &link.endpoint {
         Endpoint::Serial(path) => {
             let line = crate::linkspec::serial::open(path)?;
-            write_all_within(&line, &frame, SEND_TIMEOUT)?;
-            nix::sys::termios::tcdrain(&line).map_err(io::Error::from)
+            // A serial bridge that is not connected at the moment drops what
+            // is written: say it more than once (docs/PROTOCOL.md 2.1).
+            for n in 0..SERIAL_REPEATS {
+                if n > 0 {
+                    std::thread::sleep(SERIAL_REPEAT_GAP);
+                }
+                write_all_within(&line, &frame, SEND_TIMEOUT)?;
+                nix::sys::termios::tcdrain(&line).map_err(io::Error::from)?;
+            }
+            Ok(())
         }
         Endpoint::Tcp(addr) => {
             use std::net::ToSocketAddrs;
@@ -212,11 +224,12 @@ mod tests {
             Instant::now(),
             Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1)),
         );
-        let mut buf = [0u8; 256];
-        while appliance.fatal().is_none() {
-            let n = master.read(&mut buf).unwrap();
-            appliance.handle_input(Instant::now(), &buf[..n]);
-        }
+        // The frame, said SERIAL_REPEATS times.
+        let frame = proto_core::link::fatal_frame("no root filesystem");
+        let mut got = vec![0u8; frame.len() * SERIAL_REPEATS];
+        master.read_exact(&mut got).unwrap();
+        assert_eq!(got, frame.repeat(SERIAL_REPEATS));
+        appliance.handle_input(Instant::now(), &got);
         assert_eq!(appliance.fatal(), Some("no root filesystem"));
     }
 
