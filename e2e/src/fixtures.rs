@@ -62,6 +62,16 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// This fixture's appliance keeping container output and records in
+    /// `dir/containers` (the default log limits).
+    pub fn appliance_with_store(&self, dir: &std::path::Path) -> Appliance {
+        let limits = runtime_appliance::store::Limits::default();
+        self.appliance
+            .clone()
+            .with_store(&dir.join("containers"), limits)
+            .expect("open the store")
+    }
+
     /// An appliance that trusts any guest host key.
     pub fn new() -> Self {
         Self::with_known(None)

@@ -298,12 +298,7 @@ fn block_output_survives_link_drops_exactly_once_on_disk_and_in_an_attach() {
     with_timeout(limit, |procs| {
         let dir = tempfile::tempdir().unwrap();
         let fx = Fixture::new();
-        let limits = runtime_appliance::store::Limits::default();
-        let appliance = fx
-            .appliance
-            .clone()
-            .with_store(&dir.path().join("containers"), limits)
-            .unwrap();
+        let appliance = fx.appliance_with_store(dir.path());
         let proxy = Proxy::start(fx.addr);
         let mut config = fx.config(
             "drops",

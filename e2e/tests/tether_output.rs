@@ -126,12 +126,7 @@ fn the_guest_stays_until_the_appliance_has_stored_all_output() {
     with_timeout(LIMIT, |procs| {
         let dir = tempfile::tempdir().unwrap();
         let fx = Fixture::new();
-        let limits = runtime_appliance::store::Limits::default();
-        let appliance = fx
-            .appliance
-            .clone()
-            .with_store(&dir.path().join("containers"), limits)
-            .unwrap();
+        let appliance = fx.appliance_with_store(dir.path());
         let mut config = fx.config("brief", &["/bin/sh", "-c", "seq 1 500000; exit 4"]);
         config["sessions"][0]["overflow"] = "block".into();
         let mut guest = Guest::start(&procs, dir.path(), &config);

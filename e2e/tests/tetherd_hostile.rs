@@ -16,12 +16,13 @@
 //! `cargo build --release --bins` first.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use e2e::api::{ApiEndpoint, ReadWrite, TEST_TOKEN};
 use e2e::fixtures::{binary, key};
 use e2e::harness::{ChildGuard, Procs};
 use e2e::peers::{free_port, python_with_asyncssh, write_key_pair};
@@ -47,7 +48,7 @@ struct Tetherd {
     dir: PathBuf,
     sync_port: u16,
     direct_port: u16,
-    api: SocketAddr,
+    api: ApiEndpoint,
     /// Whether this tetherd has the bounds (and the flags that set them).
     bounded: bool,
     child: Option<ChildGuard>,
@@ -59,7 +60,7 @@ impl Tetherd {
             dir: dir.to_owned(),
             sync_port: free_port().unwrap(),
             direct_port: free_port().unwrap(),
-            api: SocketAddr::from(([127, 0, 0, 1], free_port().unwrap())),
+            api: ApiEndpoint::tcp(dir),
             bounded: std::env::var_os("TETHER_HOSTILE_TETHERD").is_none(),
             child: None,
         }
@@ -77,7 +78,6 @@ impl Tetherd {
                 "--listen-direct",
                 &format!("127.0.0.1:{}", self.direct_port),
             ])
-            .args(["--api", &self.api.to_string()])
             .arg("--key")
             .arg(self.dir.join("appliance.key"))
             .arg("--known-guests")
@@ -85,19 +85,17 @@ impl Tetherd {
             .arg("--state-dir")
             .arg(self.dir.join("state"));
         if self.bounded {
-            // A plain-HTTP client on loopback: no token needed for this test.
-            c.arg("--api-no-auth");
+            c.args(self.api.serve_args());
             c.args(["--max-links", "48", "--link-sync-timeout", "2s"])
                 .args(["--max-remembered", "2000", "--guest-request-timeout", "2s"]);
+        } else if let ApiEndpoint::Tcp { addr, .. } = &self.api {
+            // An older tetherd: no token flags, and it takes any request.
+            c.args(["--api", &addr.to_string()]);
         }
         c.stdin(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("tetherd.log")).unwrap());
         self.child = Some(procs.spawn(&mut c).unwrap());
-        let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(self.api).is_err() {
-            assert!(Instant::now() < end, "tetherd serve did not start");
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.api.wait_ready();
     }
 
     fn pid(&mut self) -> u32 {
@@ -120,27 +118,7 @@ impl Tetherd {
 
     /// One HTTP/1.1 request; (status, body).
     fn http(&self, method: &str, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.api).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-            self.api
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw);
-        let resp = String::from_utf8_lossy(&raw).into_owned();
-        let status = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        self.api.http(method, path, &[], "")
     }
 
     fn log(&self) -> String {
@@ -224,12 +202,12 @@ fn wait_state(t: &Tetherd, id: &str, state: &str) -> String {
 }
 
 /// A `logs?follow=1` of `id` whose reader never reads.
-fn stalled_reader(t: &Tetherd, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(t.api).unwrap();
+fn stalled_reader(t: &Tetherd, id: &str) -> Box<dyn ReadWrite> {
+    let mut s = t.api.connect().unwrap();
     write!(
         s,
-        "GET /v1/containers/{id}/logs?follow=1 HTTP/1.1\r\nHost: {}\r\n\r\n",
-        t.api
+        "GET /v1/containers/{id}/logs?follow=1 HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\r\n",
+        t.api.host()
     )
     .unwrap();
     s
@@ -309,7 +287,8 @@ fn hostile_guests_leave_tetherd_bounded_and_other_guests_unaffected() {
         for s in &mut stalled {
             let _ = s.write_all(b"firmware noise, never a HELLO-ACK\r\n");
         }
-        let _readers: Vec<TcpStream> = (0..4).map(|_| stalled_reader(&t, "hostile")).collect();
+        let _readers: Vec<Box<dyn ReadWrite>> =
+            (0..4).map(|_| stalled_reader(&t, "hostile")).collect();
 
         let start = Instant::now();
         // VmRSS seen in the first and in the second half of the attack: a

@@ -17,7 +17,7 @@ use crate::api_types::*;
 pub use crate::attachment::Attachment;
 use crate::attachment::{self, Plan};
 use crate::guestlink::{self, LinkCommand, OpenKind};
-use crate::limits::{Limits, Refusals, guest_answer};
+use crate::limits::{Limits, Refusals};
 use crate::registry::Shared;
 
 /// How long a signal or start request waits for its container by default.
@@ -145,18 +145,8 @@ impl Appliance {
         link: &async_channel::Sender<LinkCommand>,
         id: &str,
     ) -> Result<u64, ApiError> {
-        let (tx, rx) = async_channel::bounded(1);
-        link.send(LinkCommand::List { reply: tx })
-            .await
-            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-        let (limit, refusals) = (
-            self.shared.limits.guest_request_timeout,
-            &self.shared.refusals,
-        );
-        let list = guest_answer(limit, refusals, "a container list", async {
-            rx.recv()
-                .await
-                .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+        let list = guestlink::ask(&self.shared, link, "a container list", |reply| {
+            LinkCommand::List { reply }
         })
         .await?;
         list.iter()

@@ -16,7 +16,7 @@ use proto_core::tether::{Cursor, Delivery};
 use tracing::{debug, info};
 
 use crate::api_types::{ApiError, Output};
-use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
+use crate::guestlink::{self, ChannelEvent, LinkChannel, LinkCommand, OpenKind};
 use crate::limits::guest_answer;
 use crate::registry::Shared;
 use crate::stdin::{QueuedStdin, StdinGauge};
@@ -295,15 +295,9 @@ pub(crate) async fn open_on(
     link: &Sender<LinkCommand>,
     kind: OpenKind,
 ) -> Result<LinkChannel, ApiError> {
-    let (tx, rx) = async_channel::bounded(1);
-    link.send(LinkCommand::Open { kind, reply: tx })
-        .await
-        .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-    let limit = shared.limits.guest_request_timeout;
-    guest_answer(limit, &shared.refusals, "a channel open", async {
-        rx.recv()
-            .await
-            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    guestlink::ask(shared, link, "a channel open", |reply| LinkCommand::Open {
+        kind,
+        reply,
     })
     .await
 }
@@ -468,19 +462,12 @@ pub(crate) async fn control_request(
     timeout: Duration,
 ) -> Result<bool, ApiError> {
     let (_, link) = shared.wait_for(id, timeout).await?;
-    let (tx, rx) = async_channel::bounded(1);
-    link.send(LinkCommand::Control {
-        id: id.to_owned(),
-        request,
-        reply: tx,
-    })
-    .await
-    .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?;
-    let limit = shared.limits.guest_request_timeout;
-    guest_answer(limit, &shared.refusals, "a control request", async {
-        rx.recv()
-            .await
-            .map_err(|_| ApiError::LinkDown("the guest link dropped".into()))?
+    guestlink::ask(shared, &link, "a control request", |reply| {
+        LinkCommand::Control {
+            id: id.to_owned(),
+            request,
+            reply,
+        }
     })
     .await
 }

@@ -130,6 +130,25 @@ impl Chan {
     }
 }
 
+/// Sends `link` the command `command` builds around a reply channel, and
+/// waits for the guest's answer within the guest request timeout (a 503
+/// naming `what` after it).
+pub(crate) async fn ask<T>(
+    shared: &Shared,
+    link: &Sender<LinkCommand>,
+    what: &str,
+    command: impl FnOnce(Reply<T>) -> LinkCommand,
+) -> Result<T, ApiError> {
+    let dropped = || ApiError::LinkDown("the guest link dropped".into());
+    let (tx, rx) = async_channel::bounded(1);
+    link.send(command(tx)).await.map_err(|_| dropped())?;
+    let limit = shared.limits.guest_request_timeout;
+    limits::guest_answer(limit, &shared.refusals, what, async {
+        rx.recv().await.map_err(|_| dropped())?
+    })
+    .await
+}
+
 fn down(why: &str) -> ApiError {
     ApiError::LinkDown(format!("{why}: the guest connection is not ready"))
 }
