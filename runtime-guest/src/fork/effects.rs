@@ -185,7 +185,7 @@ impl fork::Effects for LinuxEffects {
             } => {
                 let net = IpNet::new(*address, *prefix).map_err(|e| e.to_string())?;
                 let rtnl = self.rtnl()?;
-                net::set_static(rtnl, index, &net, gateway.as_ref())
+                net::set_static(rtnl, &l.link, &net, gateway.as_ref())
                     .map_err(|e| format!("{name}: {net}: {e}"))?;
                 info!("fork: {name}: address {net}");
                 Ok(())

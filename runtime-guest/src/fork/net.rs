@@ -58,7 +58,9 @@ pub fn set_mac(rtnl: &mut Rtnl, link: &LinkInfo, mac: MacAddr) -> Result<(), Rtn
 }
 
 /// Deletes the neighbour entries the kernel learnt on `ifindex` (permanent
-/// ones, set by configuration, stay). Returns how many went.
+/// ones, set by configuration, stay). Returns how many went. (A MAC change
+/// already makes the kernel forget IPv4 neighbours; this catches the rest,
+/// and entries learnt since.)
 pub fn flush_neighbours(rtnl: &mut Rtnl, ifindex: u32) -> Result<usize, RtnlError> {
     let req = NdmsgBuilder::default()
         .ndm_family(RtAddrFamily::Unspecified)
@@ -151,12 +153,23 @@ pub fn clear_addresses(
 /// and its default route through `gateway`.
 pub fn set_static(
     rtnl: &mut Rtnl,
-    ifindex: u32,
+    link: &LinkInfo,
     net: &IpNet,
     gateway: Option<&IpAddr>,
 ) -> Result<(), RtnlError> {
-    clear_addresses(rtnl, ifindex, net.addr().is_ipv4(), Some(net))?;
+    let ifindex = link.index;
+    // New first: an interface left with no IPv4 address at all forgets its
+    // neighbours, configured ones included. The new address is a secondary
+    // of the parent's when in the same subnet, and deleting a primary takes
+    // its secondaries along unless they are promoted.
+    if net.addr().is_ipv4() {
+        let knob = format!("/proc/sys/net/ipv4/conf/{}/promote_secondaries", link.name);
+        if let Err(e) = std::fs::write(&knob, "1") {
+            tracing::warn!("fork: {knob}: {e}");
+        }
+    }
     addr::replace_address(rtnl, ifindex, net, Lifetime::Forever)?;
+    clear_addresses(rtnl, ifindex, net.addr().is_ipv4(), Some(net))?;
     if let Some(gw) = gateway {
         let any = match gw {
             IpAddr::V4(_) => IpNet::V4(Default::default()),
