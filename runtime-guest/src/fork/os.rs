@@ -219,6 +219,25 @@ mod tests {
         assert_eq!(t(2026, 12, 3, 9, 5, 39).unix_seconds(), 1_796_288_739);
     }
 
+    /// The ioctl numbers are right: the kernel takes them (root only; the
+    /// host's pool just gets 32 more bytes mixed in).
+    #[test]
+    fn the_random_pool_takes_the_nonce_and_reseeds() {
+        let root = nix::unistd::geteuid().is_root();
+        let check = if root { Ok(()) } else { Err("not root".to_string()) };
+        if e2e::available("random pool reseed test", check).is_none() {
+            return;
+        }
+        reseed("/dev/urandom".as_ref(), Some(&[7; 32])).unwrap();
+        reseed("/dev/urandom".as_ref(), None).unwrap();
+        // Not a random device: the error names the request.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("urandom");
+        std::fs::write(&file, b"").unwrap();
+        let e = reseed(&file, None).unwrap_err();
+        assert!(e.to_string().contains("RNDRESEEDCRNG"), "{e}");
+    }
+
     #[test]
     fn the_kernel_log_is_read_without_waiting() {
         // A regular file stands in for /dev/kmsg: records, then the end.
