@@ -94,11 +94,31 @@ pub struct Guest {
     pub link_backlog: crate::serve::Backlog,
     /// A fatal error (PID 1) the links must report as an SSH DISCONNECT.
     pub fatal: crate::init::fatal::FatalNotice,
+    /// Links with output not yet sent on their attachments (a fork's
+    /// quiesce drains them).
+    pub output_behind: crate::serve::Backlog,
+    /// Drops and holds the links for a fork.
+    pub links: crate::serve::LinkGate,
+    /// VM fork: the identity source and where a fork stands.
+    pub fork: crate::fork::ForkState,
+    /// A forked child's renamed sessions: process key (the id the session
+    /// had when its process was made, which its tasks keep) to its id now.
+    renamed: RefCell<BTreeMap<String, String>>,
 }
 
 impl Guest {
     /// The guest with its configured sessions created (not started).
     pub fn new(config: Config, ex: Rc<LocalExecutor<'static>>) -> Rc<Self> {
+        let fork = crate::fork::ForkState::new(config.fork_backend, crate::init::is_pid1());
+        Self::with_fork(config, ex, fork)
+    }
+
+    /// The guest with a given fork state (tests give their own backend).
+    pub fn with_fork(
+        config: Config,
+        ex: Rc<LocalExecutor<'static>>,
+        fork: crate::fork::ForkState,
+    ) -> Rc<Self> {
         let mut sessions = Sessions::new(&config.id, config.primary().output_buffer);
         let mut procs = BTreeMap::new();
         for s in &config.sessions {
@@ -125,7 +145,102 @@ impl Guest {
             ex,
             link_backlog: Default::default(),
             fatal: Default::default(),
+            output_behind: Default::default(),
+            links: Default::default(),
+            fork,
+            renamed: RefCell::new(BTreeMap::new()),
         })
+    }
+
+    /// The executor the guest runs on.
+    pub fn executor(&self) -> &LocalExecutor<'static> {
+        &self.ex
+    }
+
+    /// The container id (a forked child's, once renamed).
+    pub fn primary_id(&self) -> String {
+        self.sessions.borrow().primary().to_owned()
+    }
+
+    /// The session id now of process key `key` (differs once a forked child
+    /// renamed its sessions).
+    fn sid(&self, key: &str) -> String {
+        self.renamed
+            .borrow()
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| key.to_owned())
+    }
+
+    /// The process key of session `sid`.
+    fn key(&self, sid: &str) -> String {
+        self.renamed
+            .borrow()
+            .iter()
+            .find(|(_, now)| *now == sid)
+            .map_or_else(|| sid.to_owned(), |(key, _)| key.clone())
+    }
+
+    /// The configured session of process key `key`.
+    fn spec_of(&self, key: &str) -> Option<&SessionSpec> {
+        self.config.sessions.iter().find(|s| s.id == key)
+    }
+
+    /// Process groups of sessions whose process runs, with the session id.
+    fn running(&self) -> Vec<(String, Pid)> {
+        self.procs
+            .borrow()
+            .iter()
+            .filter(|(_, p)| p.exit.is_none())
+            .filter_map(|(id, p)| p.pid.map(|pid| (id.clone(), pid)))
+            .collect()
+    }
+
+    /// Sends `signal` to every running session's process group (a fork's
+    /// SIGSTOP and SIGCONT). A group that is gone is no error.
+    pub fn signal_running(&self, signal: Signal) -> std::io::Result<()> {
+        for (id, pid) in self.running() {
+            match process::signal_group(pid, signal) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => {}
+                Err(e) => return Err(std::io::Error::new(e.kind(), format!("{id}: {e}"))),
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each running session that configured a `fork_signal` that
+    /// signal; returns the longest `fork_grace` among them.
+    pub fn send_fork_signals(&self) -> Option<Duration> {
+        let mut grace = None;
+        for (id, pid) in self.running() {
+            let Some((signal, g)) = self
+                .spec_of(&id)
+                .and_then(|s| s.fork_signal.map(|sig| (sig, s.fork_grace)))
+            else {
+                continue;
+            };
+            match process::signal_group(pid, signal) {
+                Ok(()) => grace = grace.max(Some(g)),
+                Err(e) => warn!(session = %id, "cannot send the fork signal SIG{signal}: {e}"),
+            }
+        }
+        grace
+    }
+
+    /// A forked child takes its names: the primary becomes `id`, every other
+    /// session `X` becomes `X-n`.
+    pub fn rename_for_child(&self, id: &str, n: u32) -> Result<(), String> {
+        let renames = self.sessions.borrow_mut().rename_for_child(id, n)?;
+        let keys: Vec<String> = renames.iter().map(|(old, _)| self.key(old)).collect();
+        let mut renamed = self.renamed.borrow_mut();
+        for (key, (_, new)) in keys.into_iter().zip(&renames) {
+            renamed.insert(key, new.clone());
+        }
+        drop(renamed);
+        info!("fork: sessions renamed: {renames:?}");
+        self.notify();
+        Ok(())
     }
 
     /// Runs a task on the guest's executor.
@@ -157,15 +272,17 @@ impl Guest {
                 pty,
                 env,
             } => self.start_exec(&session, command, pty, env),
-            GuestEvent::Start { session } => self.start(&session),
+            GuestEvent::Start { session } => self.start(&self.key(&session)),
             GuestEvent::Stdin {
                 session,
                 data,
                 credit,
-            } => self.queue_stdin(&session, StdinItem::Data(data, credit)),
-            GuestEvent::CloseStdin { session } => self.queue_stdin(&session, StdinItem::Eof),
+            } => self.queue_stdin(&self.key(&session), StdinItem::Data(data, credit)),
+            GuestEvent::CloseStdin { session } => {
+                self.queue_stdin(&self.key(&session), StdinItem::Eof)
+            }
             GuestEvent::Signal { session, signal } => {
-                if let Err(e) = self.signal(&session, signal) {
+                if let Err(e) = self.signal(&self.key(&session), signal) {
                     warn!(link, %session, "cannot deliver SIG{signal}: {e}");
                 }
             }
@@ -174,12 +291,21 @@ impl Guest {
                 cols,
                 rows,
             } => {
-                let pty = self.with(&session, |p| p.pty.clone()).flatten();
+                let pty = self.with(&self.key(&session), |p| p.pty.clone()).flatten();
                 if let Some(pty) = pty
                     && let Err(e) = process::resize(&pty, cols, rows)
                 {
                     warn!(link, %session, "cannot resize the terminal: {e}");
                 }
+            }
+            GuestEvent::ForkedAnswered { accepted: true } => {
+                info!(link, "the appliance took this child's forked@tether");
+            }
+            GuestEvent::ForkedAnswered { accepted: false } => {
+                info!(
+                    link,
+                    "the appliance refused forked@tether (it predates fork); running on"
+                );
             }
             _ => {}
         }
@@ -191,10 +317,12 @@ impl Guest {
             let event = self.sessions.borrow_mut().poll_event();
             match event {
                 Some(SessionEvent::Room { session }) => {
-                    self.with(&session, |p| p.space.notify(usize::MAX));
+                    self.with(&self.key(&session), |p| p.space.notify(usize::MAX));
                 }
                 Some(SessionEvent::Forgotten { session }) => {
-                    self.procs.borrow_mut().remove(&session);
+                    let key = self.key(&session);
+                    self.renamed.borrow_mut().remove(&key);
+                    self.procs.borrow_mut().remove(&key);
                 }
                 Some(_) => {}
                 None => return,
@@ -220,7 +348,7 @@ impl Guest {
             let guest = self.clone();
             self.spawn(async move {
                 Timer::after(timeout).await;
-                if guest.sessions.borrow().state(&id) == Some(State::Created) {
+                if guest.sessions.borrow().state(&guest.sid(&id)) == Some(State::Created) {
                     info!(session = %id, "start gate timed out after {timeout:?}: {expiry:?}");
                     match expiry {
                         GateExpiry::Start => guest.start(&id),
@@ -239,21 +367,21 @@ impl Guest {
             .unwrap_or_default();
         let mut sessions = self.sessions.borrow_mut();
         return_credits(&mut sessions, unwritten);
-        sessions.fail(id, code, why);
+        sessions.fail(&self.sid(id), code, why);
         drop(sessions);
         self.notify();
     }
 
-    /// Starts configured session `id`'s process.
+    /// Starts configured session `id`'s process (`id`: its process key).
     fn start(self: &Rc<Self>, id: &str) {
-        if self.sessions.borrow().state(id) != Some(State::Created) {
+        if self.sessions.borrow().state(&self.sid(id)) != Some(State::Created) {
             return;
         }
-        let Some(spec) = self.config.sessions.iter().find(|s| s.id == id) else {
+        let Some(spec) = self.spec_of(id) else {
             return;
         };
         let tty = spec.tty.then_some(spec.tty_size);
-        self.launch(spec, tty);
+        self.launch(id, spec, tty);
     }
 
     /// Starts an exec's process: the primary's cwd, user and environment,
@@ -285,17 +413,18 @@ impl Guest {
             stdin: true,
             start_gate: None,
             stop_signal: Signal::TERM,
+            fork_signal: None,
             ..primary.clone()
         };
         self.procs
             .borrow_mut()
             .insert(id.to_owned(), Proc::new(Signal::TERM));
-        self.launch(&spec, size);
+        self.launch(id, &spec, size);
     }
 
-    /// Spawns a session's process; a failure to start becomes its exit.
-    fn launch(self: &Rc<Self>, spec: &SessionSpec, tty: Option<(u16, u16)>) {
-        let (id, cmd) = (spec.id.as_str(), &spec.cmd);
+    /// Spawns session `id`'s process; a failure to start becomes its exit.
+    fn launch(self: &Rc<Self>, id: &str, spec: &SessionSpec, tty: Option<(u16, u16)>) {
+        let cmd = &spec.cmd;
         let spawned = process::spawn(&SpawnSpec {
             cmd,
             env: &spec.env,
@@ -327,7 +456,7 @@ impl Guest {
             p.tasks = tasks;
             p.pty = pty;
         });
-        self.sessions.borrow_mut().started(id);
+        self.sessions.borrow_mut().started(&self.sid(id));
         self.notify();
     }
 
@@ -355,7 +484,7 @@ impl Guest {
                     return Ok(());
                 };
                 let listener = space.listen();
-                let room = self.sessions.borrow().space(id);
+                let room = self.sessions.borrow().space(&self.sid(id));
                 if room > 0 {
                     break room;
                 }
@@ -383,7 +512,9 @@ impl Guest {
             // SAFETY: `read` initialized the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(n) };
             let chunk = buf.split().freeze();
-            self.sessions.borrow_mut().push_output(id, stream, chunk);
+            self.sessions
+                .borrow_mut()
+                .push_output(&self.sid(id), stream, chunk);
             self.notify();
         }
     }
@@ -419,7 +550,7 @@ impl Guest {
                         None => return, // dropping the pipe closes it
                     },
                     None => {
-                        if guest.sessions.borrow().state(&id) != Some(State::Running) {
+                        if guest.sessions.borrow().state(&guest.sid(&id)) != Some(State::Running) {
                             return;
                         }
                         let listener = ready.listen();
@@ -437,7 +568,7 @@ impl Guest {
     /// its credit returned at once.
     fn queue_stdin(&self, id: &str, item: StdinItem) {
         let open = matches!(
-            self.sessions.borrow().state(id),
+            self.sessions.borrow().state(&self.sid(id)),
             Some(State::Created | State::Running)
         );
         if open && let Some(p) = self.procs.borrow_mut().get_mut(id) {
@@ -510,7 +641,7 @@ impl Guest {
         };
         let mut sessions = self.sessions.borrow_mut();
         return_credits(&mut sessions, unwritten);
-        sessions.finish(id, exit);
+        sessions.finish(&self.sid(id), exit);
         drop(sessions);
         self.notify();
         true
@@ -518,7 +649,8 @@ impl Guest {
 
     /// The primary session's exit, once it has exited.
     pub fn primary_exit(&self) -> Option<ExitStatus> {
-        self.sessions.borrow().exit(&self.config.id).cloned()
+        let sessions = self.sessions.borrow();
+        sessions.exit(sessions.primary()).cloned()
     }
 
     /// Whether an appliance has heard of the primary's exit.
@@ -556,7 +688,7 @@ impl Guest {
 
     /// Forwards a signal tether received to the primary session.
     pub fn forward_to_primary(&self, signal: Signal) {
-        if let Err(e) = self.signal(&self.config.id, signal) {
+        if let Err(e) = self.signal(&self.key(&self.primary_id()), signal) {
             warn!("cannot forward SIG{signal} to the primary session: {e}");
         }
     }

@@ -37,6 +37,10 @@ pub struct Runtime {
     pub resizes: Vec<(String, u16, u16)>,
     /// Execs started: (session, command).
     pub execs: Vec<(String, Option<String>)>,
+    /// `fork@tether` requests the guest asked the runtime to carry out.
+    pub forks: Vec<crate::tether::ForkMode>,
+    /// Answers the appliance gave to `forked@tether`.
+    pub forked_answers: Vec<bool>,
     /// Hold stdin credits instead of returning them at once.
     pub hold_stdin: bool,
     pub held: Vec<(Credit, usize)>,
@@ -261,6 +265,8 @@ impl LinkPair {
                 self.sessions.started(&session);
                 rt.execs.push((session, command));
             }
+            GuestEvent::Fork { mode } => rt.forks.push(mode),
+            GuestEvent::ForkedAnswered { accepted } => rt.forked_answers.push(accepted),
             _ => {}
         }
     }
@@ -330,7 +336,7 @@ impl LinkPair {
 }
 
 /// The `tether_links` fuzz target: both layers driven by arbitrary commands
-/// (attach, exec, stdin, signals, output, exits, link drops, time) with input
+/// (attach, exec, stdin, signals, output, exits, link drops, forks, time) with input
 /// split at fuzzer-chosen points. Invariants: no panic; every attach channel
 /// that reports output reports it in offset order with no byte twice.
 pub fn tether_links(data: &[u8]) {
@@ -352,7 +358,7 @@ pub fn tether_links(data: &[u8]) {
             let i = input.u8() as usize;
             channels.get(i % channels.len().max(1)).copied()
         };
-        match input.u8() % 14 {
+        match input.u8() % 15 {
             0 => {
                 let from = if input.u8() & 1 == 0 {
                     LIVE
@@ -438,8 +444,22 @@ pub fn tether_links(data: &[u8]) {
                 pair.relink();
                 channels.clear();
             }
-            _ => {
+            13 => {
                 let _ = pair.appliance.list();
+            }
+            _ => {
+                // A fork asked and answered at once, either way; a quiesce
+                // that succeeds ends the link.
+                use crate::tether::ForkMode;
+                let mode = match input.u8() & 1 {
+                    0 => ForkMode::Quiesce,
+                    _ => ForkMode::Resume,
+                };
+                let _ = pair.appliance.fork(mode);
+                pair.drive();
+                let ok = input.u8() & 1 == 0;
+                pair.sessions.set_quiesced(ok && mode == ForkMode::Quiesce);
+                pair.guest.fork_done(&mut pair.sessions, ok.then_some(1));
             }
         }
         pair.advance(Duration::from_millis(input.u8() as u64 * 50));
