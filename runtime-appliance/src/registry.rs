@@ -2,7 +2,7 @@
 //! `ConnectionMap`), each live link's command queue, the pinned guest keys, and
 //! what is remembered of exited containers after their link has gone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -40,8 +40,11 @@ struct Registry {
     links: HashMap<u64, Sender<LinkCommand>>,
     /// Exited containers whose link is gone: still listed, still waitable.
     remembered: Remembered,
-    /// Results for `ConnectionMap` waiters, filled as the map reports them.
-    ready: HashMap<WaiterId, Result<Entry, ()>>,
+    /// Where each `ConnectionMap` waiter hears that its id arrived.
+    ready: HashMap<WaiterId, Sender<Entry>>,
+    /// Ids whose listing changed since the follower last took them; `None`
+    /// until a follower watches (see [`Shared::watch_changes`]).
+    changes: Option<BTreeSet<String>>,
     /// Each live link's host key, and the claims refused to it so far.
     claimants: HashMap<u64, Claimant>,
 }
@@ -64,10 +67,9 @@ impl Registry {
         while let Some(ev) = self.map.poll_event() {
             match ev {
                 MapEvent::Ready { waiter, entry } => {
-                    self.ready.insert(waiter, Ok(entry));
-                }
-                MapEvent::TimedOut { waiter, .. } => {
-                    self.ready.insert(waiter, Err(()));
+                    if let Some(tx) = self.ready.remove(&waiter) {
+                        let _ = tx.try_send(entry);
+                    }
                 }
                 MapEvent::Conflict { id, serving, other } => {
                     counters.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -75,6 +77,13 @@ impl Registry {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Notes that the listing of `ids` changed, for the follower.
+    fn note_changes<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
+        if let Some(changes) = &mut self.changes {
+            changes.extend(ids.into_iter().cloned());
         }
     }
 }
@@ -85,6 +94,8 @@ pub struct Shared {
     state: Mutex<Registry>,
     /// The map changed (links came or went, containers changed state).
     pub changed: Event,
+    /// Ids were added to the changes a follower watches.
+    pub changes_noted: Event,
     client: proto_core::Config,
     /// Container id -> the guest host key pinned for it (none: any key).
     known: Option<HashMap<String, PublicKey>>,
@@ -120,6 +131,7 @@ impl Shared {
             generations: AtomicU64::new(0),
             state: Mutex::new(Registry::default()),
             changed: Event::new(),
+            changes_noted: Event::new(),
             client,
             known,
             pinned: Mutex::new(HashMap::new()),
@@ -205,10 +217,11 @@ impl Shared {
         let mut r = self.lock();
         r.links.remove(&generation);
         r.claimants.remove(&generation);
-        let exited: Vec<ContainerInfo> = r
-            .map
-            .list()
-            .into_iter()
+        // Only this link's claims: a link going does not scan every container.
+        let ids = r.map.claims_of(generation).to_vec();
+        let exited: Vec<ContainerInfo> = ids
+            .iter()
+            .filter_map(|id| r.map.get(id))
             .filter(|e| e.generation == generation && e.info.state == State::Exited)
             .map(|e| e.info)
             .collect();
@@ -218,8 +231,10 @@ impl Shared {
         }
         r.map.remove_connection(generation);
         r.drain_map_events(&self.counters);
+        r.note_changes(&ids);
         drop(r);
         self.changed.notify(usize::MAX);
+        self.changes_noted.notify(usize::MAX);
     }
 
     /// A link's full container list (a reply or a push); the claims
@@ -240,6 +255,25 @@ impl Shared {
             )
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+        // What the follower must look at again: entries that differ from
+        // what the map has, and ids this link no longer lists.
+        let mut changed: Vec<String> = list
+            .iter()
+            .filter(|c| {
+                r.map
+                    .get(&c.id)
+                    .is_none_or(|e| e.generation != generation || e.info != **c)
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        let listed: std::collections::HashSet<&String> = ids.iter().collect();
+        changed.extend(
+            r.map
+                .claims_of(generation)
+                .iter()
+                .filter(|id| !listed.contains(id))
+                .cloned(),
+        );
         // A late list from a link already gone changes nothing (and leaves
         // no claimant behind).
         if r.map.update(generation, list) {
@@ -248,10 +282,37 @@ impl Shared {
             }
         } else {
             r.claimants.remove(&generation);
+            changed.clear();
         }
         r.drain_map_events(&self.counters);
+        r.note_changes(&changed);
         drop(r);
         self.changed.notify(usize::MAX);
+        if !changed.is_empty() {
+            self.changes_noted.notify(usize::MAX);
+        }
+    }
+
+    /// From now on, collects the ids whose listing changes (served by
+    /// another link, a new state, gone) for [`Shared::take_changes`].
+    pub fn watch_changes(&self) {
+        self.lock().changes.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The ids whose listing changed since the last call (or since
+    /// [`Shared::watch_changes`]).
+    pub fn take_changes(&self) -> BTreeSet<String> {
+        self.lock()
+            .changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Asks the follower to look at `id` again.
+    pub fn note_changed(&self, id: &str) {
+        self.lock().note_changes([&id.to_owned()]);
+        self.changes_noted.notify(usize::MAX);
     }
 
     /// Whether link `generation` with `key` may serve `id` (see `claims`).
@@ -343,7 +404,7 @@ impl Shared {
         timeout: Duration,
     ) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
         let deadline = Instant::now() + timeout.min(MAX_CLIENT_WAIT);
-        let waiter = {
+        let (waiter, ready) = {
             let mut r = self.lock();
             match r.map.wait(id, deadline) {
                 Ok(entry) => match r.links.get(&entry.generation) {
@@ -354,7 +415,11 @@ impl Shared {
                         )));
                     }
                 },
-                Err(w) => w,
+                Err(w) => {
+                    let (tx, rx) = async_channel::bounded(1);
+                    r.ready.insert(w, tx);
+                    (w, rx)
+                }
             }
         };
         struct Cancel<'a>(&'a Shared, WaiterId);
@@ -366,34 +431,23 @@ impl Shared {
             }
         }
         let _cancel = Cancel(self, waiter);
-        loop {
-            let listener = self.changed.listen();
-            {
-                let mut r = self.lock();
-                r.map.handle_timeout(Instant::now());
-                r.drain_map_events(&self.counters);
-                match r.ready.remove(&waiter) {
-                    Some(Ok(entry)) => {
-                        if let Some(link) = r.links.get(&entry.generation) {
-                            return Ok((entry, link.clone()));
-                        }
-                        return Err(ApiError::LinkDown(format!(
-                            "the link serving {id} is closing"
-                        )));
-                    }
-                    Some(Err(())) => {
-                        return Err(ApiError::Timeout {
-                            id: id.to_owned(),
-                            waited: timeout,
-                        });
-                    }
-                    None => {}
-                }
-            }
-            future::or(listener, async {
-                Timer::at(deadline).await;
-            })
-            .await;
+        // This waiter alone hears when its id arrives; the deadline is its own.
+        let arrived = future::or(async { ready.recv().await.ok() }, async {
+            Timer::at(deadline).await;
+            None
+        })
+        .await;
+        let Some(entry) = arrived else {
+            return Err(ApiError::Timeout {
+                id: id.to_owned(),
+                waited: timeout,
+            });
+        };
+        match self.lock().links.get(&entry.generation) {
+            Some(link) => Ok((entry, link.clone())),
+            None => Err(ApiError::LinkDown(format!(
+                "the link serving {id} is closing"
+            ))),
         }
     }
 }

@@ -254,8 +254,12 @@ fn spawn_guests(
     let (tokens, slots) = async_channel::bounded::<()>(args.concurrency.max(1));
     let next = Arc::new(AtomicUsize::new(0));
     for _ in 0..args.threads.max(1) {
-        let (tokens, slots, next, progress) =
-            (tokens.clone(), slots.clone(), next.clone(), progress.clone());
+        let (tokens, slots, next, progress) = (
+            tokens.clone(),
+            slots.clone(),
+            next.clone(),
+            progress.clone(),
+        );
         let (links, appliance) = (args.links, *appliance.public());
         std::thread::spawn(move || {
             let ex = smol::LocalExecutor::new();
@@ -372,8 +376,7 @@ fn attach(tetherd: &Tetherd, args: &Args) -> Result<(), String> {
 /// The next stdout bytes of an attach.
 async fn stdout<S>(ws: &mut S) -> Result<bytes::Bytes, String>
 where
-    S: futures_lite::Stream<Item = Result<Message, async_tungstenite::tungstenite::Error>>
-        + Unpin,
+    S: futures_lite::Stream<Item = Result<Message, async_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
         match ws.next().await {
@@ -381,7 +384,10 @@ where
                 return Ok(b.slice(1..));
             }
             Some(Ok(Message::Binary(b))) => {
-                return Err(format!("attach: unexpected frame on channel {:?}", b.first()));
+                return Err(format!(
+                    "attach: unexpected frame on channel {:?}",
+                    b.first()
+                ));
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(format!("attach: {e}")),
@@ -403,7 +409,10 @@ fn list(api: &ApiEndpoint, expected: usize) -> Result<(usize, usize), String> {
         .filter(|v| v["state"] == "running" && !v["connection"].is_null())
         .count();
     if views.len() > expected {
-        return Err(format!("{} containers listed, {expected} expected", views.len()));
+        return Err(format!(
+            "{} containers listed, {expected} expected",
+            views.len()
+        ));
     }
     Ok((body.len(), running))
 }
@@ -483,7 +492,12 @@ fn cpu_time(pid: u32) -> Result<Duration, String> {
     // Fields after the command name (which may hold spaces) start at state.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after state.
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
