@@ -331,6 +331,33 @@ mod tests {
         map.update(1, vec![c("a"), c("e2")]);
         let ids: Vec<String> = map.list().into_iter().map(|e| e.info.id).collect();
         assert_eq!(ids, ["a", "e2"]);
+        assert_eq!(map.claims_of(1), ["a", "e2"]);
+        assert!(map.claims_of(2).is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_waiter_neither_wakes_nor_sets_the_next_deadline() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut map = ConnectionMap::new();
+        let a = map.wait("x", at(1)).unwrap_err();
+        let b = map.wait("x", at(2)).unwrap_err();
+        let y = map.wait("y", at(3)).unwrap_err();
+        map.cancel(a);
+        assert_eq!(map.poll_timeout(), Some(at(2)));
+        map.update(1, vec![c("x")]);
+        assert!(matches!(map.poll_event(), Some(MapEvent::Ready { waiter, .. }) if waiter == b));
+        assert_eq!(map.poll_event(), None);
+        assert_eq!(map.poll_timeout(), Some(at(3)));
+        map.handle_timeout(at(10));
+        assert_eq!(
+            map.poll_event(),
+            Some(MapEvent::TimedOut {
+                waiter: y,
+                id: "y".into()
+            })
+        );
+        assert_eq!((map.waiting(), map.poll_timeout()), (0, None));
     }
 
     #[test]

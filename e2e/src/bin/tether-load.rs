@@ -80,10 +80,34 @@ fn main() {
         args.links = args.links.min(200);
         args.round_trips = args.round_trips.min(20);
     }
+    watchdog(&args);
     if let Err(e) = run(&args) {
         eprintln!("tether-load: {e}");
         std::process::exit(1);
     }
+}
+
+/// What the run is doing, for the watchdog's message.
+static PHASE: Mutex<&str> = Mutex::new("starting tetherd");
+
+fn phase(now: &'static str) {
+    *PHASE.lock().unwrap() = now;
+}
+
+/// Ends the run with an error if it takes far longer than it should (a
+/// tetherd that stopped answering must fail CI, not hang it).
+fn watchdog(args: &Args) {
+    let limit = Duration::from_secs(120) + Duration::from_millis(30 * args.links as u64);
+    let hold = args.hold.unwrap_or_default();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit + hold);
+        eprintln!(
+            "tether-load: gave up after {:?} while {}",
+            limit + hold,
+            PHASE.lock().unwrap()
+        );
+        std::process::exit(1);
+    });
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -114,7 +138,7 @@ fn run(args: &Args) -> Result<(), String> {
     let own_before = own_rss_kib();
     let cpu_before = (cpu_time(tetherd.pid())?, own_cpu());
 
-    // Connect every guest.
+    phase("connecting the guests");
     let progress = Arc::new(Mutex::new(Progress::default()));
     let started = Instant::now();
     spawn_guests(args, tetherd.guests, &appliance_key, progress.clone());
@@ -155,7 +179,7 @@ fn run(args: &Args) -> Result<(), String> {
     );
     print_cpu("while connecting", cpu_before, cpu_connected, connecting);
 
-    // Every container listed as running by a live link.
+    phase("waiting for every container to be listed");
     let api = &tetherd.api;
     loop {
         let (_, running) = list(api, args.links)?;
@@ -176,7 +200,7 @@ fn run(args: &Args) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
 
-    // Idle: memory and the CPU keepalives cost.
+    phase("measuring idle links");
     std::thread::sleep(settle);
     let idle_from = (cpu_time(tetherd.pid())?, own_cpu(), Instant::now());
     std::thread::sleep(settle * 2);
@@ -200,7 +224,7 @@ fn run(args: &Args) -> Result<(), String> {
         own_rss_kib().saturating_sub(own_before) as f64 / args.links as f64
     );
 
-    // The list with every container in it.
+    phase("timing GET /v1/containers");
     let mut list_times = Vec::new();
     let mut size = 0;
     for _ in 0..5 {
@@ -221,8 +245,10 @@ fn run(args: &Args) -> Result<(), String> {
         ms(list_times[0])
     );
 
+    phase("attaching");
     attach(&tetherd, args)?;
 
+    phase("holding the links");
     if let Some(hold) = args.hold {
         println!(
             "holding {} links for {hold:?} (tetherd pid {})",
