@@ -267,7 +267,7 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
             };
             match written {
                 Ok(()) => {
-                    store.changed.notify(usize::MAX);
+                    store.notify(id);
                 }
                 Err(e) => {
                     // Keep the window closed: the guest keeps the bytes.

@@ -3,8 +3,8 @@
 //! what is remembered of exited containers after their link has gone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_channel::Sender;
@@ -47,6 +47,8 @@ struct Registry {
     changes: Option<BTreeSet<String>>,
     /// Each live link's host key, and the claims refused to it so far.
     claimants: HashMap<u64, Claimant>,
+    /// Per container id, while anyone waits on it: its listing changed.
+    watched: HashMap<String, Arc<Event>>,
 }
 
 /// What the registry keeps of a link for judging its claims.
@@ -80,10 +82,16 @@ impl Registry {
         }
     }
 
-    /// Notes that the listing of `ids` changed, for the follower.
+    /// Notes that the listing of `ids` changed: for the follower, and to
+    /// wake whoever watches one of them.
     fn note_changes<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
-        if let Some(changes) = &mut self.changes {
-            changes.extend(ids.into_iter().cloned());
+        for id in ids {
+            if let Some(event) = self.watched.get(id) {
+                event.notify(usize::MAX);
+            }
+            if let Some(changes) = &mut self.changes {
+                changes.insert(id.clone());
+            }
         }
     }
 }
@@ -92,8 +100,6 @@ impl Registry {
 pub struct Shared {
     generations: AtomicU64,
     state: Mutex<Registry>,
-    /// The map changed (links came or went, containers changed state).
-    pub changed: Event,
     /// Ids were added to the changes a follower watches.
     pub changes_noted: Event,
     client: proto_core::Config,
@@ -130,7 +136,6 @@ impl Shared {
         Self {
             generations: AtomicU64::new(0),
             state: Mutex::new(Registry::default()),
-            changed: Event::new(),
             changes_noted: Event::new(),
             client,
             known,
@@ -168,17 +173,33 @@ impl Shared {
     pub fn remember(&self, info: ContainerInfo) {
         let mut r = self.lock();
         if r.map.get(&info.id).is_none() {
+            let id = info.id.clone();
             let forgotten = r.remembered.insert(info, self.limits.max_remembered);
             Refusals::count(&self.refusals.remembered, forgotten as u64);
+            r.note_changes([&id]);
         }
-        drop(r);
-        self.changed.notify(usize::MAX);
     }
 
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
-        self.lock().remembered.remove(id);
-        self.changed.notify(usize::MAX);
+        let mut r = self.lock();
+        r.remembered.remove(id);
+        r.note_changes([&id.to_owned()]);
+    }
+
+    /// What fires when `id`'s listing changes (served, state, exit, gone);
+    /// keep it while waiting (events nobody holds are forgotten).
+    pub fn watch(&self, id: &str) -> Arc<Event> {
+        let mut r = self.lock();
+        if let Some(event) = r.watched.get(id) {
+            return event.clone();
+        }
+        if r.watched.len() >= 64 && r.watched.len().is_power_of_two() {
+            r.watched.retain(|_, e| Arc::strong_count(e) > 1);
+        }
+        let event = Arc::new(Event::new());
+        r.watched.insert(id.to_owned(), event.clone());
+        event
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -233,7 +254,6 @@ impl Shared {
         r.drain_map_events(&self.counters);
         r.note_changes(&ids);
         drop(r);
-        self.changed.notify(usize::MAX);
         self.changes_noted.notify(usize::MAX);
     }
 
@@ -287,7 +307,6 @@ impl Shared {
         r.drain_map_events(&self.counters);
         r.note_changes(&changed);
         drop(r);
-        self.changed.notify(usize::MAX);
         if !changed.is_empty() {
             self.changes_noted.notify(usize::MAX);
         }

@@ -182,7 +182,7 @@ fn run(args: &Args) -> Result<(), String> {
     phase("waiting for every container to be listed");
     let api = &tetherd.api;
     loop {
-        let (_, running) = list(api, args.links)?;
+        let (_, running, _) = list(api, args.links)?;
         if running == args.links {
             break;
         }
@@ -228,9 +228,8 @@ fn run(args: &Args) -> Result<(), String> {
     let mut list_times = Vec::new();
     let mut size = 0;
     for _ in 0..5 {
-        let t = Instant::now();
-        let (body, running) = list(api, args.links)?;
-        list_times.push(t.elapsed());
+        let (body, running, took) = list(api, args.links)?;
+        list_times.push(took);
         size = body;
         if running != args.links {
             return Err(format!("{running} of {} listed as running", args.links));
@@ -422,9 +421,12 @@ where
     }
 }
 
-/// `GET /v1/containers`: the body's size and how many are running on a live link.
-fn list(api: &ApiEndpoint, expected: usize) -> Result<(usize, usize), String> {
+/// `GET /v1/containers`: the body's size, how many are running on a live
+/// link, and how long the request took (not counting parsing the answer).
+fn list(api: &ApiEndpoint, expected: usize) -> Result<(usize, usize, Duration), String> {
+    let t = Instant::now();
     let (status, body) = api.http("GET", "/v1/containers", &[], "");
+    let took = t.elapsed();
     if status != 200 {
         return Err(format!("GET /v1/containers: {status} {body}"));
     }
@@ -440,7 +442,7 @@ fn list(api: &ApiEndpoint, expected: usize) -> Result<(usize, usize), String> {
             views.len()
         ));
     }
-    Ok((body.len(), running))
+    Ok((body.len(), running, took))
 }
 
 /// The `tetherd serve` under load, killed on drop.
