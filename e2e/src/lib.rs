@@ -11,6 +11,7 @@ pub mod client;
 pub mod driver;
 pub mod fixtures;
 pub mod harness;
+pub mod load;
 pub mod peers;
 pub mod process;
 pub mod server;

@@ -12,7 +12,7 @@
 //! the teardown) is ignored: it would resurrect claims nobody removes. The
 //! map remembers the last [`REMEMBERED_REMOVALS`] removed generations for this.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::tether::ContainerInfo;
@@ -59,11 +59,15 @@ struct Waiter {
 }
 
 /// The map. Pure data: time comes in through `wait` and `handle_timeout`.
+/// Waiters are indexed by id and by deadline, so an arriving id or the clock
+/// touches only the waiters concerned, however many wait.
 #[derive(Debug, Default)]
 pub struct ConnectionMap {
     claims: HashMap<String, BTreeMap<Generation, ContainerInfo>>,
     by_connection: HashMap<Generation, Vec<String>>,
     waiters: BTreeMap<WaiterId, Waiter>,
+    waiters_by_id: HashMap<String, BTreeSet<WaiterId>>,
+    deadlines: BTreeSet<(Instant, WaiterId)>,
     next_waiter: u64,
     events: VecDeque<MapEvent>,
     /// Recently removed generations, oldest first, and the same as a set.
@@ -84,8 +88,9 @@ impl ConnectionMap {
             return false;
         }
         let old = self.by_connection.remove(&generation).unwrap_or_default();
+        let listed: HashSet<&str> = list.iter().map(|c| c.id.as_str()).collect();
         for id in &old {
-            if !list.iter().any(|c| &c.id == id) {
+            if !listed.contains(id.as_str()) {
                 self.drop_claim(id, generation);
             }
         }
@@ -159,6 +164,14 @@ impl ConnectionMap {
         ids.into_iter().filter_map(|id| self.get(id)).collect()
     }
 
+    /// The ids connection `generation` claims (its last list).
+    pub fn claims_of(&self, generation: Generation) -> &[String] {
+        self.by_connection
+            .get(&generation)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     /// Live connections.
     pub fn connections(&self) -> usize {
         self.by_connection.len()
@@ -172,6 +185,11 @@ impl ConnectionMap {
         }
         let waiter = WaiterId(self.next_waiter);
         self.next_waiter += 1;
+        self.waiters_by_id
+            .entry(id.to_owned())
+            .or_default()
+            .insert(waiter);
+        self.deadlines.insert((deadline, waiter));
         self.waiters.insert(
             waiter,
             Waiter {
@@ -184,7 +202,20 @@ impl ConnectionMap {
 
     /// Withdraws a waiter (its caller gave up).
     pub fn cancel(&mut self, waiter: WaiterId) {
-        self.waiters.remove(&waiter);
+        self.unregister(waiter);
+    }
+
+    /// Removes a waiter from every index; what it waited for.
+    fn unregister(&mut self, waiter: WaiterId) -> Option<Waiter> {
+        let w = self.waiters.remove(&waiter)?;
+        self.deadlines.remove(&(w.deadline, waiter));
+        if let Some(set) = self.waiters_by_id.get_mut(&w.id) {
+            set.remove(&waiter);
+            if set.is_empty() {
+                self.waiters_by_id.remove(&w.id);
+            }
+        }
+        Some(w)
     }
 
     /// Waiters registered and not yet resolved.
@@ -193,14 +224,13 @@ impl ConnectionMap {
     }
 
     fn wake(&mut self, id: &str) {
-        let ready: Vec<WaiterId> = self
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.id == id)
-            .map(|(&k, _)| k)
-            .collect();
+        let Some(ready) = self.waiters_by_id.remove(id) else {
+            return;
+        };
         for waiter in ready {
-            self.waiters.remove(&waiter);
+            if let Some(w) = self.waiters.remove(&waiter) {
+                self.deadlines.remove(&(w.deadline, waiter));
+            }
             let entry = self.get(id).expect("just claimed");
             self.events.push_back(MapEvent::Ready { waiter, entry });
         }
@@ -208,19 +238,16 @@ impl ConnectionMap {
 
     /// The earliest waiter deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.waiters.values().map(|w| w.deadline).min()
+        self.deadlines.first().map(|&(deadline, _)| deadline)
     }
 
     /// Expires waiters whose deadline has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<WaiterId> = self
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.deadline <= now)
-            .map(|(&k, _)| k)
-            .collect();
-        for waiter in expired {
-            let w = self.waiters.remove(&waiter).expect("listed");
+        while let Some(&(deadline, waiter)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            let w = self.unregister(waiter).expect("indexed waiters exist");
             self.events
                 .push_back(MapEvent::TimedOut { waiter, id: w.id });
         }
@@ -304,6 +331,33 @@ mod tests {
         map.update(1, vec![c("a"), c("e2")]);
         let ids: Vec<String> = map.list().into_iter().map(|e| e.info.id).collect();
         assert_eq!(ids, ["a", "e2"]);
+        assert_eq!(map.claims_of(1), ["a", "e2"]);
+        assert!(map.claims_of(2).is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_waiter_neither_wakes_nor_sets_the_next_deadline() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut map = ConnectionMap::new();
+        let a = map.wait("x", at(1)).unwrap_err();
+        let b = map.wait("x", at(2)).unwrap_err();
+        let y = map.wait("y", at(3)).unwrap_err();
+        map.cancel(a);
+        assert_eq!(map.poll_timeout(), Some(at(2)));
+        map.update(1, vec![c("x")]);
+        assert!(matches!(map.poll_event(), Some(MapEvent::Ready { waiter, .. }) if waiter == b));
+        assert_eq!(map.poll_event(), None);
+        assert_eq!(map.poll_timeout(), Some(at(3)));
+        map.handle_timeout(at(10));
+        assert_eq!(
+            map.poll_event(),
+            Some(MapEvent::TimedOut {
+                waiter: y,
+                id: "y".into()
+            })
+        );
+        assert_eq!((map.waiting(), map.poll_timeout()), (0, None));
     }
 
     #[test]

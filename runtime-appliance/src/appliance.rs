@@ -100,8 +100,9 @@ impl Appliance {
         if self.shared.info(id).is_none() {
             self.shared.wait_for(id, timeout).await?;
         }
+        let changed = self.shared.watch(id);
         loop {
-            let listener = self.shared.changed.listen();
+            let listener = changed.listen();
             if let Some((info, _)) = self.shared.info(id)
                 && info.state == State::Exited
             {

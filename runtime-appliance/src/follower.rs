@@ -5,7 +5,7 @@
 //! once it is written, so a `block` session never loses a byte, even to a
 //! tetherd crash. The container records mirror what the guests list.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,8 +28,12 @@ const REATTACH_WAIT: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(3);
 
-/// The shortest time between two passes over the containers listed.
-const PASS_INTERVAL: Duration = Duration::from_millis(50);
+/// How long after a follower ended its container is looked at again.
+const LOOK_AGAIN: Duration = Duration::from_millis(50);
+
+/// A follower that received nothing for this long closes its log's file
+/// (reopened by the next output), so idle containers hold no descriptors.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
 /// Starts following every container the appliance lists, for as long as the
 /// process runs.
@@ -89,63 +93,89 @@ fn complete(store: &Store, record: &Record) -> bool {
 
 async fn manage(shared: Arc<Shared>, store: Arc<Store>) {
     let active: Arc<Mutex<HashSet<String>>> = Arc::default();
-    // What each served container looked like at the last pass, so a pass
-    // (one per change of any guest's list) touches the disk only for the
-    // containers that changed. Only served containers are kept.
-    let mut seen: HashMap<String, Seen> = HashMap::new();
+    // What each served container looked like when last looked at, so only
+    // the containers that changed touch the disk. Only served ones are kept.
+    let seen: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
+    // From here on the registry collects the ids whose listing changes; the
+    // first look is at everything listed already.
+    shared.watch_changes();
+    let mut ids: BTreeSet<String> = shared.views().into_iter().map(|v| v.id).collect();
     loop {
-        let listener = shared.changed.listen();
-        let mut served = HashSet::new();
-        for view in shared.views() {
-            if view.connection.is_none() {
-                continue;
-            }
-            served.insert(view.id.clone());
-            let listed = record_of(&view, None);
-            let last = seen.get(&view.id);
-            let unchanged = last.is_some_and(|s| s.listed == listed);
-            if unchanged && (last.is_some_and(|s| s.complete) || lock(&active).contains(&view.id)) {
-                continue;
-            }
-            let record = if unchanged {
-                store.record(&view.id).unwrap_or_else(|| listed.clone())
-            } else {
-                let old = store.record(&view.id);
-                let mut record = record_of(&view, old.clone());
-                if let Some(key) = view.connection.and_then(|g| shared.link_key(g)) {
-                    record.guest_key = Some(key.to_openssh());
-                }
-                if old.as_ref() != Some(&record)
-                    && let Err(e) = store.save_record(&record)
-                {
-                    warn!(container = %view.id, "writing its record: {e}");
-                }
-                record
-            };
-            let complete = complete(&store, &record);
-            seen.insert(view.id.clone(), Seen { listed, complete });
-            if complete || !lock(&active).insert(view.id.clone()) {
-                continue;
-            }
-            let (shared, store, active) = (shared.clone(), store.clone(), active.clone());
-            smol::spawn(async move {
-                follow(&shared, &store, &view.id).await;
-                lock(&active).remove(&view.id);
-                // Look again: the container may have come back meanwhile.
-                shared.changed.notify(usize::MAX);
-            })
-            .detach();
+        let listener = shared.changes_noted.listen();
+        ids.extend(shared.take_changes());
+        if ids.is_empty() {
+            listener.await;
+            continue;
         }
-        seen.retain(|id, _| served.contains(id));
-        listener.await;
-        // One pass per PASS_INTERVAL at most: a guest pushing lists as fast
-        // as it can costs a pass now and then, not one per push.
-        smol::Timer::after(PASS_INTERVAL).await;
+        // Records are written with an fsync each: off the links' executor.
+        let batch = std::mem::take(&mut ids);
+        let (s, st, a, sn) = (shared.clone(), store.clone(), active.clone(), seen.clone());
+        smol::unblock(move || {
+            let mut seen = lock(&sn);
+            for id in &batch {
+                look_at(&s, &st, &a, &mut seen, id);
+            }
+        })
+        .await;
     }
 }
 
-/// A served container as the guest listed it at the last pass (its record
-/// without what only tetherd adds), and whether all its output was stored.
+/// Brings container `id`'s record up to date with its listing and starts
+/// following it unless it is followed already or all its output is stored.
+fn look_at(
+    shared: &Arc<Shared>,
+    store: &Arc<Store>,
+    active: &Arc<Mutex<HashSet<String>>>,
+    seen: &mut HashMap<String, Seen>,
+    id: &str,
+) {
+    let Some((info, Some(generation))) = shared.info(id) else {
+        seen.remove(id);
+        return;
+    };
+    let view = ContainerView::new(&info, Some(generation));
+    let listed = record_of(&view, None);
+    let last = seen.get(id);
+    let unchanged = last.is_some_and(|s| s.listed == listed);
+    if unchanged && (last.is_some_and(|s| s.complete) || lock(active).contains(id)) {
+        return;
+    }
+    let record = if unchanged {
+        store.record(id).unwrap_or_else(|| listed.clone())
+    } else {
+        let old = store.record(id);
+        let mut record = record_of(&view, old.clone());
+        if let Some(key) = shared.link_key(generation) {
+            record.guest_key = Some(key.to_openssh());
+        }
+        if old.as_ref() != Some(&record)
+            && let Err(e) = store.save_record(&record)
+        {
+            warn!(container = %id, "writing its record: {e}");
+        }
+        record
+    };
+    let complete = complete(store, &record);
+    seen.insert(id.to_owned(), Seen { listed, complete });
+    if complete || !lock(active).insert(id.to_owned()) {
+        return;
+    }
+    let (shared, store, active, id) =
+        (shared.clone(), store.clone(), active.clone(), id.to_owned());
+    smol::spawn(async move {
+        follow(&shared, &store, &id).await;
+        lock(&active).remove(&id);
+        // Look again (the container may have come back meanwhile), a little
+        // later: a follow that fails at once must not spin.
+        smol::Timer::after(LOOK_AGAIN).await;
+        shared.note_changed(&id);
+    })
+    .detach();
+}
+
+/// A served container as the guest listed it when last looked at (its
+/// record without what only tetherd adds), and whether all its output was
+/// stored.
 struct Seen {
     listed: Record,
     complete: bool,
@@ -192,7 +222,7 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
         let channel = lc.channel;
         debug!(container = %id, from, "following");
         loop {
-            let event = lc.events.recv().await.unwrap_or(ChannelEvent::Closed);
+            let event = next_event(&lc.events, &log).await;
             let written = match event {
                 ChannelEvent::Data { ext, data } => {
                     let kind = match ext {
@@ -237,7 +267,7 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
             };
             match written {
                 Ok(()) => {
-                    store.changed.notify(usize::MAX);
+                    store.notify(id);
                 }
                 Err(e) => {
                     // Keep the window closed: the guest keeps the bytes.
@@ -249,4 +279,27 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
             }
         }
     }
+}
+
+/// A channel's next event. A follower that waits longer than
+/// [`IDLE_RELEASE`] closes its log's file meanwhile.
+async fn next_event(
+    events: &async_channel::Receiver<ChannelEvent>,
+    log: &Mutex<crate::store::OutputLog>,
+) -> ChannelEvent {
+    let or_closed = |r: Result<ChannelEvent, _>| r.unwrap_or(ChannelEvent::Closed);
+    if let Ok(event) = events.try_recv() {
+        return event;
+    }
+    let idle = async {
+        smol::Timer::after(IDLE_RELEASE).await;
+        None
+    };
+    if let Some(event) =
+        futures_lite::future::or(async { Some(or_closed(events.recv().await)) }, idle).await
+    {
+        return event;
+    }
+    lock(log).release_file();
+    or_closed(events.recv().await)
 }

@@ -38,7 +38,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_links: 1024,
+            max_links: 16_384,
             link_sync_timeout: Duration::from_secs(30),
             max_containers_per_link: 4096,
             max_remembered: 10_000,
@@ -55,7 +55,7 @@ fn duration_arg(v: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Args)]
 pub struct LimitArgs {
     /// Guest links at once (syncing or connected); more are closed at accept.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_links: u32,
     /// A serial-bridge guest link must finish link sync within this time.
     #[arg(long, default_value = "30s", value_parser = duration_arg)]
@@ -139,6 +139,19 @@ impl Drop for LinkSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Raises this process's open-file limit (RLIMIT_NOFILE) from its soft value
+/// to its hard one: every guest link is a socket and every container with
+/// output holds its log open, so 10,000 guests need far more than the usual
+/// soft limit of 1024. Returns the limits before and after.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, soft.max(hard)))
 }
 
 /// Waits for a guest's answer for at most `limit`; a guest that does not

@@ -90,6 +90,8 @@ impl Stamper {
 struct Producer {
     store: Arc<Store>,
     id: String,
+    /// Fires when this container's output or record changes.
+    changed: Arc<event_listener::Event>,
     log: Arc<Mutex<OutputLog>>,
     reader: Reader,
     options: LogsOptions,
@@ -175,7 +177,7 @@ impl Producer {
         }
         let mut unserved_since: Option<Instant> = None;
         loop {
-            let listener = self.store.changed.listen();
+            let listener = self.changed.listen();
             match self.next_frame() {
                 Ok(Some(frame)) => {
                     if out.send(self.output(&frame)).await.is_err() {
@@ -238,6 +240,7 @@ pub(crate) fn from_store(
     let mut producer = Producer {
         store: store.clone(),
         id: id.to_owned(),
+        changed: store.watch(id),
         log,
         reader,
         options,
@@ -360,6 +363,7 @@ mod tests {
         let p = Producer {
             store: store.clone(),
             id: "web".into(),
+            changed: store.watch("web"),
             log,
             reader,
             options: LogsOptions::default(),
@@ -389,6 +393,7 @@ mod tests {
         let mut p = Producer {
             store: store.clone(),
             id: "web".into(),
+            changed: store.watch("web"),
             log: log.clone(),
             reader,
             options: LogsOptions {
@@ -430,6 +435,7 @@ mod tests {
         let producer = |served: bool| Producer {
             store: store.clone(),
             id: "web".into(),
+            changed: store.watch("web"),
             log: log.clone(),
             reader: lock(&log).reader(0),
             options: LogsOptions {

@@ -2,9 +2,9 @@
 //! `ConnectionMap`), each live link's command queue, the pinned guest keys, and
 //! what is remembered of exited containers after their link has gone.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_channel::Sender;
@@ -40,10 +40,15 @@ struct Registry {
     links: HashMap<u64, Sender<LinkCommand>>,
     /// Exited containers whose link is gone: still listed, still waitable.
     remembered: Remembered,
-    /// Results for `ConnectionMap` waiters, filled as the map reports them.
-    ready: HashMap<WaiterId, Result<Entry, ()>>,
+    /// Where each `ConnectionMap` waiter hears that its id arrived.
+    ready: HashMap<WaiterId, Sender<Entry>>,
+    /// Ids whose listing changed since the follower last took them; `None`
+    /// until a follower watches (see [`Shared::watch_changes`]).
+    changes: Option<BTreeSet<String>>,
     /// Each live link's host key, and the claims refused to it so far.
     claimants: HashMap<u64, Claimant>,
+    /// Per container id, while anyone waits on it: its listing changed.
+    watched: HashMap<String, Arc<Event>>,
 }
 
 /// What the registry keeps of a link for judging its claims.
@@ -64,10 +69,9 @@ impl Registry {
         while let Some(ev) = self.map.poll_event() {
             match ev {
                 MapEvent::Ready { waiter, entry } => {
-                    self.ready.insert(waiter, Ok(entry));
-                }
-                MapEvent::TimedOut { waiter, .. } => {
-                    self.ready.insert(waiter, Err(()));
+                    if let Some(tx) = self.ready.remove(&waiter) {
+                        let _ = tx.try_send(entry);
+                    }
                 }
                 MapEvent::Conflict { id, serving, other } => {
                     counters.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -77,14 +81,27 @@ impl Registry {
             }
         }
     }
+
+    /// Notes that the listing of `ids` changed: for the follower, and to
+    /// wake whoever watches one of them.
+    fn note_changes<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
+        for id in ids {
+            if let Some(event) = self.watched.get(id) {
+                event.notify(usize::MAX);
+            }
+            if let Some(changes) = &mut self.changes {
+                changes.insert(id.clone());
+            }
+        }
+    }
 }
 
 /// Everything the appliance's tasks share.
 pub struct Shared {
     generations: AtomicU64,
     state: Mutex<Registry>,
-    /// The map changed (links came or went, containers changed state).
-    pub changed: Event,
+    /// Ids were added to the changes a follower watches.
+    pub changes_noted: Event,
     client: proto_core::Config,
     /// Container id -> the guest host key pinned for it (none: any key).
     known: Option<HashMap<String, PublicKey>>,
@@ -119,7 +136,7 @@ impl Shared {
         Self {
             generations: AtomicU64::new(0),
             state: Mutex::new(Registry::default()),
-            changed: Event::new(),
+            changes_noted: Event::new(),
             client,
             known,
             pinned: Mutex::new(HashMap::new()),
@@ -156,17 +173,33 @@ impl Shared {
     pub fn remember(&self, info: ContainerInfo) {
         let mut r = self.lock();
         if r.map.get(&info.id).is_none() {
+            let id = info.id.clone();
             let forgotten = r.remembered.insert(info, self.limits.max_remembered);
             Refusals::count(&self.refusals.remembered, forgotten as u64);
+            r.note_changes([&id]);
         }
-        drop(r);
-        self.changed.notify(usize::MAX);
     }
 
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
-        self.lock().remembered.remove(id);
-        self.changed.notify(usize::MAX);
+        let mut r = self.lock();
+        r.remembered.remove(id);
+        r.note_changes([&id.to_owned()]);
+    }
+
+    /// What fires when `id`'s listing changes (served, state, exit, gone);
+    /// keep it while waiting (events nobody holds are forgotten).
+    pub fn watch(&self, id: &str) -> Arc<Event> {
+        let mut r = self.lock();
+        if let Some(event) = r.watched.get(id) {
+            return event.clone();
+        }
+        if r.watched.len() >= 64 && r.watched.len().is_power_of_two() {
+            r.watched.retain(|_, e| Arc::strong_count(e) > 1);
+        }
+        let event = Arc::new(Event::new());
+        r.watched.insert(id.to_owned(), event.clone());
+        event
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -205,10 +238,11 @@ impl Shared {
         let mut r = self.lock();
         r.links.remove(&generation);
         r.claimants.remove(&generation);
-        let exited: Vec<ContainerInfo> = r
-            .map
-            .list()
-            .into_iter()
+        // Only this link's claims: a link going does not scan every container.
+        let ids = r.map.claims_of(generation).to_vec();
+        let exited: Vec<ContainerInfo> = ids
+            .iter()
+            .filter_map(|id| r.map.get(id))
             .filter(|e| e.generation == generation && e.info.state == State::Exited)
             .map(|e| e.info)
             .collect();
@@ -218,8 +252,9 @@ impl Shared {
         }
         r.map.remove_connection(generation);
         r.drain_map_events(&self.counters);
+        r.note_changes(&ids);
         drop(r);
-        self.changed.notify(usize::MAX);
+        self.changes_noted.notify(usize::MAX);
     }
 
     /// A link's full container list (a reply or a push); the claims
@@ -240,6 +275,25 @@ impl Shared {
             )
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+        // What the follower must look at again: entries that differ from
+        // what the map has, and ids this link no longer lists.
+        let mut changed: Vec<String> = list
+            .iter()
+            .filter(|c| {
+                r.map
+                    .get(&c.id)
+                    .is_none_or(|e| e.generation != generation || e.info != **c)
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        let listed: std::collections::HashSet<&String> = ids.iter().collect();
+        changed.extend(
+            r.map
+                .claims_of(generation)
+                .iter()
+                .filter(|id| !listed.contains(id))
+                .cloned(),
+        );
         // A late list from a link already gone changes nothing (and leaves
         // no claimant behind).
         if r.map.update(generation, list) {
@@ -248,10 +302,36 @@ impl Shared {
             }
         } else {
             r.claimants.remove(&generation);
+            changed.clear();
         }
         r.drain_map_events(&self.counters);
+        r.note_changes(&changed);
         drop(r);
-        self.changed.notify(usize::MAX);
+        if !changed.is_empty() {
+            self.changes_noted.notify(usize::MAX);
+        }
+    }
+
+    /// From now on, collects the ids whose listing changes (served by
+    /// another link, a new state, gone) for [`Shared::take_changes`].
+    pub fn watch_changes(&self) {
+        self.lock().changes.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The ids whose listing changed since the last call (or since
+    /// [`Shared::watch_changes`]).
+    pub fn take_changes(&self) -> BTreeSet<String> {
+        self.lock()
+            .changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Asks the follower to look at `id` again.
+    pub fn note_changed(&self, id: &str) {
+        self.lock().note_changes([&id.to_owned()]);
+        self.changes_noted.notify(usize::MAX);
     }
 
     /// Whether link `generation` with `key` may serve `id` (see `claims`).
@@ -343,7 +423,7 @@ impl Shared {
         timeout: Duration,
     ) -> Result<(Entry, Sender<LinkCommand>), ApiError> {
         let deadline = Instant::now() + timeout.min(MAX_CLIENT_WAIT);
-        let waiter = {
+        let (waiter, ready) = {
             let mut r = self.lock();
             match r.map.wait(id, deadline) {
                 Ok(entry) => match r.links.get(&entry.generation) {
@@ -354,7 +434,11 @@ impl Shared {
                         )));
                     }
                 },
-                Err(w) => w,
+                Err(w) => {
+                    let (tx, rx) = async_channel::bounded(1);
+                    r.ready.insert(w, tx);
+                    (w, rx)
+                }
             }
         };
         struct Cancel<'a>(&'a Shared, WaiterId);
@@ -366,34 +450,23 @@ impl Shared {
             }
         }
         let _cancel = Cancel(self, waiter);
-        loop {
-            let listener = self.changed.listen();
-            {
-                let mut r = self.lock();
-                r.map.handle_timeout(Instant::now());
-                r.drain_map_events(&self.counters);
-                match r.ready.remove(&waiter) {
-                    Some(Ok(entry)) => {
-                        if let Some(link) = r.links.get(&entry.generation) {
-                            return Ok((entry, link.clone()));
-                        }
-                        return Err(ApiError::LinkDown(format!(
-                            "the link serving {id} is closing"
-                        )));
-                    }
-                    Some(Err(())) => {
-                        return Err(ApiError::Timeout {
-                            id: id.to_owned(),
-                            waited: timeout,
-                        });
-                    }
-                    None => {}
-                }
-            }
-            future::or(listener, async {
-                Timer::at(deadline).await;
-            })
-            .await;
+        // This waiter alone hears when its id arrives; the deadline is its own.
+        let arrived = future::or(async { ready.recv().await.ok() }, async {
+            Timer::at(deadline).await;
+            None
+        })
+        .await;
+        let Some(entry) = arrived else {
+            return Err(ApiError::Timeout {
+                id: id.to_owned(),
+                waited: timeout,
+            });
+        };
+        match self.lock().links.get(&entry.generation) {
+            Some(link) => Ok((entry, link.clone())),
+            None => Err(ApiError::LinkDown(format!(
+                "the link serving {id} is closing"
+            ))),
         }
     }
 }

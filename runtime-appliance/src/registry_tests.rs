@@ -138,3 +138,26 @@ fn malformed_ids_are_refused_whatever_the_key() {
     assert_eq!(ids, ["ok"]);
     assert_eq!(refused(&shared), 4);
 }
+
+#[test]
+fn the_follower_is_told_only_the_ids_whose_listing_changed() {
+    let shared = Shared::new(PrivateKey::generate(&mut OsRng), None);
+    claim(&shared, 1, None, &["early"]);
+    shared.watch_changes();
+    assert!(shared.take_changes().is_empty());
+    claim(&shared, 2, None, &["a", "b"]);
+    let ids = |s: &Shared| s.take_changes().into_iter().collect::<Vec<_>>();
+    assert_eq!(ids(&shared), ["a", "b"]);
+    // The same list again (a reply to a list request) changes nothing.
+    shared.update(2, None, vec![info("a"), info("b")]);
+    assert!(ids(&shared).is_empty());
+    // `a` exits and `b` is no longer listed.
+    let mut exited = info("a");
+    exited.state = State::Exited;
+    shared.update(2, None, vec![exited]);
+    assert_eq!(ids(&shared), ["a", "b"]);
+    shared.link_gone(2);
+    assert_eq!(ids(&shared), ["a"]);
+    shared.note_changed("early");
+    assert_eq!(ids(&shared), ["early"]);
+}

@@ -61,6 +61,11 @@ pub fn parse_known_guests(text: &str) -> Result<HashMap<String, PublicKey>, Stri
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    match crate::limits::raise_fd_limit() {
+        Ok((from, to)) if from < to => info!("open files: limit raised from {from} to {to}"),
+        Ok((_, to)) => info!("open files: limit {to}"),
+        Err(e) => tracing::warn!("open files: the limit could not be raised: {e}"),
+    }
     let state = crate::node::state::state_dir(args.state_dir.as_deref())?;
     let key = match &args.key {
         Some(path) => read_key(path)?,

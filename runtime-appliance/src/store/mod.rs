@@ -103,8 +103,9 @@ pub struct Store {
     /// it: one `OutputLog` per container at a time, and none kept for
     /// containers nobody is reading or writing.
     logs: Mutex<HashMap<String, Weak<Mutex<OutputLog>>>>,
-    /// Output was appended or a record changed.
-    pub changed: Event,
+    /// Per container, while anyone watches it: output was appended or its
+    /// record changed. One container's output wakes only its own readers.
+    watched: Mutex<HashMap<String, Arc<Event>>>,
 }
 
 /// Locks a mutex, taking it over from a thread that panicked.
@@ -120,7 +121,7 @@ impl Store {
             root: root.to_path_buf(),
             limits,
             logs: Mutex::new(HashMap::new()),
-            changed: Event::new(),
+            watched: Mutex::new(HashMap::new()),
         })
     }
 
@@ -171,7 +172,7 @@ impl Store {
         f.write_all(b"\n")?;
         f.sync_all()?;
         fs::rename(&tmp, dir.join("record.json"))?;
-        self.changed.notify(usize::MAX);
+        self.notify(&record.id);
         Ok(())
     }
 
@@ -192,6 +193,28 @@ impl Store {
         Ok(log)
     }
 
+    /// What fires when `id`'s output grows or its record changes; keep it
+    /// while watching (the store forgets events nobody holds).
+    pub fn watch(&self, id: &str) -> Arc<Event> {
+        let mut watched = lock(&self.watched);
+        if let Some(event) = watched.get(id) {
+            return event.clone();
+        }
+        if watched.len() >= 64 && watched.len().is_power_of_two() {
+            watched.retain(|_, e| Arc::strong_count(e) > 1);
+        }
+        let event = Arc::new(Event::new());
+        watched.insert(id.to_owned(), event.clone());
+        event
+    }
+
+    /// Wakes whoever watches `id` (see [`Store::watch`]).
+    pub fn notify(&self, id: &str) {
+        if let Some(event) = lock(&self.watched).get(id) {
+            event.notify(usize::MAX);
+        }
+    }
+
     /// Whether anything is stored for `id`.
     pub fn has(&self, id: &str) -> bool {
         self.dir(id).exists()
@@ -202,7 +225,7 @@ impl Store {
         lock(&self.logs).remove(id);
         match fs::remove_dir_all(self.dir(id)) {
             Ok(()) => {
-                self.changed.notify(usize::MAX);
+                self.notify(id);
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

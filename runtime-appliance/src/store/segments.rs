@@ -237,8 +237,19 @@ impl OutputLog {
         len: u64,
         data: &[u8],
     ) -> io::Result<()> {
-        if self.file.is_none() || self.size >= self.limits.max_size {
+        if self.segments.is_empty() || self.size >= self.limits.max_size {
             self.rotate()?;
+        } else if self.file.is_none() {
+            // Released while idle: append to the current segment again.
+            let last = self.segments.last().copied().unwrap_or(self.end);
+            let path = segment_path(&self.dir, last);
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(true)
+                    .open(&path)?,
+            );
         }
         let mut buf = Vec::with_capacity(HEADER + data.len());
         buf.extend_from_slice(&encode_header(kind, time, self.end, len));
@@ -251,6 +262,13 @@ impl OutputLog {
         self.size += buf.len() as u64;
         self.end += len;
         Ok(())
+    }
+
+    /// Closes the current segment's file until the next append reopens it:
+    /// a container that writes nothing holds no file descriptor (10,000
+    /// quiet containers would otherwise hold 10,000).
+    pub fn release_file(&mut self) {
+        self.file = None;
     }
 
     /// Starts a new segment at the end; drops the oldest beyond `max_files`.

@@ -121,3 +121,32 @@ fn records_are_written_atomically_and_listed() {
     assert!(store.records().is_empty());
     assert!(!store.remove("../evil/id").unwrap());
 }
+
+#[test]
+fn a_released_log_file_is_reopened_by_the_next_append_in_the_same_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = OutputLog::open(dir.path(), Limits::default()).unwrap();
+    log.append(FrameKind::Stdout, t(1), b"before ").unwrap();
+    log.release_file();
+    log.append(FrameKind::Stdout, t(2), b"after").unwrap();
+    assert_eq!(read_all(&log, 0), (b"before after".to_vec(), 0));
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "one segment");
+    // Reopened from disk, the log goes on where it was.
+    drop(log);
+    let log = OutputLog::open(dir.path(), Limits::default()).unwrap();
+    assert_eq!(log.end(), 12);
+}
+
+#[test]
+fn a_stored_containers_watchers_are_woken_by_its_own_changes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("containers"), Limits::default()).unwrap();
+    let (web, db) = (store.watch("web"), store.watch("db"));
+    let (mut web_woken, mut db_woken) = (web.listen(), db.listen());
+    store.notify("web");
+    let now = |l: &mut event_listener::EventListener| {
+        futures_lite::future::block_on(futures_lite::future::poll_once(l)).is_some()
+    };
+    assert!(now(&mut web_woken));
+    assert!(!now(&mut db_woken));
+}
