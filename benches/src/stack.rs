@@ -50,10 +50,7 @@ impl Tether {
                 .output()
                 .map_err(|e| e.to_string())?;
             out.status.success().then_some(()).ok_or_else(|| {
-                format!(
-                    "tetherd {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
+                format!("tetherd {args:?}: {}", String::from_utf8_lossy(&out.stderr))
             })
         };
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
@@ -116,7 +113,10 @@ impl Tether {
         loop {
             let listed = this.cli(&["ls"]).output().map_err(|e| e.to_string())?;
             let text = String::from_utf8_lossy(&listed.stdout);
-            if ids.iter().all(|id| text.lines().any(|l| l.starts_with(id.as_str()))) {
+            if ids
+                .iter()
+                .all(|id| text.lines().any(|l| l.starts_with(id.as_str())))
+            {
                 return Ok(this);
             }
             if Instant::now() > end {
@@ -157,7 +157,12 @@ impl OpenSsh {
 
     /// `ssh` with the bench's cipher, before the remote command.
     pub fn ssh(&self) -> Command {
-        let mut c = ssh_base(&self.key, &self.known, self.sshd.addr, e2e::peers::SSHD_USER);
+        let mut c = ssh_base(
+            &self.key,
+            &self.known,
+            self.sshd.addr,
+            e2e::peers::SSHD_USER,
+        );
         c.arg("-o").arg(format!("Ciphers={CIPHER}"));
         c
     }

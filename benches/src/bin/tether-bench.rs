@@ -37,10 +37,7 @@ impl Options {
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
-            let mut value = |what: &str| {
-                args.next()
-                    .ok_or_else(|| format!("{arg} needs {what}"))
-            };
+            let mut value = |what: &str| args.next().ok_or_else(|| format!("{arg} needs {what}"));
             let number = |v: String| {
                 v.parse::<u64>()
                     .map_err(|_| format!("{arg} {v:?}: expected a whole number"))
@@ -138,7 +135,8 @@ fn print_keys(ours: &mut [Duration], base: Option<&mut [Duration]>) {
 }
 
 fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("TETHER_BENCH_KEEP").is_some())
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("TETHER_BENCH_KEEP").is_some())
         .prefix("tether-bench")
         .tempdir()
         .map_err(|e| e.to_string())?;
@@ -170,7 +168,10 @@ fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
         // joined late would replay the head of the stream from the store).
         let release = || {
             std::thread::sleep(Duration::from_millis(300));
-            match t.api.http("POST", &format!("/v1/containers/{id}/start"), &[], "") {
+            match t
+                .api
+                .http("POST", &format!("/v1/containers/{id}/start"), &[], "")
+            {
                 (200, _) => Ok(()),
                 (code, body) => Err(format!("start {id}: {code} {body}")),
             }
@@ -188,12 +189,12 @@ fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
     print_rates("attach", &attach, base);
     print_rates("exec", &exec, base);
     let warmup = (o.keys / 10).max(5);
-    let mut ours = Terminal::start(procs, &mut t.cli(&["attach", "keys"]))?
-        .keystrokes(warmup, o.keys)?;
+    let mut ours =
+        Terminal::start(procs, &mut t.cli(&["attach", "keys"]))?.keystrokes(warmup, o.keys)?;
     let mut theirs = match &ssh {
-        Some(s) => {
-            Some(Terminal::start(procs, s.ssh().arg("-tt").arg("cat"))?.keystrokes(warmup, o.keys)?)
-        }
+        Some(s) => Some(
+            Terminal::start(procs, s.ssh().arg("-tt").arg("cat"))?.keystrokes(warmup, o.keys)?,
+        ),
         None => None,
     };
     print_keys(&mut ours, theirs.as_deref_mut());

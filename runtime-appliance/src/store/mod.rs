@@ -103,6 +103,10 @@ pub struct Store {
     /// it: one `OutputLog` per container at a time, and none kept for
     /// containers nobody is reading or writing.
     logs: Mutex<HashMap<String, Weak<Mutex<OutputLog>>>>,
+    /// The records read or written so far: this process is their only
+    /// writer, and a follow asks for its record each time it reaches the
+    /// end of the output (per chunk while following live).
+    records: Mutex<HashMap<String, Record>>,
     /// Output was appended or a record changed.
     pub changed: Event,
 }
@@ -120,6 +124,7 @@ impl Store {
             root: root.to_path_buf(),
             limits,
             logs: Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
             changed: Event::new(),
         })
     }
@@ -151,8 +156,13 @@ impl Store {
 
     /// The record of `id`, if stored.
     pub fn record(&self, id: &str) -> Option<Record> {
+        if let Some(r) = lock(&self.records).get(id) {
+            return Some(r.clone());
+        }
         let bytes = fs::read(self.dir(id).join("record.json")).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let record: Record = serde_json::from_slice(&bytes).ok()?;
+        lock(&self.records).insert(id.to_owned(), record.clone());
+        Some(record)
     }
 
     /// Writes `record` atomically (a crash leaves the old one or the new one).
@@ -171,6 +181,7 @@ impl Store {
         f.write_all(b"\n")?;
         f.sync_all()?;
         fs::rename(&tmp, dir.join("record.json"))?;
+        lock(&self.records).insert(record.id.clone(), record.clone());
         self.changed.notify(usize::MAX);
         Ok(())
     }
@@ -200,6 +211,7 @@ impl Store {
     /// Removes everything stored for `id`; false if nothing was.
     pub fn remove(&self, id: &str) -> io::Result<bool> {
         lock(&self.logs).remove(id);
+        lock(&self.records).remove(id);
         match fs::remove_dir_all(self.dir(id)) {
             Ok(()) => {
                 self.changed.notify(usize::MAX);
