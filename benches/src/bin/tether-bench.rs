@@ -201,8 +201,11 @@ fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
         ),
         None => None,
     };
-    let mut exec = Terminal::start(procs, &mut t.cli(&["exec", "-t", "-i", "bench", "--", "cat"]))?
-        .keystrokes(warmup, o.keys)?;
+    let mut exec = Terminal::start(
+        procs,
+        &mut t.cli(&["exec", "-t", "-i", "bench", "--", "cat"]),
+    )?
+    .keystrokes(warmup, o.keys)?;
     print_keys("keystroke", &mut ours, theirs.as_deref_mut());
     print_keys("key exec", &mut exec, theirs.as_deref_mut());
     Ok(())
