@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use e2e::harness::{ChildGuard, Procs};
-use e2e::peers::{Sshd, free_port, known_hosts_line, sshd_binary, write_key_pair};
+use e2e::peers::free_port;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, http::HeaderValue};
 
@@ -24,9 +24,7 @@ use tungstenite::{Message, http::HeaderValue};
 const SIZE: usize = 256 << 20;
 
 fn release_binary(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join(name);
-    path.exists().then_some(path)
+    benches::stack::sibling_binary(name).ok()
 }
 
 /// `tether` + `tetherd serve` set up as the README's tour does.
@@ -157,54 +155,22 @@ fn running(api: &str) -> bool {
 
 /// `sshd` and a ControlMaster `ssh` to it.
 struct OpenSsh {
-    base: Vec<String>,
-    _sshd: Sshd,
+    stack: benches::stack::OpenSsh,
+    control: PathBuf,
     _master: ChildGuard,
 }
 
 impl OpenSsh {
     fn start(procs: &Procs, dir: &Path) -> Result<Self, String> {
-        sshd_binary()?;
-        let user = e2e::peers::new_key();
-        let sshd = Sshd::start(procs, dir, user.public())?;
-        let key = dir.join("user_key");
-        write_key_pair(&key, &user).map_err(|e| e.to_string())?;
-        let known = dir.join("known_hosts");
-        std::fs::write(&known, known_hosts_line(sshd.addr, sshd.host_key.public()))
-            .map_err(|e| e.to_string())?;
+        let stack = benches::stack::OpenSsh::start(procs, dir)?;
         let control = dir.join("cm");
-        let base: Vec<String> = [
-            "-F",
-            "/dev/null",
-            "-i",
-            key.to_str().unwrap_or_default(),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            &format!("UserKnownHostsFile={}", known.display()),
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "Ciphers=aes256-gcm@openssh.com",
-            "-o",
-            &format!("ControlPath={}", control.display()),
-            "-p",
-            &sshd.addr.port().to_string(),
-            "-l",
-            e2e::peers::SSHD_USER,
-            "127.0.0.1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
         let master = procs
             .spawn(
-                Command::new("ssh")
-                    .arg("-M")
-                    .arg("-N")
-                    .args(&base)
+                stack
+                    .ssh()
+                    .arg("-o")
+                    .arg(format!("ControlPath={}", control.display()))
+                    .args(["-M", "-N"])
                     .stdin(Stdio::null())
                     .stderr(Stdio::null()),
             )
@@ -217,15 +183,18 @@ impl OpenSsh {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Self {
-            base,
-            _sshd: sshd,
+            stack,
+            control,
             _master: master,
         })
     }
 
     fn cat(&self, file: &Path) -> usize {
-        let mut child = Command::new("ssh")
-            .args(&self.base)
+        let mut child = self
+            .stack
+            .ssh()
+            .arg("-o")
+            .arg(format!("ControlPath={}", self.control.display()))
             .arg(format!("cat {}", file.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

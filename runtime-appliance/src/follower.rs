@@ -230,7 +230,10 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
                         None => FrameKind::Stdout,
                     };
                     let n = data.len();
-                    let written = lock(&log).append(kind, SystemTime::now(), &data);
+                    // Kept in memory too while anyone else (an attach, a
+                    // `logs -f`) holds the log: they read it from there.
+                    let keep = Arc::strong_count(&log) > 1;
+                    let written = lock(&log).append_shared(kind, SystemTime::now(), data, keep);
                     if written.is_ok() {
                         // Only now may the guest forget these bytes.
                         let _ = link.send(LinkCommand::Consumed { channel, n }).await;

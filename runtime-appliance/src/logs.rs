@@ -122,7 +122,20 @@ impl Producer {
             if self.end_at.is_some_and(|end| self.reader.offset() >= end) {
                 return Ok(None);
             }
-            let Some(mut frame) = self.reader.next_frame()? else {
+            let (kept, at_end) = {
+                let log = lock(&self.log);
+                (
+                    self.reader.next_kept(&log),
+                    self.reader.offset() >= log.end(),
+                )
+            };
+            let frame = match kept {
+                Some(frame) => Some(frame),
+                // A follow at the end asks often: no file is touched then.
+                None if at_end => None,
+                None => self.reader.next_frame()?,
+            };
+            let Some(mut frame) = frame else {
                 return Ok(None);
             };
             if let Some(end) = self.end_at

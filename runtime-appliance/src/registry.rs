@@ -132,7 +132,10 @@ impl Shared {
         // 8 to 12 s after it died, within the 15 s users were promised.
         client.keepalive_interval = Some(Duration::from_secs(4));
         client.keepalive_max = 2;
-        client.max_packet = 64 * 1024;
+        // Large packets for bulk output: fewer packets to seal, open and
+        // deliver per byte (the largest whole packet a peer must take is
+        // 256 KiB + 1 KiB, proto_core::packet::MAX_PACKET_LEN).
+        client.max_packet = 256 * 1024;
         Self {
             generations: AtomicU64::new(0),
             state: Mutex::new(Registry::default()),

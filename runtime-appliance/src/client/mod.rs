@@ -140,7 +140,7 @@ async fn wait(args: IdArgs) -> Result<ExitCode, ClientError> {
 /// (a gap, a restarted tetherd), resumes at the offset received so far.
 async fn logs(args: LogsArgs) -> Result<ExitCode, ClientError> {
     let api = Api::from_args(&args.api)?;
-    let mut out = std::io::stdout();
+    let mut out = term::raw_stdout();
     let query = LogsQuery {
         from: args.from,
         follow: args.follow,
@@ -355,7 +355,7 @@ pub(crate) async fn interactive(
     };
     let mut terminal = Terminal {
         stdin: stdin.then(term::spawn_stdin_reader),
-        stdout: Box::new(std::io::stdout()),
+        stdout: term::raw_stdout(),
         stderr: Box::new(std::io::stderr()),
         resize,
         size,

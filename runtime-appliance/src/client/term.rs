@@ -1,7 +1,7 @@
 //! The local terminal: raw mode, window size, a stdin reader, and the
 //! ctrl-p ctrl-q detach sequence.
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 
 use bytes::Bytes;
@@ -57,6 +57,18 @@ pub fn window_size() -> Option<(u16, u16)> {
         }
     }
     None
+}
+
+/// This process's stdout without std's line buffering: output comes in
+/// chunks that are each written at once with one `write` (the caller
+/// flushes per chunk anyway), where a `LineWriter` would first search every
+/// chunk for its last newline. Falls back to std's stdout if fd 1 cannot be
+/// duplicated.
+pub fn raw_stdout() -> Box<dyn Write + Send> {
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::stdout()),
+    }
 }
 
 /// Reads stdin on a thread; the channel yields chunks and closes at EOF.

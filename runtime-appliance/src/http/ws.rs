@@ -181,9 +181,13 @@ pub async fn run<B: Backend, S: Session>(
     // Stdin the guest has no room for yet: while it waits, output keeps
     // flowing (the process may be blocked on it) and the client is not read.
     let mut held: Option<bytes::Bytes> = None;
+    // Output read while coalescing that did not fit the message being built.
+    let mut pending: Option<Option<Output>> = None;
     loop {
         input_first = !input_first;
-        let event = {
+        let event = if let Some(out) = pending.take() {
+            Event::Out(out)
+        } else {
             let room = held.is_some().then(|| session.stdin_room());
             let out = async { Event::Out(session.next().await) };
             let inp = async {
@@ -205,10 +209,10 @@ pub async fn run<B: Backend, S: Session>(
             Event::Out(Some(out)) => {
                 let msg = match out {
                     Output::Stdout(b) if streams.stdout && !b.is_empty() => {
-                        k8s::frame(k8s::STDOUT, &b)
+                        coalesce(&mut session, k8s::STDOUT, b, &mut pending).await
                     }
                     Output::Stderr(b) if streams.stderr && !b.is_empty() => {
-                        k8s::frame(k8s::STDERR, &b)
+                        coalesce(&mut session, k8s::STDERR, b, &mut pending).await
                     }
                     Output::Stdout(_) | Output::Stderr(_) => continue,
                     Output::Gap(n) => {
@@ -281,6 +285,47 @@ pub async fn run<B: Backend, S: Session>(
             }
             Event::In(Some(Ok(_))) => {}
         }
+    }
+}
+
+/// The largest output message built from several chunks.
+const COALESCE_MAX: usize = 1 << 20;
+
+/// One output message for `channel`, starting with `first` and taking every
+/// further chunk of the same stream that is ready now (up to
+/// [`COALESCE_MAX`]): a stream the guest sends in SSH-packet-sized chunks
+/// goes out in few large messages (fewer frames, wakeups and writes at both
+/// ends), while a lone chunk (a keystroke's echo) goes at once. Anything else
+/// that was ready is left in `pending`.
+async fn coalesce<S: Session>(
+    session: &mut S,
+    channel: u8,
+    first: bytes::Bytes,
+    pending: &mut Option<Option<Output>>,
+) -> bytes::Bytes {
+    let mut msg: Option<bytes::BytesMut> = None;
+    while msg.as_ref().map_or(first.len(), |m| m.len()) < COALESCE_MAX {
+        let Some(next) = future::poll_once(session.next()).await else {
+            break;
+        };
+        let more = match (&next, channel) {
+            (Some(Output::Stdout(b)), k8s::STDOUT) | (Some(Output::Stderr(b)), k8s::STDERR) => b,
+            _ => {
+                *pending = Some(next);
+                break;
+            }
+        };
+        let m = msg.get_or_insert_with(|| {
+            let mut m = bytes::BytesMut::with_capacity(1 + first.len() + more.len());
+            m.extend_from_slice(&[channel]);
+            m.extend_from_slice(&first);
+            m
+        });
+        m.extend_from_slice(more);
+    }
+    match msg {
+        Some(m) => m.freeze(),
+        None => k8s::frame(channel, &first),
     }
 }
 

@@ -106,6 +106,10 @@ pub struct Store {
     /// Per container, while anyone watches it: output was appended or its
     /// record changed. One container's output wakes only its own readers.
     watched: Mutex<HashMap<String, Arc<Event>>>,
+    /// The records read or written so far: this process is their only
+    /// writer, and a follow asks for its record each time it reaches the
+    /// end of the output (per chunk while following live).
+    records: Mutex<HashMap<String, Record>>,
 }
 
 /// Locks a mutex, taking it over from a thread that panicked.
@@ -122,6 +126,7 @@ impl Store {
             limits,
             logs: Mutex::new(HashMap::new()),
             watched: Mutex::new(HashMap::new()),
+            records: Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,8 +157,13 @@ impl Store {
 
     /// The record of `id`, if stored.
     pub fn record(&self, id: &str) -> Option<Record> {
+        if let Some(r) = lock(&self.records).get(id) {
+            return Some(r.clone());
+        }
         let bytes = fs::read(self.dir(id).join("record.json")).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        let record: Record = serde_json::from_slice(&bytes).ok()?;
+        lock(&self.records).insert(id.to_owned(), record.clone());
+        Some(record)
     }
 
     /// Writes `record` atomically (a crash leaves the old one or the new one).
@@ -172,6 +182,7 @@ impl Store {
         f.write_all(b"\n")?;
         f.sync_all()?;
         fs::rename(&tmp, dir.join("record.json"))?;
+        lock(&self.records).insert(record.id.clone(), record.clone());
         self.notify(&record.id);
         Ok(())
     }
@@ -223,6 +234,7 @@ impl Store {
     /// Removes everything stored for `id`; false if nothing was.
     pub fn remove(&self, id: &str) -> io::Result<bool> {
         lock(&self.logs).remove(id);
+        lock(&self.records).remove(id);
         match fs::remove_dir_all(self.dir(id)) {
             Ok(()) => {
                 self.notify(id);

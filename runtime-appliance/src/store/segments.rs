@@ -9,8 +9,9 @@
 //! leaves at most one torn frame at the tail of the newest segment; opening
 //! the log cuts it off (and anything after it).
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -132,6 +133,25 @@ fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// Writes a frame's header and payload with one `writev` (no copy into a
+/// buffer of its own); a short write (rare for a regular file) is finished
+/// with further writes.
+fn write_frame_to(f: &mut File, header: &[u8], data: &[u8]) -> io::Result<()> {
+    let mut done = loop {
+        match f.write_vectored(&[IoSlice::new(header), IoSlice::new(data)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    if done < header.len() {
+        f.write_all(&header[done..])?;
+        done = header.len();
+    }
+    f.write_all(&data[done - header.len()..])
+}
+
 /// Reads the frame at the file's position, if it is complete and follows
 /// `expected`; `None` at the end (or at a torn or foreign frame).
 fn read_frame(f: &mut File, expected: u64) -> io::Result<Option<Frame>> {
@@ -147,8 +167,11 @@ fn read_frame(f: &mut File, expected: u64) -> io::Result<Option<Frame>> {
     }
     let mut data = Vec::new();
     if kind != FrameKind::Gap {
-        data.resize(len as usize, 0);
-        if read_full(f, &mut data)? < data.len() {
+        // Read into spare capacity: no zeroing of a buffer about to be
+        // overwritten.
+        data.reserve_exact(len as usize);
+        (&mut *f).take(len).read_to_end(&mut data)?;
+        if data.len() < len as usize {
             return Ok(None);
         }
     }
@@ -161,6 +184,20 @@ fn read_frame(f: &mut File, expected: u64) -> io::Result<Option<Frame>> {
     }))
 }
 
+/// Bytes of the newest frames an output log keeps in memory for readers at
+/// its end (a live attach or `logs -f`), so they need not read back from
+/// disk what was just written.
+const RECENT_MAX: usize = 2 << 20;
+
+/// A frame kept in memory, and where it ends on disk: the segment (by start
+/// offset) and the file position just past it, where a reader that took it
+/// from memory goes on reading the file.
+struct Recent {
+    frame: Frame,
+    segment: u64,
+    pos_end: u64,
+}
+
 /// A container's output log, open for appending.
 pub struct OutputLog {
     dir: PathBuf,
@@ -169,6 +206,9 @@ pub struct OutputLog {
     file: Option<File>,
     size: u64,
     end: u64,
+    /// The newest frames, contiguous and ending at `end` (see [`RECENT_MAX`]).
+    recent: VecDeque<Recent>,
+    recent_bytes: usize,
 }
 
 impl OutputLog {
@@ -183,6 +223,8 @@ impl OutputLog {
             file: None,
             size: 0,
             end: 0,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         };
         if let Some(&last) = log.segments.last() {
             let path = segment_path(dir, last);
@@ -216,10 +258,24 @@ impl OutputLog {
 
     /// Appends output of `kind` received at `time`.
     pub fn append(&mut self, kind: FrameKind, time: SystemTime, data: &[u8]) -> io::Result<()> {
+        self.append_shared(kind, time, Bytes::copy_from_slice(data), false)
+    }
+
+    /// Appends output of `kind` received at `time`; with `keep`, the frame
+    /// is also kept in memory for readers at the end (pass it while anyone
+    /// reads this log: without, the memory kept is given back).
+    pub fn append_shared(
+        &mut self,
+        kind: FrameKind,
+        time: SystemTime,
+        data: Bytes,
+        keep: bool,
+    ) -> io::Result<()> {
         if data.is_empty() && kind != FrameKind::Gap {
             return Ok(());
         }
-        self.write_frame(kind, time, data.len() as u64, data)
+        let len = data.len() as u64;
+        self.write_frame(kind, time, len, data, keep)
     }
 
     /// Records that `lost` bytes of output never reached the follower.
@@ -227,7 +283,9 @@ impl OutputLog {
         if lost == 0 {
             return Ok(());
         }
-        self.write_frame(FrameKind::Gap, time, lost, &[])
+        // Kept only if frames before it are: the memory is contiguous.
+        let keep = !self.recent.is_empty();
+        self.write_frame(FrameKind::Gap, time, lost, Bytes::new(), keep)
     }
 
     fn write_frame(
@@ -235,7 +293,8 @@ impl OutputLog {
         kind: FrameKind,
         time: SystemTime,
         len: u64,
-        data: &[u8],
+        data: Bytes,
+        keep: bool,
     ) -> io::Result<()> {
         if self.segments.is_empty() || self.size >= self.limits.max_size {
             self.rotate()?;
@@ -251,16 +310,40 @@ impl OutputLog {
                     .open(&path)?,
             );
         }
-        let mut buf = Vec::with_capacity(HEADER + data.len());
-        buf.extend_from_slice(&encode_header(kind, time, self.end, len));
-        buf.extend_from_slice(data);
+        let header = encode_header(kind, time, self.end, len);
         let f = self
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("no segment open"))?;
-        f.write_all(&buf)?;
-        self.size += buf.len() as u64;
+        if let Err(e) = write_frame_to(f, &header, &data) {
+            // What is on disk no longer matches the memory.
+            self.forget_recent();
+            return Err(e);
+        }
+        let offset = self.end;
+        self.size += (HEADER + data.len()) as u64;
         self.end += len;
+        if !keep {
+            self.forget_recent();
+            return Ok(());
+        }
+        self.recent_bytes += data.len();
+        self.recent.push_back(Recent {
+            frame: Frame {
+                kind,
+                time,
+                offset,
+                len,
+                data,
+            },
+            segment: self.segments.last().copied().unwrap_or(offset),
+            pos_end: self.size,
+        });
+        while self.recent_bytes > RECENT_MAX
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.recent_bytes -= old.frame.data.len();
+        }
         Ok(())
     }
 
@@ -269,6 +352,11 @@ impl OutputLog {
     /// quiet containers would otherwise hold 10,000).
     pub fn release_file(&mut self) {
         self.file = None;
+    }
+
+    fn forget_recent(&mut self) {
+        self.recent = VecDeque::new();
+        self.recent_bytes = 0;
     }
 
     /// Starts a new segment at the end; drops the oldest beyond `max_files`.
@@ -287,6 +375,13 @@ impl OutputLog {
         self.size = 0;
         while self.segments.len() > self.limits.max_files.max(1) {
             let old = self.segments.remove(0);
+            // A reader is never served from memory what is no longer stored.
+            let first = self.segments[0];
+            while self.recent.front().is_some_and(|r| r.segment < first) {
+                if let Some(r) = self.recent.pop_front() {
+                    self.recent_bytes -= r.frame.data.len();
+                }
+            }
             match fs::remove_file(segment_path(&self.dir, old)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -301,7 +396,20 @@ impl OutputLog {
             dir: self.dir.clone(),
             file: None,
             next: from,
+            resume: None,
         }
+    }
+
+    /// The kept frame holding output offset `at`, if it is kept.
+    fn recent_at(&self, at: u64) -> Option<&Recent> {
+        let first = self.recent.front()?.frame.offset;
+        if at < first || at >= self.end {
+            return None;
+        }
+        let i = self
+            .recent
+            .partition_point(|r| r.frame.offset + r.frame.len <= at);
+        self.recent.get(i)
     }
 }
 
@@ -314,6 +422,9 @@ pub struct Reader {
     file: Option<(File, u64, u64)>,
     /// The next output offset wanted.
     next: u64,
+    /// Where the file is read on from after frames taken from memory: the
+    /// segment and the file position of `next`.
+    resume: Option<(u64, u64)>,
 }
 
 impl Reader {
@@ -322,10 +433,48 @@ impl Reader {
         self.next
     }
 
+    /// The next frame from `log`'s memory (cut to start at the reader's
+    /// offset), if the log still keeps it there; else read
+    /// [`next_frame`](Self::next_frame) from disk.
+    pub fn next_kept(&mut self, log: &OutputLog) -> Option<Frame> {
+        let recent = log.recent_at(self.next)?;
+        let mut frame = recent.frame.clone();
+        let skip = self.next - frame.offset;
+        frame.offset += skip;
+        frame.len -= skip;
+        if frame.kind != FrameKind::Gap {
+            frame.data = frame.data.slice(skip as usize..);
+        }
+        self.next = frame.offset + frame.len;
+        self.resume = Some((recent.segment, recent.pos_end));
+        Some(frame)
+    }
+
+    /// Puts the file where frames taken from memory ended.
+    fn resume_file(&mut self) -> io::Result<()> {
+        let Some((segment, pos)) = self.resume.take() else {
+            return Ok(());
+        };
+        if !matches!(&self.file, Some((_, start, _)) if *start == segment) {
+            self.file = match File::open(segment_path(&self.dir, segment)) {
+                Ok(f) => Some((f, segment, self.next)),
+                // Rotated away meanwhile: find the offset from the list.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            };
+        }
+        if let Some((f, _, at)) = self.file.as_mut() {
+            f.seek(SeekFrom::Start(pos))?;
+            *at = self.next;
+        }
+        Ok(())
+    }
+
     /// The next frame (cut to start at the reader's offset); `None` when the
     /// reader has everything stored so far. Output rotated away before the
     /// reader got to it comes as a gap.
     pub fn next_frame(&mut self) -> io::Result<Option<Frame>> {
+        self.resume_file()?;
         loop {
             if self.file.is_none() && !self.open_segment()? {
                 return Ok(None);

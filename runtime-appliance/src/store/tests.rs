@@ -2,6 +2,8 @@ use std::fs;
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+
 use super::*;
 
 fn t(s: u64) -> SystemTime {
@@ -40,6 +42,76 @@ fn frames_come_back_exactly_from_any_offset() {
         &b"!"[..],
         "a reader sees later output"
     );
+}
+
+/// A reader at the end is served kept frames from memory; one that took
+/// some from memory and falls behind what is kept (or reads after the memory
+/// was given back) goes on from the file at the right byte, across
+/// rotations, and never gets from memory what rotation removed.
+#[test]
+fn kept_frames_and_the_file_give_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_size: 3 << 20,
+        max_files: 2,
+    };
+    let mut log = OutputLog::open(dir.path(), limits).unwrap();
+    let chunk = |i: u32| Bytes::from(vec![(i % 251) as u8; 100_000 + i as usize]);
+    let mut expect = Vec::new();
+    let mut r = log.reader(0);
+    let mut got = Vec::new();
+    let mut from_memory = 0;
+    for i in 0..120u32 {
+        let data = chunk(i);
+        expect.extend_from_slice(&data);
+        // Memory is given back now and then, as when nobody else reads.
+        log.append_shared(FrameKind::Stdout, t(i.into()), data, i % 40 != 39)
+            .unwrap();
+        // The reader keeps up for a while, then falls behind, then catches up.
+        if !(30..70).contains(&i) {
+            loop {
+                let frame = match r.next_kept(&log) {
+                    Some(f) => {
+                        from_memory += 1;
+                        Some(f)
+                    }
+                    None => r.next_frame().unwrap(),
+                };
+                let Some(f) = frame else { break };
+                assert_ne!(f.kind, FrameKind::Gap, "nothing was rotated away unread");
+                assert_eq!(f.offset, got.len() as u64);
+                got.extend_from_slice(&f.data);
+            }
+        }
+    }
+    assert_eq!(got.len(), expect.len());
+    assert!(got == expect, "the bytes differ");
+    assert!(
+        from_memory > 50,
+        "only {from_memory} frames came from memory"
+    );
+    // A reader from the start gets a gap for what rotation removed, then
+    // the rest from the file and memory alike.
+    let mut late = log.reader(0);
+    let first = late.next_kept(&log);
+    assert!(
+        first.is_none(),
+        "rotated-away output is not served from memory"
+    );
+    let gap = late.next_frame().unwrap().unwrap();
+    assert_eq!((gap.kind, gap.offset), (FrameKind::Gap, 0));
+    let mut rest = Vec::new();
+    loop {
+        let frame = match late.next_kept(&log) {
+            Some(f) => Ok(Some(f)),
+            None => late.next_frame(),
+        };
+        match frame.unwrap() {
+            Some(f) => rest.extend_from_slice(&f.data),
+            None => break,
+        }
+    }
+    assert!(rest == expect[gap.len as usize..], "the rest differs");
 }
 
 #[test]
