@@ -37,6 +37,10 @@ pub struct Runtime {
     pub resizes: Vec<(String, u16, u16)>,
     /// Execs started: (session, command).
     pub execs: Vec<(String, Option<String>)>,
+    /// `fork@tether` requests the guest asked the runtime to carry out.
+    pub forks: Vec<crate::tether::ForkMode>,
+    /// Answers the appliance gave to `forked@tether`.
+    pub forked_answers: Vec<bool>,
     /// Hold stdin credits instead of returning them at once.
     pub hold_stdin: bool,
     pub held: Vec<(Credit, usize)>,
@@ -261,6 +265,8 @@ impl LinkPair {
                 self.sessions.started(&session);
                 rt.execs.push((session, command));
             }
+            GuestEvent::Fork { mode } => rt.forks.push(mode),
+            GuestEvent::ForkedAnswered { accepted } => rt.forked_answers.push(accepted),
             _ => {}
         }
     }

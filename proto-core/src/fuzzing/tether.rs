@@ -94,6 +94,7 @@ fn payloads(input: &mut Input<'_>) {
         }
         _ => {
             let _ = tether::decode_fork(data);
+            let _ = tether::decode_fork_reply(data);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::messages::{self as m, AttachRequest, State};
+use super::messages::{self as m, AttachRequest, ForkMode, State};
 use super::sessions::{Credit, LinkId, Sessions};
 use super::signal::Signal;
 use crate::auth::{Authenticated, Rejected};
@@ -66,7 +66,27 @@ pub enum GuestEvent {
         cols: u16,
         rows: u16,
     },
+    /// `fork@tether`: quiesce or resume (docs/PROTOCOL.md 4.5); answer with
+    /// [`GuestLink::fork_done`] on this link. A guest that cannot fork
+    /// answers at once with `None`.
+    Fork { mode: ForkMode },
+    /// The appliance answered this link's `forked@tether` (FAILURE: an
+    /// appliance that predates fork; the child runs on).
+    ForkedAnswered { accepted: bool },
 }
+
+/// A global request waiting for its reply: replies go out in request order,
+/// so a list asked for behind a fork waits for the fork.
+enum Held {
+    List,
+    Fork(ForkMode),
+    Refused,
+}
+
+/// Why new sessions and attachments to stopped ones are refused.
+pub const QUIESCED: &str = "quiesced for fork";
+/// The DISCONNECT description after a quiesce.
+pub const QUIESCED_DISCONNECT: &str = "tether: quiesced for fork";
 
 /// What a channel is for.
 enum Role {
@@ -101,6 +121,10 @@ pub struct GuestLink {
     /// The `Sessions::version` last pushed or replied.
     pushed: Option<u64>,
     events: VecDeque<GuestEvent>,
+    /// Global requests not yet answered, oldest first (behind a fork).
+    held: VecDeque<Held>,
+    /// This link sent the pending `forked@tether`.
+    forked_sent: bool,
 }
 
 fn encode(f: impl FnOnce(&mut BytesMut)) -> Bytes {
@@ -132,6 +156,8 @@ impl GuestLink {
             roles: BTreeMap::new(),
             pushed: None,
             events: VecDeque::new(),
+            held: VecDeque::new(),
+            forked_sent: false,
         }
     }
 
@@ -223,6 +249,11 @@ impl GuestLink {
                 channel_type,
                 data,
             } => match channel_type.as_str() {
+                "session" if s.quiesced() => self.conn.reject_channel(
+                    channel,
+                    open_failure::ADMINISTRATIVELY_PROHIBITED,
+                    QUIESCED,
+                )?,
                 "session" => {
                     self.conn.accept_channel(channel)?;
                     let setup = Role::Setup {
@@ -272,20 +303,87 @@ impl GuestLink {
                 }
             }
             Event::GlobalRequest {
-                name, want_reply, ..
+                name,
+                data,
+                want_reply,
             } if want_reply => {
-                if name == m::CONTAINER_IDS {
-                    let list = encode(|b| m::encode_container_ids(&s.list(), b));
-                    self.pushed = Some(s.version());
-                    self.conn.global_reply(true, list)?;
-                } else {
-                    // fork@tether: this guest does not fork yet.
-                    self.conn.global_reply(false, Bytes::new())?;
-                }
+                let held = match name.as_str() {
+                    m::CONTAINER_IDS => Held::List,
+                    m::FORK => match m::decode_fork(&data)
+                        .ok()
+                        .as_deref()
+                        .and_then(ForkMode::parse)
+                    {
+                        Some(mode) => {
+                            self.events.push_back(GuestEvent::Fork { mode });
+                            Held::Fork(mode)
+                        }
+                        None => Held::Refused,
+                    },
+                    _ => Held::Refused,
+                };
+                self.held.push_back(held);
+                self.answer_held(s)?;
+            }
+            Event::GlobalReply { success, .. } if self.forked_sent => {
+                // The only global request this side sends with want-reply.
+                self.forked_sent = false;
+                s.fork_answered();
+                let accepted = success;
+                self.events
+                    .push_back(GuestEvent::ForkedAnswered { accepted });
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Answers the held global requests from the oldest, up to the first
+    /// fork still in progress.
+    fn answer_held(&mut self, s: &Sessions) -> Result<()> {
+        while let Some(held) = self.held.front() {
+            match held {
+                Held::Fork(_) => return Ok(()),
+                Held::List => {
+                    let list = encode(|b| m::encode_container_ids(&s.list(), b));
+                    self.pushed = Some(s.version());
+                    self.conn.global_reply(true, list)?;
+                }
+                Held::Refused => self.conn.global_reply(false, Bytes::new())?,
+            }
+            self.held.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Answers this link's oldest `fork@tether` ([`GuestEvent::Fork`]):
+    /// `Some(generation)` for SUCCESS (a quiesce's reply carries it, and the
+    /// link then ends with DISCONNECT `tether: quiesced for fork`), `None`
+    /// for FAILURE.
+    pub fn fork_done(&mut self, s: &mut Sessions, result: Option<u64>) {
+        let Some(i) = self.held.iter().position(|h| matches!(h, Held::Fork(_))) else {
+            return;
+        };
+        let Some(Held::Fork(mode)) = self.held.remove(i) else {
+            return;
+        };
+        // Requests held behind it are answered after it, in order.
+        let behind: Vec<Held> = self.held.drain(i..).collect();
+        let data = match (mode, result) {
+            (ForkMode::Quiesce, Some(generation)) => {
+                encode(|b| m::encode_fork_reply(generation, b))
+            }
+            _ => Bytes::new(),
+        };
+        if self.conn.global_reply(result.is_some(), data).is_err() {
+            return;
+        }
+        self.held.extend(behind);
+        let _ = self.answer_held(s);
+        if mode == ForkMode::Quiesce && result.is_some() {
+            self.conn
+                .disconnect(DisconnectReason::ByApplication, QUIESCED_DISCONNECT);
+        }
     }
 
     /// Input from the appliance: to the process if the channel may write its
@@ -321,6 +419,9 @@ impl GuestLink {
         let Some(session) = s.get(&req.id) else {
             return refuse(&mut self.conn, format!("unknown session {}", req.id));
         };
+        if s.quiesced() && session.state != State::Exited {
+            return refuse(&mut self.conn, QUIESCED.into());
+        }
         let (start, end) = (session.log.start(), session.log.end());
         let from = if req.from == m::LIVE { end } else { req.from };
         if from > end {
@@ -374,6 +475,7 @@ impl GuestLink {
                     }
                     true
                 }
+                ChannelRequest::Exec { .. } | ChannelRequest::Shell if s.quiesced() => false,
                 ChannelRequest::Exec { .. } | ChannelRequest::Shell => {
                     let command = match request {
                         ChannelRequest::Exec { command } => {
@@ -388,6 +490,7 @@ impl GuestLink {
             },
             Some(Role::Attached(a)) => {
                 let session = a.session.clone();
+                let quiesced = s.quiesced();
                 let Some(state) = s.get_mut(&session) else {
                     return false;
                 };
@@ -416,7 +519,7 @@ impl GuestLink {
                         true
                     }
                     ChannelRequest::Other { name, .. } if name == m::START => {
-                        if state.state != State::Created || state.start_requested {
+                        if state.state != State::Created || state.start_requested || quiesced {
                             return false;
                         }
                         state.start_requested = true;
@@ -504,8 +607,24 @@ impl GuestLink {
             let _ = self.conn.channel_consume(channel, n);
         }
         if self.conn.is_authenticated() {
+            self.send_forked(s);
             self.push_list(s);
             self.note_exit_reported(s);
+        }
+    }
+
+    /// A child's announcement, first after authentication, once per link
+    /// until an appliance answers.
+    fn send_forked(&mut self, s: &mut Sessions) {
+        if self.forked_sent {
+            return;
+        }
+        let Some(forked) = s.pending_fork() else {
+            return;
+        };
+        let data = encode(|b| forked.encode(b));
+        if self.conn.global_request(m::FORKED, &data, true).is_ok() {
+            self.forked_sent = true;
         }
     }
 

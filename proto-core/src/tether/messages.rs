@@ -269,17 +269,68 @@ impl ExitStatus {
     }
 }
 
-/// `fork@tether` data: the mode (only "quiesce").
+/// What a `fork@tether` request asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForkMode {
+    /// Stop the sessions, drain, sync, reply with the generation, disconnect.
+    Quiesce,
+    /// Continue the stopped sessions (the parent, after the save).
+    Resume,
+}
+
+impl ForkMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quiesce => "quiesce",
+            Self::Resume => "resume",
+        }
+    }
+
+    /// The mode a wire name stands for.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "quiesce" => Some(Self::Quiesce),
+            "resume" => Some(Self::Resume),
+            _ => None,
+        }
+    }
+}
+
+/// `fork@tether` data.
+pub fn encode_fork(mode: ForkMode, b: &mut impl BufMut) {
+    b.put_string(mode.as_str().as_bytes());
+}
+
+/// Decodes `fork@tether` data: the mode, as sent (a guest refuses modes it
+/// does not know).
 pub fn decode_fork(data: &[u8]) -> Result<String> {
     Ok(Reader::new(data, FORK).utf8()?.to_owned())
 }
 
-/// `forked@tether` data.
+/// The SUCCESS data of `fork@tether`: the guest's identity generation.
+pub fn encode_fork_reply(generation: u64, b: &mut impl BufMut) {
+    b.put_u64(generation);
+}
+
+/// Decodes the SUCCESS data of `fork@tether`.
+pub fn decode_fork_reply(data: &[u8]) -> Result<u64> {
+    Reader::new(data, FORK).u64()
+}
+
+/// `forked@tether` data: a child announces itself (docs/PROTOCOL.md 4.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forked {
+    /// The container id forked from.
     pub parent_id: String,
+    /// This VM's container id.
     pub new_id: String,
+    /// This VM's identity generation.
     pub generation: u64,
+    /// Empty if every recovery step succeeded, else `step: reason`.
+    pub failure: String,
+    /// Microseconds from noticing the new identity to this request.
+    pub recovery_us: u64,
 }
 
 impl Forked {
@@ -287,6 +338,8 @@ impl Forked {
         b.put_string(self.parent_id.as_bytes());
         b.put_string(self.new_id.as_bytes());
         b.put_u64(self.generation);
+        b.put_string(self.failure.as_bytes());
+        b.put_u64(self.recovery_us);
     }
 
     pub fn decode(data: &[u8]) -> Result<Self> {
@@ -295,6 +348,8 @@ impl Forked {
             parent_id: r.utf8()?.to_owned(),
             new_id: r.utf8()?.to_owned(),
             generation: r.u64()?,
+            failure: r.utf8()?.to_owned(),
+            recovery_us: r.u64()?,
         })
     }
 }
@@ -349,5 +404,40 @@ mod tests {
             ]
         );
         assert_eq!(AttachRequest::decode(&b).unwrap(), req);
+    }
+
+    #[test]
+    fn forked_bytes_match_protocol_md() {
+        let f = Forked {
+            parent_id: "w".into(),
+            new_id: "w-1".into(),
+            generation: 7,
+            failure: "clock: no RTC".into(),
+            recovery_us: 0x0102,
+        };
+        let mut b = Vec::new();
+        f.encode(&mut b);
+        let mut want = vec![0, 0, 0, 1, b'w', 0, 0, 0, 3, b'w', b'-', b'1'];
+        want.extend_from_slice(&7u64.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 13]);
+        want.extend_from_slice(b"clock: no RTC");
+        want.extend_from_slice(&0x0102u64.to_be_bytes());
+        assert_eq!(b, want);
+        assert_eq!(Forked::decode(&b).unwrap(), f);
+        // The three-field form of an earlier draft is refused.
+        assert!(Forked::decode(&want[..20]).is_err());
+    }
+
+    #[test]
+    fn fork_modes_round_trip() {
+        for mode in [ForkMode::Quiesce, ForkMode::Resume] {
+            let mut b = Vec::new();
+            encode_fork(mode, &mut b);
+            assert_eq!(ForkMode::parse(&decode_fork(&b).unwrap()), Some(mode));
+        }
+        assert_eq!(ForkMode::parse("split"), None);
+        let mut b = Vec::new();
+        encode_fork_reply(9, &mut b);
+        assert_eq!(decode_fork_reply(&b).unwrap(), 9);
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
-use super::messages::{ContainerInfo, ExitStatus, Kind, State};
+use super::messages::{ContainerInfo, ExitStatus, Forked, Kind, State};
 use crate::event::ChannelId;
 use crate::outlog::{OutputLog, Overflow, Stream};
 
@@ -114,6 +114,11 @@ pub struct Sessions {
     primary_drained: bool,
     room: BTreeSet<String>,
     events: VecDeque<SessionEvent>,
+    /// Quiesced for a fork: new sessions and attachments to stopped ones are
+    /// refused on every link.
+    quiesced: bool,
+    /// A child's `forked@tether`, until an appliance answered it.
+    forked: Option<Forked>,
 }
 
 impl Sessions {
@@ -132,6 +137,8 @@ impl Sessions {
             primary_drained: false,
             room: BTreeSet::new(),
             events: VecDeque::new(),
+            quiesced: false,
+            forked: None,
         }
     }
 
@@ -308,6 +315,67 @@ impl Sessions {
             return Some(SessionEvent::Room { session });
         }
         self.events.pop_front()
+    }
+
+    /// Quiesces for a fork (or ends it): while quiesced every link refuses
+    /// new sessions, and attachments to and starts of sessions that are not
+    /// exited (their processes are stopped).
+    pub fn set_quiesced(&mut self, quiesced: bool) {
+        self.quiesced = quiesced;
+    }
+
+    /// Whether the guest is quiesced for a fork.
+    pub fn quiesced(&self) -> bool {
+        self.quiesced
+    }
+
+    /// A child announces itself: every link sends `forked` as its first
+    /// global request after authentication, until an appliance answers.
+    pub fn announce_fork(&mut self, forked: Forked) {
+        self.forked = Some(forked);
+    }
+
+    /// The announcement not yet answered (the runtime may update its
+    /// `recovery_us` when a link authenticates).
+    pub fn pending_fork(&mut self) -> Option<&mut Forked> {
+        self.forked.as_mut()
+    }
+
+    pub(crate) fn fork_answered(&mut self) {
+        self.forked = None;
+    }
+
+    /// A child takes its names: the primary becomes `id` (the container id),
+    /// every other session `X` becomes `X-n`; later execs are named after
+    /// `id`. Returns the (old, new) pairs; nothing is renamed if a new name
+    /// would be taken twice.
+    pub fn rename_for_child(&mut self, id: &str, n: u32) -> Result<Vec<(String, String)>, String> {
+        let renames: Vec<(String, String)> = self
+            .sessions
+            .keys()
+            .map(|old| {
+                let new = if *old == self.primary {
+                    id.to_owned()
+                } else {
+                    format!("{old}-{n}")
+                };
+                (old.clone(), new)
+            })
+            .collect();
+        let new: BTreeSet<&String> = renames.iter().map(|(_, new)| new).collect();
+        if new.len() != renames.len() {
+            return Err(format!(
+                "renaming to {id} and -{n} would give two sessions one id"
+            ));
+        }
+        let old = std::mem::take(&mut self.sessions);
+        for ((_, session), (_, new)) in old.into_iter().zip(&renames) {
+            self.sessions.insert(new.clone(), session);
+        }
+        self.primary = id.to_owned();
+        self.room.clear();
+        self.version += 1;
+        Ok(renames)
     }
 
     pub(crate) fn version(&self) -> u64 {

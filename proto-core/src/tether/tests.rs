@@ -543,3 +543,198 @@ fn a_primary_that_exits_before_anyone_attached_waits_for_an_attachment() {
     pair.drive();
     assert!(pair.sessions.exit_reported());
 }
+
+fn exec(command: &str) -> Open {
+    Open::Exec {
+        command: command.into(),
+        tty: None,
+        env: Vec::new(),
+    }
+}
+
+fn open_failed(pair: &LinkPair, channel: crate::ChannelId) -> Option<String> {
+    pair.events.iter().find_map(|e| match e {
+        ApplianceEvent::OpenFailed { channel: c, reason } if *c == channel => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+/// docs/PROTOCOL.md 4.5: quiesce (requests behind it wait; new sessions and
+/// attachments to stopped ones are refused), the reply with the generation,
+/// DISCONNECT; then on the next link, resume.
+#[test]
+fn quiesce_replies_with_the_generation_disconnects_and_resume_reopens() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stdout, bytes(0..10));
+    let attach = pair.appliance.open(LinkPair::attach(0, false)).unwrap();
+    pair.drive();
+    pair.appliance.fork(ForkMode::Quiesce).unwrap();
+    let list = pair.appliance.list().unwrap();
+    pair.drive();
+    assert_eq!(pair.runtime.forks, [ForkMode::Quiesce]);
+    // The runtime quiesces: sessions refused from now on, output drained.
+    pair.sessions.set_quiesced(true);
+    pair.sessions
+        .push_output(PRIMARY, Stream::Stdout, bytes(10..20));
+    let refused_exec = pair.appliance.open(exec("true")).unwrap();
+    let refused_attach = pair.appliance.open(LinkPair::attach(0, false)).unwrap();
+    pair.drive();
+    assert_eq!(
+        open_failed(&pair, refused_exec).as_deref(),
+        Some("quiesced for fork")
+    );
+    assert_eq!(
+        open_failed(&pair, refused_attach).as_deref(),
+        Some("quiesced for fork")
+    );
+    assert!(
+        !pair.events.iter().any(|e| matches!(
+            e,
+            ApplianceEvent::Fork { .. } | ApplianceEvent::Containers { reply: Some(_), .. }
+        )),
+        "nothing is answered before the quiesce is done"
+    );
+    pair.guest.fork_done(&mut pair.sessions, Some(7));
+    pair.drive();
+    // All output up to the quiesce arrived, then the reply, then the list.
+    assert_eq!(pair.received(attach).0, bytes(0..20));
+    let fork_at = pair.events.iter().position(|e| {
+        *e == ApplianceEvent::Fork {
+            mode: ForkMode::Quiesce,
+            success: true,
+            generation: Some(7),
+        }
+    });
+    let list_at = pair
+        .events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Containers { reply: Some(r), .. } if *r == list));
+    assert!(fork_at.is_some() && fork_at < list_at, "{:?}", pair.events);
+    match pair
+        .appliance_error
+        .as_ref()
+        .or(pair.appliance.close_reason())
+    {
+        Some(crate::Error::PeerDisconnected {
+            reason,
+            description,
+        }) => {
+            assert_eq!(*reason, crate::DisconnectReason::ByApplication);
+            assert_eq!(description, "tether: quiesced for fork");
+        }
+        other => panic!("expected the quiesce DISCONNECT, got {other:?}"),
+    }
+
+    // The parent's next link: still refusing, until resumed.
+    pair.relink();
+    pair.drive();
+    let refused = pair.appliance.open(exec("true")).unwrap();
+    pair.appliance.fork(ForkMode::Resume).unwrap();
+    pair.drive();
+    assert!(open_failed(&pair, refused).is_some());
+    assert_eq!(pair.runtime.forks, [ForkMode::Quiesce, ForkMode::Resume]);
+    pair.sessions.set_quiesced(false);
+    pair.guest.fork_done(&mut pair.sessions, Some(7));
+    pair.drive();
+    assert!(pair.events.contains(&ApplianceEvent::Fork {
+        mode: ForkMode::Resume,
+        success: true,
+        generation: None,
+    }));
+    assert!(!pair.appliance.is_closed(), "a resume keeps the link");
+    let ch = pair.appliance.open(exec("true")).unwrap();
+    pair.drive();
+    assert!(opened(&pair, ch).is_some(), "{:?}", pair.events);
+}
+
+#[test]
+fn a_guest_that_cannot_fork_refuses_and_keeps_the_link() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.appliance.fork(ForkMode::Quiesce).unwrap();
+    pair.drive();
+    pair.guest.fork_done(&mut pair.sessions, None);
+    pair.drive();
+    assert!(pair.events.contains(&ApplianceEvent::Fork {
+        mode: ForkMode::Quiesce,
+        success: false,
+        generation: None,
+    }));
+    assert!(!pair.appliance.is_closed());
+    assert!(!pair.sessions.quiesced());
+}
+
+/// A child's `forked@tether` goes first after authentication on each link
+/// until an appliance answered it; the appliance surfaces it as an event.
+#[test]
+fn a_child_announces_itself_on_each_link_until_answered() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    let renamed = pair.sessions.rename_for_child("web-2", 2).unwrap();
+    assert_eq!(renamed, [("web".to_string(), "web-2".to_string())]);
+    let forked = Forked {
+        parent_id: "web".into(),
+        new_id: "web-2".into(),
+        generation: 9,
+        failure: String::new(),
+        recovery_us: 1234,
+    };
+    pair.sessions.announce_fork(forked.clone());
+    // The child drops its link (the parent's) and makes a new one.
+    pair.relink();
+    pair.drive();
+    let forked_at = pair
+        .events
+        .iter()
+        .position(|e| *e == ApplianceEvent::Forked(forked.clone()));
+    let pushed_at = pair
+        .events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Containers { .. }));
+    assert!(forked_at.is_some(), "{:?}", pair.events);
+    assert!(forked_at < pushed_at, "{:?}", pair.events);
+    assert_eq!(pair.runtime.forked_answers, [true]);
+    assert!(pair.sessions.pending_fork().is_none());
+    let Some(ApplianceEvent::Containers { list, .. }) = pair.events.get(pushed_at.unwrap()) else {
+        unreachable!()
+    };
+    assert_eq!(list[0].id, "web-2");
+    assert_eq!(list[0].kind, Kind::Primary);
+    // Answered: the next link does not announce again.
+    pair.relink();
+    pair.drive();
+    assert!(
+        !pair
+            .events
+            .iter()
+            .any(|e| matches!(e, ApplianceEvent::Forked(_)))
+    );
+}
+
+#[test]
+fn a_child_renames_its_execs_and_names_new_ones_after_itself() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    let ch = pair.appliance.open(exec("true")).unwrap();
+    pair.drive();
+    let (_, exec_id) = opened(&pair, ch).unwrap();
+    assert_eq!(exec_id.as_deref(), Some("web-exec1"));
+    let mut renamed = pair.sessions.rename_for_child("copy", 3).unwrap();
+    renamed.sort();
+    assert_eq!(
+        renamed,
+        [
+            ("web".to_string(), "copy".to_string()),
+            ("web-exec1".to_string(), "web-exec1-3".to_string())
+        ]
+    );
+    assert_eq!(pair.sessions.primary(), "copy");
+    pair.relink();
+    pair.drive();
+    let ch = pair.appliance.open(exec("true")).unwrap();
+    pair.drive();
+    assert_eq!(opened(&pair, ch).unwrap().1.as_deref(), Some("copy-exec2"));
+    // A rename that would give two sessions one id changes nothing.
+    assert!(pair.sessions.rename_for_child("copy-exec2-1", 1).is_err());
+    assert_eq!(pair.sessions.primary(), "copy");
+}

@@ -5,7 +5,9 @@
 
 use bytes::Bytes;
 
-use super::{ApplianceEvent, ApplianceLink, Chan, Kind, ListId, Open, Pending, Phase, Waiter};
+use super::{
+    ApplianceEvent, ApplianceLink, Chan, GlobalWaiter, Kind, ListId, Open, Pending, Phase, Waiter,
+};
 use crate::event::{ChannelId, Event, open_failure};
 use crate::request::{ChannelRequest, PtyRequest};
 use crate::tether::messages::{self as m, ExitStatus};
@@ -26,29 +28,53 @@ impl ApplianceLink {
                     .global_request(m::CONTAINER_IDS, &[], true)
                     .is_ok()
                 {
-                    self.lists.push_back(None);
+                    self.globals.push_back(GlobalWaiter::List(None));
                 }
             }
-            Event::GlobalReply { success, data } => {
-                let reply = self.lists.pop_front().flatten();
-                self.events.push_back(if success {
-                    list_event(&data, reply)
-                } else {
-                    ApplianceEvent::ListFailed {
-                        reply,
-                        reason: "the guest refused to list its containers".into(),
-                    }
-                });
-            }
+            Event::GlobalReply { success, data } => match self.globals.pop_front() {
+                Some(GlobalWaiter::Fork(mode)) => {
+                    let generation = match mode {
+                        m::ForkMode::Quiesce if success => m::decode_fork_reply(&data).ok(),
+                        _ => None,
+                    };
+                    self.events.push_back(ApplianceEvent::Fork {
+                        mode,
+                        success,
+                        generation,
+                    });
+                }
+                Some(GlobalWaiter::List(reply)) => {
+                    self.events.push_back(if success {
+                        list_event(&data, reply)
+                    } else {
+                        ApplianceEvent::ListFailed {
+                            reply,
+                            reason: "the guest refused to list its containers".into(),
+                        }
+                    });
+                }
+                None => {}
+            },
             Event::GlobalRequest {
                 name,
                 data,
                 want_reply,
             } => {
-                let known = name == m::CONTAINER_IDS;
-                if known {
-                    self.events.push_back(list_event(&data, None));
-                }
+                let known = match name.as_str() {
+                    m::CONTAINER_IDS => {
+                        self.events.push_back(list_event(&data, None));
+                        true
+                    }
+                    // A malformed announcement is refused: the child runs on.
+                    m::FORKED => match m::Forked::decode(&data) {
+                        Ok(forked) => {
+                            self.events.push_back(ApplianceEvent::Forked(forked));
+                            true
+                        }
+                        Err(_) => false,
+                    },
+                    _ => false,
+                };
                 if want_reply {
                     let _ = self.conn.global_reply(known, Bytes::new());
                 }

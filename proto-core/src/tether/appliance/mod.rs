@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::messages::{self as m, AttachRequest, ContainerInfo, ExitStatus};
+use super::messages::{self as m, AttachRequest, ContainerInfo, ExitStatus, ForkMode, Forked};
 use crate::error::{Error, Result};
 use crate::event::ChannelId;
 use crate::request::ChannelRequest;
@@ -89,6 +89,24 @@ pub enum ApplianceEvent {
     StdinSent { channel: ChannelId, n: usize },
     /// The channel is gone.
     Closed { channel: ChannelId },
+    /// The guest's reply to [`ApplianceLink::fork`]: `success`, and for a
+    /// quiesce the guest's identity generation (docs/PROTOCOL.md 4.5).
+    Fork {
+        mode: ForkMode,
+        success: bool,
+        generation: Option<u64>,
+    },
+    /// A forked child announced itself (`forked@tether`; the link answered
+    /// SUCCESS). A non-empty `failure` means its recovery failed.
+    Forked(Forked),
+}
+
+/// Who waits for the reply to one of our global requests.
+#[derive(Debug, Clone, Copy)]
+enum GlobalWaiter {
+    /// A container list: ours (`Some`) or the link's own first one.
+    List(Option<ListId>),
+    Fork(ForkMode),
 }
 
 /// Who waits for a channel reply.
@@ -158,8 +176,8 @@ impl Chan {
 pub struct ApplianceLink {
     conn: Connection,
     chans: BTreeMap<ChannelId, Chan>,
-    /// Our container-list requests awaiting a reply, in order.
-    lists: VecDeque<Option<ListId>>,
+    /// Our global requests awaiting a reply, in order.
+    globals: VecDeque<GlobalWaiter>,
     next_list: u64,
     events: VecDeque<ApplianceEvent>,
 }
@@ -178,7 +196,7 @@ impl ApplianceLink {
         Self {
             conn: Connection::new(config, now, rng),
             chans: BTreeMap::new(),
-            lists: VecDeque::new(),
+            globals: VecDeque::new(),
             next_list: 0,
             events: VecDeque::new(),
         }
@@ -254,8 +272,18 @@ impl ApplianceLink {
         self.conn.global_request(m::CONTAINER_IDS, &[], true)?;
         self.next_list += 1;
         let id = ListId(self.next_list);
-        self.lists.push_back(Some(id));
+        self.globals.push_back(GlobalWaiter::List(Some(id)));
         Ok(id)
+    }
+
+    /// Sends `fork@tether` with `mode`; the guest's answer comes as
+    /// [`ApplianceEvent::Fork`]. After a successful quiesce the guest ends
+    /// the link.
+    pub fn fork(&mut self, mode: ForkMode) -> Result<()> {
+        let data = encode(|b| m::encode_fork(mode, b));
+        self.conn.global_request(m::FORK, &data, true)?;
+        self.globals.push_back(GlobalWaiter::Fork(mode));
+        Ok(())
     }
 
     /// Opens a channel; `Opened` or `OpenFailed` follows.
