@@ -26,13 +26,15 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Whether `id` is `pinned` itself or one of its execs (`<pinned>-exec<N>`).
+/// Whether `id` is `pinned` itself or one of its execs (`<pinned>-exec<N>`,
+/// and in a fork's child `<pinned>-exec<N>-<M>`...: docs/PROTOCOL.md 4.5).
 pub fn named_after(pinned: &str, id: &str) -> bool {
+    let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
     match id.strip_prefix(pinned) {
         Some("") => true,
         Some(rest) => rest
             .strip_prefix("-exec")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+            .is_some_and(|n| n.split('-').all(number)),
         None => false,
     }
 }
@@ -112,11 +114,15 @@ mod tests {
         assert!(named_after("web", "web"));
         assert!(named_after("web", "web-exec7"));
         assert!(named_after("web", "web-exec12"));
+        assert!(named_after("web", "web-exec12-1"));
+        assert!(named_after("web", "web-exec12-1-3"));
         for not in [
             "web-db",
             "web-exec",
             "web-exec7x",
             "web-exec-7",
+            "web-exec7-",
+            "web-exec7-x",
             "webx",
             "we",
             "x-web",

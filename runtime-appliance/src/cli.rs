@@ -110,6 +110,11 @@ pub struct ServeArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Where guest RAM files go (a tmpfs): each VM's RAM is a file
+    /// `tetherd-ID-GENERATION` here, removed when the VM ends, so a fork's
+    /// children can map it copy-on-write.
+    #[arg(long, default_value = "/dev/shm")]
+    pub shm_dir: PathBuf,
     /// The accelerator: `auto` tries KVM for real and falls back to TCG.
     #[arg(long, default_value = "auto")]
     pub accel: crate::vm::accel::AccelChoice,

@@ -352,6 +352,8 @@ mod tests {
             output_end: 0,
             tty: false,
             guest_key: None,
+            forked_from: None,
+            fork_failure: None,
             exit_signal: Some("TERM".into()),
         };
         store.save_record(&record).unwrap();
@@ -420,6 +422,8 @@ mod tests {
             output_end: 3,
             tty: false,
             guest_key: None,
+            forked_from: None,
+            fork_failure: None,
             exit_signal: None,
         };
         store.save_record(&record).unwrap();

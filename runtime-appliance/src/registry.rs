@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::api_types::{ApiError, ContainerView};
 use crate::claims::{self, Refusal};
+use crate::forks::ForkHub;
 use crate::guestlink::LinkCommand;
 use crate::limits::{Limits, LinkSlots, MAX_CLIENT_WAIT, Refusals};
 use crate::remembered::Remembered;
@@ -96,6 +97,8 @@ pub struct Shared {
     pub refusals: Refusals,
     /// Guest links open now (counted against `limits.max_links`).
     pub slots: std::sync::Arc<LinkSlots>,
+    /// Forks: children awaited, containers forked from others.
+    pub forks: ForkHub,
 }
 
 impl Shared {
@@ -127,6 +130,7 @@ impl Shared {
             limits: Limits::default(),
             refusals: Refusals::default(),
             slots: Default::default(),
+            forks: ForkHub::default(),
         }
     }
 
@@ -165,6 +169,7 @@ impl Shared {
 
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
+        self.forks.forget(id);
         self.lock().remembered.remove(id);
         self.changed.notify(usize::MAX);
     }
@@ -202,6 +207,7 @@ impl Shared {
 
     /// A link is gone: its claims go, exited containers are remembered.
     pub fn link_gone(&self, generation: u64) {
+        self.forks.link_gone(generation);
         let mut r = self.lock();
         r.links.remove(&generation);
         r.claimants.remove(&generation);
@@ -240,6 +246,7 @@ impl Shared {
             )
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+        self.forks.listed(generation, ids.iter().map(String::as_str));
         // A late list from a link already gone changes nothing (and leaves
         // no claimant behind).
         if r.map.update(generation, list) {
@@ -294,6 +301,19 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether a guest with host key `key` may serve `id` (pins only: what
+    /// other links serve does not matter here).
+    pub fn may_serve(&self, key: Option<&PublicKey>, id: &str) -> bool {
+        match (&self.known, key) {
+            (None, _) => claims::valid_id(id),
+            (Some(_), None) => false,
+            (Some(known), Some(key)) => {
+                claims::valid_id(id)
+                    && (claims::pinned_to(known, key, id) || claims::pinned_to(&self.pins(), key, id))
+            }
+        }
+    }
+
     /// Logs and counts a refused claim, once per link and id.
     fn refused(&self, r: &mut Registry, generation: u64, id: &str, why: &Refusal) {
         let claimant = r.claimants.entry(generation).or_default();
@@ -328,7 +348,11 @@ impl Shared {
                 ContainerView::new(&e.info, Some(e.generation)),
             );
         }
-        out.into_values().collect()
+        drop(r);
+        let out = out
+            .into_iter()
+            .map(|(id, v)| v.with_note(self.forks.note(&id)));
+        out.collect()
     }
 
     /// Live links.

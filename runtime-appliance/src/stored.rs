@@ -17,6 +17,13 @@ impl Appliance {
     pub fn with_store(mut self, dir: &Path, limits: Limits) -> Result<Self, String> {
         let store = Arc::new(Store::open(dir, limits)?);
         for record in store.records() {
+            if let Some(parent) = &record.forked_from {
+                let note = crate::forks::ForkNote {
+                    forked_from: parent.clone(),
+                    failure: record.fork_failure.clone(),
+                };
+                self.shared.forks.restore(&record.id, note);
+            }
             self.shared.remember(follower::info_of(&record));
         }
         follower::spawn(self.shared.clone(), store.clone());

@@ -7,6 +7,7 @@
 pub mod boot_files;
 pub mod guest_config;
 pub mod host;
+pub mod identity;
 pub mod request;
 pub mod state;
 pub mod vms;

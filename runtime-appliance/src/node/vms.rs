@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,15 @@ use tracing::{info, warn};
 use super::boot_files::{self, BootFiles};
 use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
 use super::host;
+use super::identity;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
 use super::state::{make_private_dir, prepare_dir, write_private};
 use crate::api_types::ApiError;
 use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
-use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
+use crate::vm::{
+    Memory, Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt,
+};
 
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
@@ -41,6 +45,8 @@ pub struct VmSettings {
     /// Default kernel and initramfs (else found or built on first use).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    /// Where guest RAM files go (`tetherd-ID-GENERATION`): a tmpfs.
+    pub shm_dir: PathBuf,
 }
 
 /// One VM.
@@ -53,6 +59,8 @@ struct Record {
     exit: Option<VmExit>,
     /// Auto-removed: its files are gone; kept a while so late callers learn it exited.
     removed: bool,
+    /// What it was booted with (`None` for a VM an earlier tetherd started).
+    spec: Option<VmSpec>,
 }
 
 /// The VMs of this tetherd.
@@ -172,6 +180,7 @@ impl Vms {
                     vm: None,
                     exit: None,
                     removed: false,
+                    spec: None,
                 },
             )
         };
@@ -230,6 +239,32 @@ impl Vms {
             format!("{:#}\n", serde_json::json!(request)).as_bytes(),
         )?;
         self.appliance.pin_guest(id, *host_key.public());
+        let nics: Vec<Nic> = match request.net {
+            NetMode::None => Vec::new(),
+            NetMode::User => vec![Nic::User { mac }],
+        }
+        .into_iter()
+        .chain(request.nics.iter().enumerate().map(|(n, nic)| Nic::User {
+            mac: nic.mac.clone().unwrap_or_else(|| extra_mac(id, n)),
+        }))
+        .collect();
+        let hostname = request
+            .guest
+            .as_ref()
+            .and_then(|g| g.get("hostname"))
+            .and_then(|h| h.as_str())
+            .map_or_else(|| identity::hostname_for(id), str::to_owned);
+        let me = identity::booted(id, &hostname, &macs_of(&nics))?;
+        let identity_path = dir.join("identity");
+        identity::write(&identity_path, &me)?;
+        let ram = self
+            .settings
+            .shm_dir
+            .join(format!("tetherd-{id}-{}", me.generation));
+        write_private(
+            &dir.join(RAM_PATH),
+            ram.as_os_str().as_encoded_bytes(),
+        )?;
         let spec = VmSpec {
             id: id.to_owned(),
             dir: dir.to_owned(),
@@ -241,15 +276,7 @@ impl Vms {
             memory_mib: request.memory_mib(),
             config: config_path,
             link: self.settings.link,
-            nics: match request.net {
-                NetMode::None => Vec::new(),
-                NetMode::User => vec![Nic::User { mac }],
-            }
-            .into_iter()
-            .chain(request.nics.iter().enumerate().map(|(n, nic)| Nic::User {
-                mac: nic.mac.clone().unwrap_or_else(|| extra_mac(id, n)),
-            }))
-            .collect(),
+            nics,
             disks: request.disk.iter().chain(&request.disks).cloned().collect(),
             shares: request
                 .rootfs
@@ -259,13 +286,47 @@ impl Vms {
                     path: p.clone(),
                 })
                 .collect(),
+            memory: Memory {
+                path: ram,
+                shared: true,
+            },
+            vmgenid: identity::vmgenid(),
+            identity: identity_path,
+            incoming: false,
         };
-        let vm: Arc<dyn Vm> = backend.start(&spec).await.map_err(vm_error)?.into();
+        let vm = self.launch(&backend, &spec).await?;
+        Ok(Created {
+            id: id.to_owned(),
+            accel: backend.accel().as_str().to_owned(),
+            pid: vm.pid(),
+            console: spec.console_log(),
+        })
+    }
+
+    /// Starts the hypervisor of `spec` (whose record exists), records it,
+    /// and reaps it when it exits.
+    async fn launch(
+        self: &Arc<Self>,
+        backend: &Arc<dyn VmBackend>,
+        spec: &VmSpec,
+    ) -> Result<Arc<dyn Vm>, ApiError> {
+        let id = &spec.id;
+        let started = backend.start(spec).await;
+        let vm: Arc<dyn Vm> = match started {
+            Ok(vm) => vm.into(),
+            Err(e) => {
+                if spec.memory.shared {
+                    remove_ram(&spec.memory.path);
+                }
+                return Err(vm_error(e));
+            }
+        };
         let accel = backend.accel().as_str();
-        info!(container = %id, pid = vm.pid(), accel, dir = %dir.display(), "VM started");
+        info!(container = %id, pid = vm.pid(), accel, dir = %spec.dir.display(), "VM started");
         if let Some(r) = self.lock().get_mut(id) {
             r.vm = Some(vm.clone());
             r.accel = accel;
+            r.spec = Some(spec.clone());
         }
         let me = self.clone();
         let owner = id.to_owned();
@@ -275,12 +336,7 @@ impl Vms {
             me.exited(&owner, exit).await;
         })
         .detach();
-        Ok(Created {
-            id: id.to_owned(),
-            accel: accel.to_owned(),
-            pid: vm.pid(),
-            console: spec.console_log(),
-        })
+        Ok(vm)
     }
 
     /// The hypervisor of `id` has exited: record it, and auto-remove.
@@ -293,6 +349,9 @@ impl Vms {
                 r.dir.join("exit.json"),
                 format!("{}\n", serde_json::json!(exit)),
             );
+            if let Ok(ram) = fs::read(r.dir.join(RAM_PATH)) {
+                remove_ram(Path::new(std::ffi::OsStr::from_bytes(&ram)));
+            }
             r.request.auto_remove
         };
         info!(container = %id, %exit, "VM exited");
@@ -487,6 +546,7 @@ impl Vms {
                     vm: Some(vm.clone()),
                     exit: None,
                     removed: false,
+                    spec: None,
                 },
             );
             if running {
@@ -499,6 +559,27 @@ impl Vms {
             }
         }
     }
+}
+
+/// The file in a VM's directory naming its RAM file (removed when it exits).
+const RAM_PATH: &str = "memory.path";
+
+/// Removes a VM's RAM file.
+fn remove_ram(path: &Path) {
+    if let Err(e) = fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing the guest RAM file {}: {e}", path.display());
+    }
+}
+
+/// The MACs of `nics`, in order.
+pub(crate) fn macs_of(nics: &[Nic]) -> Vec<String> {
+    nics.iter()
+        .map(|n| match n {
+            Nic::User { mac } => mac.clone(),
+        })
+        .collect()
 }
 
 fn vm_error(e: VmError) -> ApiError {

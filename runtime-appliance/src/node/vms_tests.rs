@@ -138,6 +138,7 @@ fn setup(fail: bool) -> Setup {
         accel: AccelChoice::Fixed(Accel::Tcg),
         kernel: None,
         initrd: None,
+        shm_dir: dir.path().join("shm"),
     };
     let vms = Vms::with_backend(
         settings,
