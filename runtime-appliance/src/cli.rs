@@ -54,6 +54,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Remove a stopped container's VM and its files.
     Rm(RmArgs),
+    /// Fork a container's VM into children, each a container of its own
+    /// (`ID-N` or the names given); prints each child's id as it connects.
+    Fork(ForkArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -328,4 +331,22 @@ pub struct RmArgs {
     /// Container ids.
     #[arg(required = true)]
     pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForkArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// How many children.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub children: u32,
+    /// A child's container id (repeatable, in order; the others are ID-N).
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// How long each child may take to connect before it counts as failed
+    /// (and its VM is killed).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// The container to fork (it keeps its id).
+    pub id: String,
 }

@@ -138,7 +138,7 @@ mod tests {
         // The child's execs are noted as they are listed by its link.
         hub.listed(4, ["web-1", "web-exec2-1"].into_iter());
         assert_eq!(hub.note("web-exec2-1").unwrap().forked_from, "web");
-        hub.listed(3, ["other"].into_iter());
+        hub.listed(5, ["other"].into_iter());
         hub.link_gone(4);
         hub.listed(4, ["late"].into_iter());
         assert!(hub.note("other").is_none() && hub.note("late").is_none());

@@ -355,6 +355,11 @@ impl Shared {
         out.collect()
     }
 
+    /// Whether link `generation` is still up.
+    pub fn link_alive(&self, generation: u64) -> bool {
+        self.lock().links.contains_key(&generation)
+    }
+
     /// Live links.
     pub fn link_count(&self) -> usize {
         self.lock().links.len()

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use super::boot_files::{self, BootFiles};
 use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
+use super::fork;
 use super::host;
 use super::identity;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
@@ -61,16 +62,20 @@ struct Record {
     removed: bool,
     /// What it was booted with (`None` for a VM an earlier tetherd started).
     spec: Option<VmSpec>,
+    /// A fork's child: its parent and number.
+    child: Option<(String, u32)>,
 }
 
 /// The VMs of this tetherd.
 pub struct Vms {
-    settings: VmSettings,
-    appliance: Appliance,
+    pub(super) settings: VmSettings,
+    pub(super) appliance: Appliance,
     appliance_key: PublicKey,
     backend: OnceCell<Arc<dyn VmBackend>>,
     boot: OnceCell<BootFiles>,
     records: Mutex<BTreeMap<String, Record>>,
+    /// Containers being forked now (one fork at a time each).
+    forking: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What the rest of the node needs to watch one VM.
@@ -91,6 +96,7 @@ impl Vms {
             backend: OnceCell::new(),
             boot: OnceCell::new(),
             records: Mutex::new(BTreeMap::new()),
+            forking: Mutex::new(Default::default()),
         }
     }
 
@@ -181,6 +187,7 @@ impl Vms {
                     exit: None,
                     removed: false,
                     spec: None,
+                    child: None,
                 },
             )
         };
@@ -305,7 +312,7 @@ impl Vms {
 
     /// Starts the hypervisor of `spec` (whose record exists), records it,
     /// and reaps it when it exits.
-    async fn launch(
+    pub(super) async fn launch(
         self: &Arc<Self>,
         backend: &Arc<dyn VmBackend>,
         spec: &VmSpec,
@@ -509,6 +516,147 @@ impl Vms {
     }
 }
 
+/// The fork workflow's bookkeeping (the workflow is in `fork`).
+impl Vms {
+    /// The parent of a fork: a VM this tetherd booted, running, whose RAM
+    /// is a file it shares.
+    pub(super) fn forkable(&self, id: &str) -> Result<fork::Parent, ApiError> {
+        let vm = self.running_vm(id)?;
+        if vm.try_wait().is_some() {
+            return Err(ApiError::Refused(format!("the VM of {id} has exited")));
+        }
+        let records = self.lock();
+        let r = records
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+        let Some(spec) = r.spec.clone() else {
+            return Err(ApiError::Refused(format!(
+                "the VM of {id} was started by an earlier tetherd; only VMs this tetherd booted fork"
+            )));
+        };
+        if !spec.memory.shared {
+            return Err(ApiError::Refused(format!(
+                "{id} is a fork's child, whose memory is a private copy: fork its parent instead"
+            )));
+        }
+        let key = fs::read_to_string(r.dir.join("guest.pub"))
+            .ok()
+            .and_then(|k| PublicKey::from_openssh(k.trim()).ok())
+            .ok_or_else(|| ApiError::Internal(format!("the guest key of {id} is not readable")))?;
+        Ok(fork::Parent {
+            id: id.to_owned(),
+            spec,
+            vm,
+            key,
+        })
+    }
+
+    /// Names and numbers the children of a fork of `parent` and records
+    /// them (no VM yet), so no other request takes the names; their guests
+    /// serve with the parent's key.
+    pub(super) fn reserve_children(
+        &self,
+        parent: &fork::Parent,
+        request: &fork::ForkRequest,
+    ) -> Result<Vec<(String, u32)>, ApiError> {
+        let id = &parent.id;
+        let mut forking = self.forking.lock().unwrap_or_else(|p| p.into_inner());
+        if forking.contains(id) {
+            return Err(ApiError::Refused(format!("{id} is being forked already")));
+        }
+        let mut records = self.lock();
+        let taken = |name: &str, records: &BTreeMap<String, Record>| {
+            records.get(name).is_some_and(|r| !r.removed)
+                || self.appliance.shared.info(name).is_some()
+        };
+        for name in &request.names {
+            if taken(name, &records) {
+                return Err(ApiError::Refused(format!(
+                    "container {name} exists (remove it first: DELETE /v1/containers/{name})"
+                )));
+            }
+        }
+        let mut n = records
+            .iter()
+            .filter_map(|(rid, r)| match &r.child {
+                Some((p, n)) if p == id => Some(*n),
+                _ => fork::child_number(id, rid),
+            })
+            .max()
+            .unwrap_or(0);
+        let mut children = Vec::new();
+        for i in 0..request.children as usize {
+            n += 1;
+            let name = match request.names.get(i) {
+                Some(name) => name.clone(),
+                None => loop {
+                    let name = format!("{id}-{n}");
+                    if !taken(&name, &records) && !request.names.contains(&name) {
+                        break name;
+                    }
+                    n += 1;
+                },
+            };
+            if n > identity::MAX_CHILD {
+                return Err(ApiError::Refused(format!(
+                    "{id} has had {} children: no more child numbers",
+                    identity::MAX_CHILD
+                )));
+            }
+            children.push((name, n));
+        }
+        for (name, n) in &children {
+            let mut request = r_request(&records, id);
+            request.name = Some(name.clone());
+            records.insert(
+                name.clone(),
+                Record {
+                    request,
+                    dir: self.settings.state_dir.join("vms").join(name),
+                    accel: "",
+                    vm: None,
+                    exit: None,
+                    removed: false,
+                    spec: None,
+                    child: Some((id.clone(), *n)),
+                },
+            );
+            self.appliance.pin_guest(name, parent.key);
+        }
+        forking.insert(id.clone());
+        Ok(children)
+    }
+
+    /// The create request a child of `parent` named `child` is recorded with.
+    pub(super) fn child_request(&self, parent: &str, child: &str) -> CreateRequest {
+        let mut request = r_request(&self.lock(), parent);
+        request.name = Some(child.to_owned());
+        request
+    }
+
+    /// Forgets a child that never ran: its record and files.
+    pub(super) fn drop_child(&self, id: &str) {
+        self.lock().remove(id);
+        self.remove_files(id);
+    }
+
+    /// The fork of `parent` is over.
+    pub(super) fn end_fork(&self, parent: &str) {
+        self.forking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(parent);
+    }
+}
+
+/// The create request of record `id` (default if it has none).
+fn r_request(records: &BTreeMap<String, Record>, id: &str) -> CreateRequest {
+    records
+        .get(id)
+        .map(|r| r.request.clone())
+        .unwrap_or_default()
+}
+
 impl Vms {
     /// Takes over the VMs an earlier tetherd left in the state directory:
     /// running ones (QEMU reconnects their links; their guests are trusted
@@ -547,6 +695,7 @@ impl Vms {
                     exit: None,
                     removed: false,
                     spec: None,
+                    child: None,
                 },
             );
             if running {
@@ -582,7 +731,7 @@ pub(crate) fn macs_of(nics: &[Nic]) -> Vec<String> {
         .collect()
 }
 
-fn vm_error(e: VmError) -> ApiError {
+pub(super) fn vm_error(e: VmError) -> ApiError {
     match e {
         VmError::Unavailable(m) => ApiError::Unavailable(m),
         other => ApiError::Internal(format!("booting the VM: {other}")),
