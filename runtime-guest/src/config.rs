@@ -75,6 +75,29 @@ pub struct RawConfig {
     pub sysctls: BTreeMap<String, system::SysctlValue>,
     #[serde(default)]
     pub ulimits: BTreeMap<String, [system::RawLimit; 2]>,
+    #[serde(default)]
+    pub fork: Option<RawFork>,
+    #[serde(default)]
+    pub fork_timeout: Option<String>,
+}
+
+/// `fork` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFork {
+    pub backend: ForkBackend,
+}
+
+/// Where a guest's fork identity comes from (docs/PROTOCOL.md 4.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForkBackend {
+    /// QEMU: the fw_cfg file `opt/tether/identity`.
+    Qemu,
+    /// VMware: guestinfo over the backdoor, frozen with `instantclone.freeze`.
+    Vmware,
+    /// No forking: `fork@tether` is refused.
+    None,
 }
 
 /// One session as written.
@@ -107,6 +130,10 @@ pub struct RawSession {
     pub overflow: OverflowName,
     #[serde(default)]
     pub tty_size: Option<[u16; 2]>,
+    #[serde(default)]
+    pub fork_signal: Option<String>,
+    #[serde(default)]
+    pub fork_grace: Option<String>,
 }
 
 fn yes() -> bool {
@@ -168,6 +195,11 @@ pub struct SessionSpec {
     pub output_buffer: usize,
     pub overflow: Overflow,
     pub tty_size: (u16, u16),
+    /// Sent before a fork's SIGSTOP (beforeCheckpoint) and after its SIGCONT
+    /// (afterRestore).
+    pub fork_signal: Option<Signal>,
+    /// How long the session has to act on `fork_signal` before it is stopped.
+    pub fork_grace: Duration,
 }
 
 /// The validated configuration.
@@ -182,6 +214,11 @@ pub struct Config {
     pub shell: String,
     pub exit_linger: Duration,
     pub keepalive: Duration,
+    /// `None`: QEMU when its identity file exists, else no forking.
+    pub fork_backend: Option<ForkBackend>,
+    /// How long a quiesced guest waits to be resumed (or to find itself a
+    /// child) before it resumes on its own.
+    pub fork_timeout: Duration,
     pub raw_os: OsConfig,
 }
 
@@ -334,6 +371,14 @@ impl Config {
                 }
                 None
             };
+            let fork_signal =
+                match &s.fork_signal {
+                    None => None,
+                    Some(name) => Some(Signal::parse(name).ok_or_else(|| {
+                        err(at("fork_signal"), format!("unknown signal {name:?}"))
+                    })?),
+                };
+            let fork_grace = duration(&at("fork_grace"), &s.fork_grace, Duration::from_secs(1))?;
             let output_buffer = s.output_buffer.unwrap_or(DEFAULT_OUTPUT_BUFFER);
             if output_buffer == 0 {
                 return Err(err(at("output_buffer"), "must be at least 1 byte"));
@@ -363,6 +408,8 @@ impl Config {
                     OverflowName::Block => Overflow::Block,
                 },
                 tty_size,
+                fork_signal,
+                fork_grace,
             });
         }
         if !sessions.iter().any(|s| s.id == raw.id) {
@@ -390,6 +437,8 @@ impl Config {
             shell: raw.shell.unwrap_or_else(|| "/bin/sh".into()),
             exit_linger: duration("exit_linger", &raw.exit_linger, Duration::from_secs(30))?,
             keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(4))?,
+            fork_backend: raw.fork.map(|f| f.backend),
+            fork_timeout: duration("fork_timeout", &raw.fork_timeout, Duration::from_secs(60))?,
             raw_os: OsConfig {
                 hostname: system::validate_name("hostname", raw.hostname)?,
                 domainname: system::validate_name("domainname", raw.domainname)?,
@@ -445,6 +494,29 @@ mod tests {
             (true, false, 1 << 20, Overflow::DropOldest)
         );
         assert_eq!(c.shell, "/bin/sh");
+        assert_eq!(
+            (s.fork_signal, s.fork_grace),
+            (None, Duration::from_secs(1))
+        );
+        assert_eq!(
+            (c.fork_backend, c.fork_timeout),
+            (None, Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn fork_settings_are_read() {
+        let mut v = base();
+        v["fork"] = serde_json::json!({"backend": "vmware"});
+        v["fork_timeout"] = "5s".into();
+        v["sessions"][0]["fork_signal"] = "USR1".into();
+        v["sessions"][0]["fork_grace"] = "250ms".into();
+        let c = parse(v).unwrap();
+        assert_eq!(c.fork_backend, Some(ForkBackend::Vmware));
+        assert_eq!(c.fork_timeout, Duration::from_secs(5));
+        let s = c.primary();
+        assert_eq!(s.fork_signal, Signal::parse("USR1"));
+        assert_eq!(s.fork_grace, Duration::from_millis(250));
     }
 
     #[test]
@@ -484,6 +556,19 @@ mod tests {
                 "authorized_keys[0]",
             ),
             (serde_json::json!({"link": "carrier-pigeon:1"}), "link"),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "fork_signal": "NOPE"}]}),
+                "sessions[0].fork_signal",
+            ),
+            (
+                serde_json::json!({"sessions": [{"id": "c1", "cmd": ["x"], "fork_grace": "a bit"}]}),
+                "sessions[0].fork_grace",
+            ),
+            (
+                serde_json::json!({"fork": {"backend": "xen"}}),
+                "fork.backend",
+            ),
+            (serde_json::json!({"fork_timeout": "never"}), "fork_timeout"),
             (
                 serde_json::json!({"networks": [{"mac": "zz"}]}),
                 "networks[0].mac",

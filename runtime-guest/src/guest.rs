@@ -94,11 +94,30 @@ pub struct Guest {
     pub link_backlog: crate::serve::Backlog,
     /// A fatal error (PID 1) the links must report as an SSH DISCONNECT.
     pub fatal: crate::init::fatal::FatalNotice,
+    /// Links with output not yet sent on their attachments (a fork's
+    /// quiesce drains them).
+    pub output_behind: crate::serve::Backlog,
+    /// Drops and holds the links for a fork.
+    pub links: crate::serve::LinkGate,
+    /// VM fork: the identity source and where a fork stands.
+    pub fork: crate::fork::ForkState,
+    /// A forked child's session ids to the configured ones they were.
+    configured: RefCell<BTreeMap<String, String>>,
 }
 
 impl Guest {
     /// The guest with its configured sessions created (not started).
     pub fn new(config: Config, ex: Rc<LocalExecutor<'static>>) -> Rc<Self> {
+        let fork = crate::fork::ForkState::new(config.fork_backend, crate::init::is_pid1());
+        Self::with_fork(config, ex, fork)
+    }
+
+    /// The guest with a given fork state (tests give their own backend).
+    pub fn with_fork(
+        config: Config,
+        ex: Rc<LocalExecutor<'static>>,
+        fork: crate::fork::ForkState,
+    ) -> Rc<Self> {
         let mut sessions = Sessions::new(&config.id, config.primary().output_buffer);
         let mut procs = BTreeMap::new();
         for s in &config.sessions {
@@ -125,7 +144,90 @@ impl Guest {
             ex,
             link_backlog: Default::default(),
             fatal: Default::default(),
+            output_behind: Default::default(),
+            links: Default::default(),
+            fork,
+            configured: RefCell::new(BTreeMap::new()),
         })
+    }
+
+    /// The executor the guest runs on.
+    pub fn executor(&self) -> &LocalExecutor<'static> {
+        &self.ex
+    }
+
+    /// The container id (a forked child's, once renamed).
+    pub fn primary_id(&self) -> String {
+        self.sessions.borrow().primary().to_owned()
+    }
+
+    /// The configured session a (possibly renamed) session id stands for.
+    fn spec_of(&self, id: &str) -> Option<&SessionSpec> {
+        let configured = self.configured.borrow().get(id).cloned();
+        let id = configured.as_deref().unwrap_or(id);
+        self.config.sessions.iter().find(|s| s.id == id)
+    }
+
+    /// Process groups of sessions whose process runs, with the session id.
+    fn running(&self) -> Vec<(String, Pid)> {
+        self.procs
+            .borrow()
+            .iter()
+            .filter(|(_, p)| p.exit.is_none())
+            .filter_map(|(id, p)| p.pid.map(|pid| (id.clone(), pid)))
+            .collect()
+    }
+
+    /// Sends `signal` to every running session's process group (a fork's
+    /// SIGSTOP and SIGCONT). A group that is gone is no error.
+    pub fn signal_running(&self, signal: Signal) -> std::io::Result<()> {
+        for (id, pid) in self.running() {
+            match process::signal_group(pid, signal) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => {}
+                Err(e) => return Err(std::io::Error::new(e.kind(), format!("{id}: {e}"))),
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends each running session that configured a `fork_signal` that
+    /// signal; returns the longest `fork_grace` among them.
+    pub fn send_fork_signals(&self) -> Option<Duration> {
+        let mut grace = None;
+        for (id, pid) in self.running() {
+            let Some((signal, g)) = self
+                .spec_of(&id)
+                .and_then(|s| s.fork_signal.map(|sig| (sig, s.fork_grace)))
+            else {
+                continue;
+            };
+            match process::signal_group(pid, signal) {
+                Ok(()) => grace = grace.max(Some(g)),
+                Err(e) => warn!(session = %id, "cannot send the fork signal SIG{signal}: {e}"),
+            }
+        }
+        grace
+    }
+
+    /// A forked child takes its names: the primary becomes `id`, every other
+    /// session `X` becomes `X-n`.
+    pub fn rename_for_child(&self, id: &str, n: u32) -> Result<(), String> {
+        let renames = self.sessions.borrow_mut().rename_for_child(id, n)?;
+        let mut procs = self.procs.borrow_mut();
+        let mut configured = self.configured.borrow_mut();
+        let mut moved = Vec::new();
+        for (old, new) in &renames {
+            if let Some(p) = procs.remove(old) {
+                moved.push((new.clone(), p));
+            }
+            let was = configured.remove(old).unwrap_or_else(|| old.clone());
+            configured.insert(new.clone(), was);
+        }
+        procs.extend(moved);
+        info!("fork: sessions renamed: {renames:?}");
+        self.notify();
+        Ok(())
     }
 
     /// Runs a task on the guest's executor.
@@ -180,6 +282,15 @@ impl Guest {
                 {
                     warn!(link, %session, "cannot resize the terminal: {e}");
                 }
+            }
+            GuestEvent::ForkedAnswered { accepted: true } => {
+                info!(link, "the appliance took this child's forked@tether");
+            }
+            GuestEvent::ForkedAnswered { accepted: false } => {
+                info!(
+                    link,
+                    "the appliance refused forked@tether (it predates fork); running on"
+                );
             }
             _ => {}
         }
@@ -249,11 +360,11 @@ impl Guest {
         if self.sessions.borrow().state(id) != Some(State::Created) {
             return;
         }
-        let Some(spec) = self.config.sessions.iter().find(|s| s.id == id) else {
+        let Some(spec) = self.spec_of(id) else {
             return;
         };
         let tty = spec.tty.then_some(spec.tty_size);
-        self.launch(spec, tty);
+        self.launch(id, spec, tty);
     }
 
     /// Starts an exec's process: the primary's cwd, user and environment,
@@ -285,17 +396,18 @@ impl Guest {
             stdin: true,
             start_gate: None,
             stop_signal: Signal::TERM,
+            fork_signal: None,
             ..primary.clone()
         };
         self.procs
             .borrow_mut()
             .insert(id.to_owned(), Proc::new(Signal::TERM));
-        self.launch(&spec, size);
+        self.launch(id, &spec, size);
     }
 
-    /// Spawns a session's process; a failure to start becomes its exit.
-    fn launch(self: &Rc<Self>, spec: &SessionSpec, tty: Option<(u16, u16)>) {
-        let (id, cmd) = (spec.id.as_str(), &spec.cmd);
+    /// Spawns session `id`'s process; a failure to start becomes its exit.
+    fn launch(self: &Rc<Self>, id: &str, spec: &SessionSpec, tty: Option<(u16, u16)>) {
+        let cmd = &spec.cmd;
         let spawned = process::spawn(&SpawnSpec {
             cmd,
             env: &spec.env,
@@ -518,7 +630,8 @@ impl Guest {
 
     /// The primary session's exit, once it has exited.
     pub fn primary_exit(&self) -> Option<ExitStatus> {
-        self.sessions.borrow().exit(&self.config.id).cloned()
+        let sessions = self.sessions.borrow();
+        sessions.exit(sessions.primary()).cloned()
     }
 
     /// Whether an appliance has heard of the primary's exit.
@@ -556,7 +669,7 @@ impl Guest {
 
     /// Forwards a signal tether received to the primary session.
     pub fn forward_to_primary(&self, signal: Signal) {
-        if let Err(e) = self.signal(&self.config.id, signal) {
+        if let Err(e) = self.signal(&self.primary_id(), signal) {
             warn!("cannot forward SIG{signal} to the primary session: {e}");
         }
     }

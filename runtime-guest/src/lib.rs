@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fork;
 pub mod guest;
 pub mod init;
 pub mod linkspec;

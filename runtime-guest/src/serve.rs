@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use link_driver::{End, Link};
 use proto_core::outbox::Transmit;
-use proto_core::tether::GuestLink;
+use proto_core::tether::{ForkMode, GuestEvent, GuestLink};
 use proto_core::{DisconnectReason, ServerConfig};
 use smol::{Async, Timer};
 use tracing::{debug, info, warn};
@@ -21,7 +21,9 @@ use crate::guest::Guest;
 use crate::linkspec::{Dialer, LinkSpec, LinkStream};
 
 mod backlog;
+mod gate;
 pub use backlog::Backlog;
+pub use gate::LinkGate;
 
 /// How long a peer has for link sync (a serial line restarts it, so this
 /// only frees a slot held by a silent peer).
@@ -69,7 +71,10 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
             }
             Ok(stream) => {
                 backoff = Duration::from_millis(100);
-                run_one(&guest, &stream, spec.sync).await;
+                if run_one(&guest, &stream, spec.sync).await {
+                    // Dropped for a fork: the next link starts at once.
+                    continue;
+                }
             }
             Err(e) => {
                 // Also for listeners: a persistent accept error (out of file
@@ -87,15 +92,27 @@ pub async fn run_links(guest: Rc<Guest>, spec: LinkSpec) {
     }
 }
 
-/// Serves one link until it ends.
-async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
+/// Serves one link until it ends; true if it was dropped for a fork.
+async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) -> bool {
+    guest.links.released().await;
+    let epoch = guest.links.epoch();
     info!("link open");
     // Opening a serial line discarded the HELLOs sent before: ask for one.
     let announce = stream.is_serial();
-    let end = match stream {
-        LinkStream::Tcp(s) => serve(guest, s, sync, announce).await,
-        LinkStream::Unix(s) => serve(guest, s, sync, announce).await,
-        LinkStream::Serial(s) | LinkStream::Fd(s) => serve(guest, s, sync, announce).await,
+    let served = async {
+        match stream {
+            LinkStream::Tcp(s) => serve(guest, s, sync, announce).await,
+            LinkStream::Unix(s) => serve(guest, s, sync, announce).await,
+            LinkStream::Serial(s) | LinkStream::Fd(s) => serve(guest, s, sync, announce).await,
+        }
+    };
+    let dropped = async {
+        guest.links.reset_since(epoch).await;
+        None
+    };
+    let Some(end) = future::or(async { Some(served.await) }, dropped).await else {
+        info!("link dropped: this VM is a fork's child");
+        return true;
     };
     match end {
         Ok(End::Orderly) => info!("link closed"),
@@ -103,6 +120,7 @@ async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) {
         Ok(end) => warn!("link ended: {end}"),
         Err(e) => warn!("link ended before SSH: {e}"),
     }
+    false
 }
 
 fn server_config(guest: &Guest) -> proto_core::Config {
@@ -149,6 +167,9 @@ async fn serve<S: AsFd>(
         number: NEXT_LINK.with(|n| n.replace(n.get() + 1)),
         unsent: false,
         fatal_sent: false,
+        behind: false,
+        forks: Default::default(),
+        fork_running: None,
     };
     debug!(link = side.number, "link sync done");
     let end = link_driver::drive(stream, &mut side, first, || guest.changed.listen()).await;
@@ -173,6 +194,12 @@ struct GuestSide {
     unsent: bool,
     /// A fatal error went out as this link's DISCONNECT.
     fatal_sent: bool,
+    /// Counted in the guest's `output_behind`: output waits to be sent.
+    behind: bool,
+    /// `fork@tether` requests not started yet (one runs at a time).
+    forks: std::collections::VecDeque<ForkMode>,
+    /// The one running: its answer once done.
+    fork_running: Option<Rc<std::cell::Cell<Option<Option<u64>>>>>,
 }
 
 impl GuestSide {
@@ -181,9 +208,45 @@ impl GuestSide {
     }
 }
 
+impl GuestSide {
+    /// Answers a finished fork request, and starts the next.
+    fn forks(&mut self) {
+        if let Some(done) = self.fork_running.as_ref().and_then(|r| r.get()) {
+            self.fork_running = None;
+            let guest = self.guest.clone();
+            self.link()
+                .fork_done(&mut guest.sessions.borrow_mut(), done);
+        }
+        if self.fork_running.is_none()
+            && let Some(mode) = self.forks.pop_front()
+        {
+            let cell = Rc::new(std::cell::Cell::new(None));
+            self.fork_running = Some(cell.clone());
+            let guest = self.guest.clone();
+            self.guest.spawn(async move {
+                let reply = crate::fork::request(&guest, mode).await;
+                cell.set(Some(reply));
+                guest.changed.notify(usize::MAX);
+            });
+        }
+    }
+
+    /// Keeps the guest's count of links with output not yet sent.
+    fn behind(&mut self, behind: bool) {
+        if behind != self.behind {
+            self.behind = behind;
+            match behind {
+                true => self.guest.output_behind.hold(),
+                false => self.guest.output_behind.release(),
+            }
+        }
+    }
+}
+
 impl Drop for GuestSide {
     fn drop(&mut self) {
         self.backlog(false);
+        self.behind(false);
         if let Some(link) = self.link.take() {
             link.end(&mut self.guest.sessions.borrow_mut());
             self.guest.after_links();
@@ -234,10 +297,24 @@ impl Link for GuestSide {
             self.fatal_sent = true;
         }
         while let Some(event) = self.link().poll_event() {
-            guest.carry_out(self.number, event);
+            match event {
+                GuestEvent::Fork { mode } => {
+                    info!(link = self.number, "fork@tether {}", mode.as_str());
+                    self.forks.push_back(mode);
+                }
+                event => {
+                    if matches!(event, GuestEvent::Authenticated(_)) {
+                        guest.fork.authenticated(&guest);
+                    }
+                    guest.carry_out(self.number, event);
+                }
+            }
         }
+        self.forks();
         let reported = guest.exit_reported();
         self.link().pump(&mut guest.sessions.borrow_mut());
+        let behind = !self.link().output_sent(&guest.sessions.borrow());
+        self.behind(behind);
         guest.after_links();
         if !reported && guest.exit_reported() {
             // The exit wait (`serve_guest`) listens on `changed`.

@@ -449,3 +449,80 @@ fn a_missing_dhcp_server_fails_boot_within_the_timeout() {
         "{err}"
     );
 }
+
+/// A forked child's network steps (docs/PROTOCOL.md 4.5, step 3) on a NIC
+/// that still has its parent's MAC, address and neighbours: the clone's MAC,
+/// learnt neighbours gone (configured ones kept), the clone's static address
+/// in place of the parent's with its gateway, and a gratuitous ARP for it
+/// from the new MAC.
+#[test]
+fn a_forked_child_takes_its_mac_forgets_neighbours_readdresses_and_announces() {
+    use runtime_guest::fork::net;
+    use runtime_guest::init::network::rtnl::Rtnl;
+    use runtime_guest::init::network::spec::MacAddr;
+    let Some(guest) = available("netns fork test", netns_available("fork")) else {
+        return;
+    };
+    let peer = Netns::new("fork-peer").unwrap();
+    veth(&guest, "vguest0", "52:54:00:ad:00:01", &peer, "vpeer0");
+    let neigh = |ip: &str, mac: &str, nud: &str| {
+        guest
+            .ip(&[
+                "neigh", "add", ip, "lladdr", mac, "dev", "vguest0", "nud", nud,
+            ])
+            .unwrap();
+    };
+    guest.ip(&["link", "set", "vguest0", "up"]).unwrap();
+    guest
+        .ip(&["addr", "add", "10.220.0.15/24", "dev", "vguest0"])
+        .unwrap();
+    let mac = MacAddr([0x52, 0x54, 0, 0xad, 0, 2]);
+    guest.run(move || {
+        let mut rtnl = Rtnl::open().unwrap();
+        let link = net::nic(&mut rtnl, 0).unwrap();
+        net::set_mac(&mut rtnl, &link, mac).unwrap();
+    });
+    // (The kernel forgets every neighbour of a NIC whose MAC changed, even
+    // permanent ones.) Learnt since (IPv4 and IPv6): the flush takes them;
+    // a configured (permanent) one stays.
+    neigh("10.220.0.9", "52:54:00:00:00:09", "permanent");
+    neigh("10.220.0.7", "52:54:00:00:00:07", "reachable");
+    neigh("fd00:220::7", "52:54:00:00:00:08", "reachable");
+    let arp = capture(&peer, 0x0806, Duration::from_secs(5), |p| {
+        p.len() >= 28 && p[14..18] == [10, 220, 0, 16]
+    });
+    let (name, flushed, announced) = guest.run(move || {
+        let mut rtnl = Rtnl::open().unwrap();
+        let link = net::nic(&mut rtnl, 0).unwrap();
+        let name = link.name.clone();
+        let flushed = net::flush_neighbours(&mut rtnl, link.index).unwrap();
+        let new: ipnet::IpNet = "10.220.0.16/24".parse().unwrap();
+        let gw: std::net::IpAddr = "10.220.0.1".parse().unwrap();
+        net::set_static(&mut rtnl, &link, &new, Some(&gw)).unwrap();
+        let announced = net::announce(&mut rtnl, link.index, mac).unwrap();
+        assert!(net::nic(&mut rtnl, 1).is_err(), "one NIC only");
+        (name, flushed, announced)
+    });
+    assert_eq!(name, "vguest0");
+    assert_eq!(flushed, 2, "the learnt neighbours only");
+    assert!(announced >= 1);
+    let link = guest.json(&["link", "show", "vguest0"]);
+    assert_eq!(link[0]["address"], "52:54:00:ad:00:02");
+    let neigh = guest.json(&["neigh", "show", "dev", "vguest0"]);
+    assert!(!has(&neigh, |n| n["dst"] == "10.220.0.7"), "{neigh}");
+    let neigh6 = guest.json(&["-6", "neigh", "show", "dev", "vguest0"]);
+    assert!(!has(&neigh6, |n| n["dst"] == "fd00:220::7"), "{neigh6}");
+    assert!(has(&neigh, |n| n["dst"] == "10.220.0.9"), "{neigh}");
+    let addrs = &guest.json(&["addr", "show", "dev", "vguest0"])[0]["addr_info"];
+    assert!(has(addrs, |x| x["local"] == "10.220.0.16"), "{addrs}");
+    assert!(!has(addrs, |x| x["local"] == "10.220.0.15"), "{addrs}");
+    let routes = guest.json(&["route", "show"]);
+    assert!(has(&routes, |r| r["dst"] == "default"
+        && r["gateway"] == "10.220.0.1"));
+    let arp = arp.join().unwrap().expect("a gratuitous ARP on the peer");
+    assert_eq!(
+        &arp[8..14],
+        &[0x52, 0x54, 0, 0xad, 0, 2],
+        "from the new MAC"
+    );
+}

@@ -628,6 +628,18 @@ impl GuestLink {
         }
     }
 
+    /// Whether every attachment that follows output has been given all its
+    /// session's output so far (a fork's quiesce drains until it has).
+    pub fn output_sent(&self, s: &Sessions) -> bool {
+        self.conn.is_closed()
+            || self.roles.values().all(|r| match r {
+                Role::Attached(a) if !a.done && (a.stdout || a.stderr) => s
+                    .get(&a.session)
+                    .is_none_or(|session| a.cursor >= session.log.end()),
+                _ => true,
+            })
+    }
+
     fn push_list(&mut self, s: &Sessions) {
         if self.pushed == Some(s.version()) {
             return;

@@ -29,6 +29,7 @@ impl Signal {
     pub const USR2: Signal = Signal(12);
     pub const TERM: Signal = Signal(15);
     pub const CONT: Signal = Signal(18);
+    pub const STOP: Signal = Signal(19);
 
     /// The signal with Linux number `n`, if there is one.
     pub fn from_number(n: i32) -> Option<Signal> {

@@ -44,8 +44,7 @@ impl Boot {
     /// Starts a NIC's DHCP client if it asks for one; its handle for a first lease.
     fn start_dhcp(&self, nic: &Configured) -> Option<dhcp::DhcpHandle> {
         let dhcp_nic = nic.dhcp.clone()?;
-        let (client, handle) = dhcp::client(dhcp_nic, self.hostname.borrow().clone());
-        self.ex.spawn(client).detach();
+        let handle = dhcp::start(&self.ex, dhcp_nic, self.hostname.borrow().clone());
         info!("{}: DHCP started", nic.ifname);
         Some(handle)
     }

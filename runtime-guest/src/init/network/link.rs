@@ -111,6 +111,25 @@ fn set(
     rtnl.request(Rtm::Setlink, NlmF::empty(), msg)
 }
 
+/// Sets interface `index`'s MAC address (some drivers refuse while it is up:
+/// EBUSY).
+pub fn set_mac(rtnl: &mut Rtnl, index: u32, mac: MacAddr) -> Result<(), RtnlError> {
+    let mut attrs = RtBuffer::new();
+    attrs.push(attr(Ifla::Address, mac.0.to_vec())?);
+    let msg = IfinfomsgBuilder::default()
+        .ifi_family(RtAddrFamily::Unspecified)
+        .ifi_index(i32::try_from(index).map_err(|e| RtnlError::Socket(e.to_string()))?)
+        .rtattrs(attrs)
+        .build()
+        .map_err(|e| RtnlError::Socket(e.to_string()))?;
+    rtnl.request(Rtm::Setlink, NlmF::empty(), msg)
+}
+
+/// Brings interface `index` up or down.
+pub fn set_up(rtnl: &mut Rtnl, index: u32, up: bool) -> Result<(), RtnlError> {
+    set(rtnl, index, Some(up), None, None)
+}
+
 /// Which step of bringing a link into shape failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkStep {

@@ -131,6 +131,45 @@ pub fn client(
     (fut, handle)
 }
 
+/// A client running on the executor, by interface index.
+struct Running {
+    nic: DhcpNic,
+    hostname: Option<String>,
+    /// Dropping it cancels the client.
+    _task: smol::Task<()>,
+}
+
+thread_local! {
+    /// The running clients: a forked child stops its parent's (which would
+    /// renew the parent's lease) and starts one with its new MAC.
+    static RUNNING: std::cell::RefCell<std::collections::BTreeMap<u32, Running>> =
+        Default::default();
+}
+
+/// Starts a client for `nic` on `ex`, replacing one already running on the
+/// interface; the handle gives its lease events.
+pub fn start(
+    ex: &smol::LocalExecutor<'static>,
+    nic: DhcpNic,
+    hostname: Option<String>,
+) -> DhcpHandle {
+    let (client, handle) = client(nic.clone(), hostname.clone());
+    let running = Running {
+        hostname,
+        _task: ex.spawn(client),
+        nic,
+    };
+    RUNNING.with(|r| r.borrow_mut().insert(running.nic.ifindex, running));
+    handle
+}
+
+/// Stops the client on `ifindex`; returns the NIC and host name it ran with.
+pub fn stop(ifindex: u32) -> Option<(DhcpNic, Option<String>)> {
+    RUNNING
+        .with(|r| r.borrow_mut().remove(&ifindex))
+        .map(|r| (r.nic, r.hostname))
+}
+
 async fn run(
     nic: &DhcpNic,
     hostname: Option<String>,
