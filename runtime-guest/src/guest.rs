@@ -101,8 +101,9 @@ pub struct Guest {
     pub links: crate::serve::LinkGate,
     /// VM fork: the identity source and where a fork stands.
     pub fork: crate::fork::ForkState,
-    /// A forked child's session ids to the configured ones they were.
-    configured: RefCell<BTreeMap<String, String>>,
+    /// A forked child's renamed sessions: process key (the id the session
+    /// had when its process was made, which its tasks keep) to its id now.
+    renamed: RefCell<BTreeMap<String, String>>,
 }
 
 impl Guest {
@@ -147,7 +148,7 @@ impl Guest {
             output_behind: Default::default(),
             links: Default::default(),
             fork,
-            configured: RefCell::new(BTreeMap::new()),
+            renamed: RefCell::new(BTreeMap::new()),
         })
     }
 
@@ -161,11 +162,28 @@ impl Guest {
         self.sessions.borrow().primary().to_owned()
     }
 
-    /// The configured session a (possibly renamed) session id stands for.
-    fn spec_of(&self, id: &str) -> Option<&SessionSpec> {
-        let configured = self.configured.borrow().get(id).cloned();
-        let id = configured.as_deref().unwrap_or(id);
-        self.config.sessions.iter().find(|s| s.id == id)
+    /// The session id now of process key `key` (differs once a forked child
+    /// renamed its sessions).
+    fn sid(&self, key: &str) -> String {
+        self.renamed
+            .borrow()
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| key.to_owned())
+    }
+
+    /// The process key of session `sid`.
+    fn key(&self, sid: &str) -> String {
+        self.renamed
+            .borrow()
+            .iter()
+            .find(|(_, now)| *now == sid)
+            .map_or_else(|| sid.to_owned(), |(key, _)| key.clone())
+    }
+
+    /// The configured session of process key `key`.
+    fn spec_of(&self, key: &str) -> Option<&SessionSpec> {
+        self.config.sessions.iter().find(|s| s.id == key)
     }
 
     /// Process groups of sessions whose process runs, with the session id.
@@ -214,17 +232,12 @@ impl Guest {
     /// session `X` becomes `X-n`.
     pub fn rename_for_child(&self, id: &str, n: u32) -> Result<(), String> {
         let renames = self.sessions.borrow_mut().rename_for_child(id, n)?;
-        let mut procs = self.procs.borrow_mut();
-        let mut configured = self.configured.borrow_mut();
-        let mut moved = Vec::new();
-        for (old, new) in &renames {
-            if let Some(p) = procs.remove(old) {
-                moved.push((new.clone(), p));
-            }
-            let was = configured.remove(old).unwrap_or_else(|| old.clone());
-            configured.insert(new.clone(), was);
+        let keys: Vec<String> = renames.iter().map(|(old, _)| self.key(old)).collect();
+        let mut renamed = self.renamed.borrow_mut();
+        for (key, (_, new)) in keys.into_iter().zip(&renames) {
+            renamed.insert(key, new.clone());
         }
-        procs.extend(moved);
+        drop(renamed);
         info!("fork: sessions renamed: {renames:?}");
         self.notify();
         Ok(())
@@ -259,15 +272,17 @@ impl Guest {
                 pty,
                 env,
             } => self.start_exec(&session, command, pty, env),
-            GuestEvent::Start { session } => self.start(&session),
+            GuestEvent::Start { session } => self.start(&self.key(&session)),
             GuestEvent::Stdin {
                 session,
                 data,
                 credit,
-            } => self.queue_stdin(&session, StdinItem::Data(data, credit)),
-            GuestEvent::CloseStdin { session } => self.queue_stdin(&session, StdinItem::Eof),
+            } => self.queue_stdin(&self.key(&session), StdinItem::Data(data, credit)),
+            GuestEvent::CloseStdin { session } => {
+                self.queue_stdin(&self.key(&session), StdinItem::Eof)
+            }
             GuestEvent::Signal { session, signal } => {
-                if let Err(e) = self.signal(&session, signal) {
+                if let Err(e) = self.signal(&self.key(&session), signal) {
                     warn!(link, %session, "cannot deliver SIG{signal}: {e}");
                 }
             }
@@ -276,7 +291,7 @@ impl Guest {
                 cols,
                 rows,
             } => {
-                let pty = self.with(&session, |p| p.pty.clone()).flatten();
+                let pty = self.with(&self.key(&session), |p| p.pty.clone()).flatten();
                 if let Some(pty) = pty
                     && let Err(e) = process::resize(&pty, cols, rows)
                 {
@@ -302,10 +317,12 @@ impl Guest {
             let event = self.sessions.borrow_mut().poll_event();
             match event {
                 Some(SessionEvent::Room { session }) => {
-                    self.with(&session, |p| p.space.notify(usize::MAX));
+                    self.with(&self.key(&session), |p| p.space.notify(usize::MAX));
                 }
                 Some(SessionEvent::Forgotten { session }) => {
-                    self.procs.borrow_mut().remove(&session);
+                    let key = self.key(&session);
+                    self.renamed.borrow_mut().remove(&key);
+                    self.procs.borrow_mut().remove(&key);
                 }
                 Some(_) => {}
                 None => return,
@@ -331,7 +348,7 @@ impl Guest {
             let guest = self.clone();
             self.spawn(async move {
                 Timer::after(timeout).await;
-                if guest.sessions.borrow().state(&id) == Some(State::Created) {
+                if guest.sessions.borrow().state(&guest.sid(&id)) == Some(State::Created) {
                     info!(session = %id, "start gate timed out after {timeout:?}: {expiry:?}");
                     match expiry {
                         GateExpiry::Start => guest.start(&id),
@@ -350,14 +367,14 @@ impl Guest {
             .unwrap_or_default();
         let mut sessions = self.sessions.borrow_mut();
         return_credits(&mut sessions, unwritten);
-        sessions.fail(id, code, why);
+        sessions.fail(&self.sid(id), code, why);
         drop(sessions);
         self.notify();
     }
 
-    /// Starts configured session `id`'s process.
+    /// Starts configured session `id`'s process (`id`: its process key).
     fn start(self: &Rc<Self>, id: &str) {
-        if self.sessions.borrow().state(id) != Some(State::Created) {
+        if self.sessions.borrow().state(&self.sid(id)) != Some(State::Created) {
             return;
         }
         let Some(spec) = self.spec_of(id) else {
@@ -439,7 +456,7 @@ impl Guest {
             p.tasks = tasks;
             p.pty = pty;
         });
-        self.sessions.borrow_mut().started(id);
+        self.sessions.borrow_mut().started(&self.sid(id));
         self.notify();
     }
 
@@ -467,7 +484,7 @@ impl Guest {
                     return Ok(());
                 };
                 let listener = space.listen();
-                let room = self.sessions.borrow().space(id);
+                let room = self.sessions.borrow().space(&self.sid(id));
                 if room > 0 {
                     break room;
                 }
@@ -495,7 +512,9 @@ impl Guest {
             // SAFETY: `read` initialized the first `n` bytes of the spare capacity.
             unsafe { buf.set_len(n) };
             let chunk = buf.split().freeze();
-            self.sessions.borrow_mut().push_output(id, stream, chunk);
+            self.sessions
+                .borrow_mut()
+                .push_output(&self.sid(id), stream, chunk);
             self.notify();
         }
     }
@@ -531,7 +550,7 @@ impl Guest {
                         None => return, // dropping the pipe closes it
                     },
                     None => {
-                        if guest.sessions.borrow().state(&id) != Some(State::Running) {
+                        if guest.sessions.borrow().state(&guest.sid(&id)) != Some(State::Running) {
                             return;
                         }
                         let listener = ready.listen();
@@ -549,7 +568,7 @@ impl Guest {
     /// its credit returned at once.
     fn queue_stdin(&self, id: &str, item: StdinItem) {
         let open = matches!(
-            self.sessions.borrow().state(id),
+            self.sessions.borrow().state(&self.sid(id)),
             Some(State::Created | State::Running)
         );
         if open && let Some(p) = self.procs.borrow_mut().get_mut(id) {
@@ -622,7 +641,7 @@ impl Guest {
         };
         let mut sessions = self.sessions.borrow_mut();
         return_credits(&mut sessions, unwritten);
-        sessions.finish(id, exit);
+        sessions.finish(&self.sid(id), exit);
         drop(sessions);
         self.notify();
         true
@@ -669,7 +688,7 @@ impl Guest {
 
     /// Forwards a signal tether received to the primary session.
     pub fn forward_to_primary(&self, signal: Signal) {
-        if let Err(e) = self.signal(&self.primary_id(), signal) {
+        if let Err(e) = self.signal(&self.key(&self.primary_id()), signal) {
             warn!("cannot forward SIG{signal} to the primary session: {e}");
         }
     }

@@ -341,3 +341,6 @@ async fn child(guest: &Rc<Guest>, identity: Identity) {
     guest.changed.notify(usize::MAX);
     f.wake.notify(usize::MAX);
 }
+
+#[cfg(test)]
+mod tests;
