@@ -39,6 +39,19 @@ pub fn named_after(pinned: &str, id: &str) -> bool {
     }
 }
 
+/// Whether `id` is one of `parent`'s own names: itself or `<parent>-exec<N>`
+/// (a fork's child renames them, so a child link claiming one is claiming
+/// its parent's container).
+pub fn parents_own(parent: &str, id: &str) -> bool {
+    match id.strip_prefix(parent) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix("-exec")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
+    }
+}
+
 /// Whether the guest with host key `key` may serve `id` under `pins`
 /// (container id -> pinned key).
 pub fn pinned_to(pins: &HashMap<String, PublicKey>, key: &PublicKey, id: &str) -> bool {
@@ -57,6 +70,8 @@ pub enum Refusal {
     NotPinned,
     /// A live link with another key serves it.
     Taken { serving: u64 },
+    /// A fork's child claims its parent's own container.
+    ParentsName,
 }
 
 impl fmt::Display for Refusal {
@@ -71,6 +86,7 @@ impl fmt::Display for Refusal {
             Self::Taken { serving } => {
                 write!(f, "served by link {serving}, a guest with another host key")
             }
+            Self::ParentsName => write!(f, "a fork's child claims its parent's container"),
         }
     }
 }
@@ -116,6 +132,8 @@ mod tests {
         assert!(named_after("web", "web-exec12"));
         assert!(named_after("web", "web-exec12-1"));
         assert!(named_after("web", "web-exec12-1-3"));
+        assert!(parents_own("web", "web") && parents_own("web", "web-exec3"));
+        assert!(!parents_own("web", "web-exec3-1") && !parents_own("web", "web-1"));
         for not in [
             "web-db",
             "web-exec",

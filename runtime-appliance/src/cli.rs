@@ -343,6 +343,9 @@ pub struct ForkArgs {
     /// A child's container id (repeatable, in order; the others are ID-N).
     #[arg(long = "name", value_name = "NAME")]
     pub names: Vec<String>,
+    /// A child's host name (repeatable, in order; the others take their id).
+    #[arg(long = "hostname", value_name = "NAME")]
+    pub hostnames: Vec<String>,
     /// How long each child may take to connect before it counts as failed
     /// (and its VM is killed).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

@@ -31,8 +31,8 @@ impl ForkNote {
 
 #[derive(Default)]
 struct State {
-    /// Child container id -> the generation its identity carries, and who waits.
-    waiting: HashMap<String, (u64, Sender<Forked>)>,
+    /// Identity generation -> the child container id given it, and who waits.
+    waiting: HashMap<u64, (String, Sender<Forked>)>,
     /// Live links that announced a child: their containers are noted.
     links: HashMap<u64, ForkNote>,
     /// Container id -> its note.
@@ -53,30 +53,50 @@ impl ForkHub {
     /// Waits for child `id` of identity `generation` to announce itself.
     pub fn expect(&self, id: &str, generation: u64) -> Receiver<Forked> {
         let (tx, rx) = async_channel::bounded(1);
-        self.lock().waiting.insert(id.to_owned(), (generation, tx));
+        self.lock()
+            .waiting
+            .insert(generation, (id.to_owned(), tx));
         rx
     }
 
-    /// Stops waiting for child `id`.
-    pub fn cancel(&self, id: &str) {
-        self.lock().waiting.remove(id);
+    /// Stops waiting for the child of identity `generation`.
+    pub fn cancel(&self, generation: u64) {
+        self.lock().waiting.remove(&generation);
     }
 
-    /// Link `link`, whose guest may serve `forked.new_id`, announced a
-    /// child. Whoever waits for it hears; the link's containers are noted.
-    /// An announcement nobody waits for (a late one, or one after tetherd
-    /// restarted) is still noted.
-    pub fn announced(&self, link: u64, forked: &Forked) {
+    /// Link `link` announced a child. The child is the one given the
+    /// announced identity generation (a guest whose recovery failed before
+    /// it took its new id may still name its parent's), else the id it
+    /// names; it counts only if `may_serve` that id with the link's key.
+    /// Whoever waits for it hears; the link's containers are noted. An
+    /// announcement nobody waits for (a late one, or one after tetherd
+    /// restarted) is still noted. Returns the child's id, if taken.
+    pub fn announced(
+        &self,
+        link: u64,
+        forked: &Forked,
+        may_serve: impl Fn(&str) -> bool,
+    ) -> Option<String> {
         let note = ForkNote::of(forked);
         let mut s = self.lock();
-        if let Some((generation, _)) = s.waiting.get(&forked.new_id)
-            && *generation == forked.generation
-            && let Some((_, waiter)) = s.waiting.remove(&forked.new_id)
-        {
+        let id = match s.waiting.get(&forked.generation) {
+            Some((id, _)) => id.clone(),
+            None => forked.new_id.clone(),
+        };
+        if !may_serve(&id) {
+            return None;
+        }
+        if let Some((_, waiter)) = s.waiting.remove(&forked.generation) {
             let _ = waiter.try_send(forked.clone());
         }
-        s.notes.insert(forked.new_id.clone(), note.clone());
+        s.notes.insert(id.clone(), note.clone());
         s.links.insert(link, note);
+        Some(id)
+    }
+
+    /// The parent of the child link `link` serves, if it announced one.
+    pub fn parent_of(&self, link: u64) -> Option<String> {
+        self.lock().links.get(&link).map(|n| n.forked_from.clone())
     }
 
     /// Link `link` lists `ids`: if it announced a child, they are the child's.
@@ -128,9 +148,14 @@ mod tests {
     fn an_announcement_reaches_its_waiter_only_with_the_right_generation() {
         let hub = ForkHub::default();
         let rx = hub.expect("web-1", 7);
-        hub.announced(3, &forked("web-1", 8, ""));
+        let anyone = |_: &str| true;
+        assert_eq!(hub.announced(3, &forked("web-1", 8, ""), anyone).as_deref(), Some("web-1"));
         assert!(rx.try_recv().is_err(), "another generation is not the child");
-        hub.announced(4, &forked("web-1", 7, "clock: no RTC"));
+        // A child that failed before taking its id names its parent's: the
+        // generation says which child it is.
+        assert_eq!(hub.parent_of(3).as_deref(), Some("web"));
+        let named = hub.announced(4, &forked("web", 7, "clock: no RTC"), anyone);
+        assert_eq!(named.as_deref(), Some("web-1"));
         assert_eq!(rx.try_recv().unwrap().failure, "clock: no RTC");
         let note = hub.note("web-1").unwrap();
         assert_eq!(note.forked_from, "web");
@@ -150,8 +175,12 @@ mod tests {
     fn a_cancelled_child_is_not_waited_for() {
         let hub = ForkHub::default();
         let rx = hub.expect("web-2", 1);
-        hub.cancel("web-2");
-        hub.announced(1, &forked("web-2", 1, ""));
+        hub.cancel(1);
+        hub.announced(1, &forked("web-2", 1, ""), |_| true);
         assert!(rx.try_recv().is_err());
+        // A guest that may not serve the child is not heard.
+        let rx = hub.expect("web-3", 2);
+        assert_eq!(hub.announced(2, &forked("web-3", 2, ""), |_| false), None);
+        assert!(rx.try_recv().is_err() && hub.note("web-3").is_none());
     }
 }

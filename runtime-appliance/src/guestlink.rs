@@ -530,24 +530,26 @@ impl ApplianceSide {
     /// serve the container it names.
     fn forked(&self, forked: proto_core::tether::Forked) {
         let key = self.link.connection().host_key().copied();
-        if !self.shared.may_serve(key.as_ref(), &forked.new_id) {
+        let taken = self.shared.forks.announced(self.generation, &forked, |id| {
+            self.shared.may_serve(key.as_ref(), id)
+        });
+        let Some(id) = taken else {
             warn!(
                 link = self.generation,
                 container = %crate::claims::loggable(&forked.new_id),
                 "a guest announced a forked child it may not serve; ignored"
             );
             return;
-        }
+        };
         info!(
             link = self.generation,
             parent = %crate::claims::loggable(&forked.parent_id),
-            container = %forked.new_id,
+            container = %id,
             generation = forked.generation,
             failure = %forked.failure,
             recovery_us = forked.recovery_us,
             "forked child announced"
         );
-        self.shared.forks.announced(self.generation, &forked);
         self.shared.changed.notify(usize::MAX);
     }
 

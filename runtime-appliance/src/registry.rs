@@ -231,19 +231,26 @@ impl Shared {
     /// A link's full container list (a reply or a push); the claims
     /// `claims` refuses are dropped, logged and counted.
     pub fn update(&self, generation: u64, host_key: Option<PublicKey>, list: Vec<ContainerInfo>) {
+        let parent = self.forks.parent_of(generation);
         let mut r = self.lock();
         r.claimants.entry(generation).or_default().key = host_key;
         let list: Vec<ContainerInfo> = list
             .into_iter()
-            .filter(
-                |c| match self.judge(&r, generation, host_key.as_ref(), &c.id) {
+            .filter(|c| {
+                // A fork's child whose recovery failed before it renamed its
+                // sessions still names its parent's: they stay the parent's.
+                let why = match &parent {
+                    Some(p) if claims::parents_own(p, &c.id) => Err(Refusal::ParentsName),
+                    _ => self.judge(&r, generation, host_key.as_ref(), &c.id),
+                };
+                match why {
                     Ok(()) => true,
                     Err(why) => {
                         self.refused(&mut r, generation, &c.id, &why);
                         false
                     }
-                },
-            )
+                }
+            })
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
         self.forks.listed(generation, ids.iter().map(String::as_str));

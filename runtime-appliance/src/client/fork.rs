@@ -19,6 +19,7 @@ pub async fn fork(args: ForkArgs) -> Result<ExitCode, ClientError> {
     let request = ForkRequest {
         children: args.children,
         names: args.names.clone(),
+        hostnames: args.hostnames.clone(),
     };
     let body = serde_json::to_vec(&request)
         .map_err(|e| ClientError::Protocol(format!("encoding the request: {e}")))?;

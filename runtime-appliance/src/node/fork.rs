@@ -47,6 +47,12 @@ pub struct ForkRequest {
     /// Their container ids, in order (the rest are `<id>-<n>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// Their host names, in order (the rest take their container id). A
+    /// host name is RFC 1123 (labels of letters, digits and `-`, up to 253
+    /// bytes); Linux takes at most 64 bytes, so a longer one fails the
+    /// child's recovery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 impl ForkRequest {
@@ -90,8 +96,38 @@ impl ForkRequest {
                 return Err(bad(&format!("names[{i}]"), format!("{name:?} is given twice")));
             }
         }
+        if self.hostnames.len() > self.children as usize {
+            return Err(bad(
+                "hostnames",
+                format!(
+                    "{} host names for {} children",
+                    self.hostnames.len(),
+                    self.children
+                ),
+            ));
+        }
+        for (i, h) in self.hostnames.iter().enumerate() {
+            if !is_dns_name(h) {
+                return Err(bad(
+                    &format!("hostnames[{i}]"),
+                    format!("{h:?} is not a host name (labels of letters, digits and '-', up to 253 bytes)"),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// An RFC 1123 host name: dot-separated labels of 1 to 63 letters, digits
+/// and `-` (not at either end), 253 bytes at most.
+fn is_dns_name(h: &str) -> bool {
+    (1..=253).contains(&h.len())
+        && h.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// One line of the fork's `application/x-ndjson` answer. `ms` is always
@@ -204,7 +240,7 @@ impl Vms {
                 .dir
                 .join(format!("fork-{}.state", identity::generation())),
         };
-        let prepared = match self.prepare_children(&parent, &reserved, &files.template) {
+        let prepared = match self.prepare_children(&parent, &reserved, &request.hostnames, &files.template) {
             Ok(children) => self.quiesce(id).await.map(|q| (children, q)),
             Err(e) => Err(e),
         };
@@ -474,6 +510,7 @@ impl Vms {
     ) -> (String, bool) {
         let shared = &self.appliance.shared;
         let announced = shared.forks.expect(&child.id, child.generation);
+        let generation = child.generation;
         let fail = |reason: String| {
             warn!(container = %child.id, "fork child failed: {reason}");
             let _ = tx.try_send(ForkEvent::Failed {
@@ -489,7 +526,7 @@ impl Vms {
         let (vm, cont_at) = match cont {
             Ok(c) => c,
             Err((vm, e)) => {
-                shared.forks.cancel(&child.id);
+                shared.forks.cancel(generation);
                 match vm {
                     Some(vm) => {
                         let _ = vm.kill();
@@ -504,7 +541,7 @@ impl Vms {
             None
         })
         .await;
-        shared.forks.cancel(&child.id);
+        shared.forks.cancel(generation);
         match heard {
             Some(forked) if forked.failure.is_empty() => {
                 let _ = tx.try_send(ForkEvent::Connected {
@@ -516,7 +553,10 @@ impl Vms {
                 });
                 (child.id.clone(), true)
             }
-            Some(forked) => fail(forked.failure),
+            Some(forked) => {
+                self.appliance.failed_child(&child.id, &forked);
+                fail(forked.failure)
+            }
             None => {
                 let _ = vm.kill();
                 fail(format!(
@@ -566,12 +606,14 @@ impl Vms {
         &self,
         parent: &Parent,
         reserved: &[(String, u32)],
+        hostnames: &[String],
         template: &Path,
     ) -> Result<Vec<Child>, ApiError> {
         let from = &parent.spec.dir;
         reserved
             .iter()
-            .map(|(id, n)| {
+            .enumerate()
+            .map(|(i, (id, n))| {
                 let dir = self.settings.state_dir.join("vms").join(id);
                 prepare_dir(&dir)?;
                 for file in ["config.json", "guest.pub"] {
@@ -597,7 +639,11 @@ impl Vms {
                         },
                     })
                     .collect();
-                let me = identity::child(&parent.id, id, *n, &macs_of(&nics))?;
+                let hostname = hostnames
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| identity::hostname_for(id));
+                let me = identity::child(&parent.id, id, *n, &hostname, &macs_of(&nics))?;
                 let identity_path = dir.join("identity");
                 identity::write(&identity_path, &me)?;
                 let disks = (0..parent.spec.disks.len())
@@ -663,6 +709,11 @@ mod tests {
         assert!(error(r#"{"children": 2, "names": ["a", "a"]}"#).contains("given twice"));
         assert!(error(r#"{"children": 1, "names": ["../x"]}"#).contains("names[0]"));
         assert!(error(r#"{"children": 1, "colour": 1}"#).contains("unknown field"));
+        assert!(error(r#"{"children": 1, "hostnames": ["a_b"]}"#).contains("hostnames[0]"));
+        assert!(error(r#"{"children": 1, "hostnames": ["a", "b"]}"#).contains("2 host names"));
+        let long = format!("{}.{}", "a".repeat(63), "b".repeat(63));
+        let body = format!(r#"{{"children": 1, "hostnames": ["{long}"]}}"#);
+        assert_eq!(ForkRequest::parse(body.as_bytes()).unwrap().hostnames, [long]);
     }
 
     #[test]

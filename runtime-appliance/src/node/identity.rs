@@ -110,7 +110,13 @@ pub fn booted(id: &str, hostname: &str, macs: &[String]) -> Result<Identity, Api
 }
 
 /// Child `n` of `parent`: container `id`, a static address per NIC.
-pub fn child(parent: &str, id: &str, n: u32, macs: &[String]) -> Result<Identity, ApiError> {
+pub fn child(
+    parent: &str,
+    id: &str,
+    n: u32,
+    hostname: &str,
+    macs: &[String],
+) -> Result<Identity, ApiError> {
     Ok(Identity {
         generation: generation(),
         role: Role::Child {
@@ -118,7 +124,7 @@ pub fn child(parent: &str, id: &str, n: u32, macs: &[String]) -> Result<Identity
             n,
         },
         id: Some(id.to_owned()),
-        hostname: Some(hostname_for(id)),
+        hostname: Some(hostname.to_owned()),
         nonce: Some(nonce()),
         nics: macs
             .iter()
@@ -167,7 +173,7 @@ mod tests {
         assert_eq!(back, booted);
         assert!(back.nics.iter().all(|n| n.addressing == Addressing::Dhcp));
 
-        let child = child("web", "web-2", 2, &macs).unwrap();
+        let child = child("web", "web-2", 2, "web-2", &macs).unwrap();
         write(&path, &child).unwrap();
         let back = Identity::parse(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(
@@ -205,7 +211,7 @@ mod tests {
     #[test]
     fn too_many_nics_is_a_clear_error() {
         let macs = vec!["52:54:00:12:34:56".to_owned(); 40];
-        let identity = child("web", "web-1", 1, &macs).unwrap();
+        let identity = child("web", "web-1", 1, "web-1", &macs).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let err = write(&dir.path().join("i"), &identity).unwrap_err();
         assert!(err.to_string().contains("1024 bytes"), "{err}");
