@@ -53,9 +53,7 @@ impl ForkHub {
     /// Waits for child `id` of identity `generation` to announce itself.
     pub fn expect(&self, id: &str, generation: u64) -> Receiver<Forked> {
         let (tx, rx) = async_channel::bounded(1);
-        self.lock()
-            .waiting
-            .insert(generation, (id.to_owned(), tx));
+        self.lock().waiting.insert(generation, (id.to_owned(), tx));
         rx
     }
 
@@ -149,8 +147,14 @@ mod tests {
         let hub = ForkHub::default();
         let rx = hub.expect("web-1", 7);
         let anyone = |_: &str| true;
-        assert_eq!(hub.announced(3, &forked("web-1", 8, ""), anyone).as_deref(), Some("web-1"));
-        assert!(rx.try_recv().is_err(), "another generation is not the child");
+        assert_eq!(
+            hub.announced(3, &forked("web-1", 8, ""), anyone).as_deref(),
+            Some("web-1")
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "another generation is not the child"
+        );
         // A child that failed before taking its id names its parent's: the
         // generation says which child it is.
         assert_eq!(hub.parent_of(3).as_deref(), Some("web"));

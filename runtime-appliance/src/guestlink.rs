@@ -17,8 +17,7 @@ use bytes::{Bytes, BytesMut};
 use link_driver::{End, Link};
 use proto_core::outbox::Transmit;
 use proto_core::tether::{
-    ApplianceEvent, ApplianceLink, AttachRequest, ContainerInfo, ExitStatus, ForkMode, ListId,
-    Open,
+    ApplianceEvent, ApplianceLink, AttachRequest, ContainerInfo, ExitStatus, ForkMode, ListId, Open,
 };
 use proto_core::{ChannelId, ChannelRequest};
 use smol::Async;
@@ -516,7 +515,13 @@ impl ApplianceSide {
                 success,
                 generation,
             } => {
-                info!(link = self.generation, mode = mode.as_str(), success, ?generation, "fork@tether answered");
+                info!(
+                    link = self.generation,
+                    mode = mode.as_str(),
+                    success,
+                    ?generation,
+                    "fork@tether answered"
+                );
                 if let Some(w) = self.forks.pop_front() {
                     let _ = w.try_send(Ok((success, generation)));
                 }

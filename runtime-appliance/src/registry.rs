@@ -253,7 +253,8 @@ impl Shared {
             })
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
-        self.forks.listed(generation, ids.iter().map(String::as_str));
+        self.forks
+            .listed(generation, ids.iter().map(String::as_str));
         // A late list from a link already gone changes nothing (and leaves
         // no claimant behind).
         if r.map.update(generation, list) {
@@ -316,7 +317,8 @@ impl Shared {
             (Some(_), None) => false,
             (Some(known), Some(key)) => {
                 claims::valid_id(id)
-                    && (claims::pinned_to(known, key, id) || claims::pinned_to(&self.pins(), key, id))
+                    && (claims::pinned_to(known, key, id)
+                        || claims::pinned_to(&self.pins(), key, id))
             }
         }
     }

@@ -549,7 +549,10 @@ mod tests {
             route(&post, "/v1/containers/x/fork").unwrap(),
             Route::Fork("x".into())
         );
-        assert_eq!(route(&get, "/v1/containers/x/fork").unwrap_err().status, 405);
+        assert_eq!(
+            route(&get, "/v1/containers/x/fork").unwrap_err().status,
+            405
+        );
     }
 
     #[test]

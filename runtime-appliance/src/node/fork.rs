@@ -73,7 +73,8 @@ impl ForkRequest {
 
     /// Checks what serde cannot.
     pub fn check(&self) -> Result<(), ApiError> {
-        let bad = |field: &str, why: String| ApiError::BadRequest(format!("field `{field}`: {why}"));
+        let bad =
+            |field: &str, why: String| ApiError::BadRequest(format!("field `{field}`: {why}"));
         if !(1..=MAX_CHILDREN).contains(&self.children) {
             return Err(bad(
                 "children",
@@ -83,17 +84,16 @@ impl ForkRequest {
         if self.names.len() > self.children as usize {
             return Err(bad(
                 "names",
-                format!(
-                    "{} names for {} children",
-                    self.names.len(),
-                    self.children
-                ),
+                format!("{} names for {} children", self.names.len(), self.children),
             ));
         }
         for (i, name) in self.names.iter().enumerate() {
             check_id(name).map_err(|why| bad(&format!("names[{i}]"), why))?;
             if self.names[..i].contains(name) {
-                return Err(bad(&format!("names[{i}]"), format!("{name:?} is given twice")));
+                return Err(bad(
+                    &format!("names[{i}]"),
+                    format!("{name:?} is given twice"),
+                ));
             }
         }
         if self.hostnames.len() > self.children as usize {
@@ -110,7 +110,9 @@ impl ForkRequest {
             if !is_dns_name(h) {
                 return Err(bad(
                     &format!("hostnames[{i}]"),
-                    format!("{h:?} is not a host name (labels of letters, digits and '-', up to 253 bytes)"),
+                    format!(
+                        "{h:?} is not a host name (labels of letters, digits and '-', up to 253 bytes)"
+                    ),
                 ));
             }
         }
@@ -137,7 +139,11 @@ fn is_dns_name(h: &str) -> bool {
 pub enum ForkEvent {
     /// The parent's guest stopped its sessions, drained their output and
     /// dropped its link.
-    Quiesced { id: String, generation: u64, ms: u64 },
+    Quiesced {
+        id: String,
+        generation: u64,
+        ms: u64,
+    },
     /// The parent's device state is saved, its RAM copied for the children,
     /// and it runs again: it was paused for `paused_ms`.
     Saved {
@@ -231,19 +237,20 @@ impl Vms {
         let parent = self.forkable(id)?;
         let reserved = self.reserve_children(&parent, &request)?;
         let files = ForkFiles {
-            template: self.settings.shm_dir.join(format!(
-                "tetherd-{id}-template-{}",
-                identity::generation()
-            )),
+            template: self
+                .settings
+                .shm_dir
+                .join(format!("tetherd-{id}-template-{}", identity::generation())),
             state: parent
                 .spec
                 .dir
                 .join(format!("fork-{}.state", identity::generation())),
         };
-        let prepared = match self.prepare_children(&parent, &reserved, &request.hostnames, &files.template) {
-            Ok(children) => self.quiesce(id).await.map(|q| (children, q)),
-            Err(e) => Err(e),
-        };
+        let prepared =
+            match self.prepare_children(&parent, &reserved, &request.hostnames, &files.template) {
+                Ok(children) => self.quiesce(id).await.map(|q| (children, q)),
+                Err(e) => Err(e),
+            };
         let (children, (generation, old_link)) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -713,7 +720,10 @@ mod tests {
         assert!(error(r#"{"children": 1, "hostnames": ["a", "b"]}"#).contains("2 host names"));
         let long = format!("{}.{}", "a".repeat(63), "b".repeat(63));
         let body = format!(r#"{{"children": 1, "hostnames": ["{long}"]}}"#);
-        assert_eq!(ForkRequest::parse(body.as_bytes()).unwrap().hostnames, [long]);
+        assert_eq!(
+            ForkRequest::parse(body.as_bytes()).unwrap().hostnames,
+            [long]
+        );
     }
 
     #[test]

@@ -162,7 +162,10 @@ mod tests {
 
     #[test]
     fn identities_follow_the_contract_and_parse_back() {
-        let macs = vec!["52:54:00:12:34:56".to_owned(), "52:54:00:ab:cd:ef".to_owned()];
+        let macs = vec![
+            "52:54:00:12:34:56".to_owned(),
+            "52:54:00:ab:cd:ef".to_owned(),
+        ];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("identity");
         let booted = booted("web", "web", &macs).unwrap();

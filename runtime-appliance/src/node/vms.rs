@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,8 +17,8 @@ use smol::lock::OnceCell;
 use tracing::{info, warn};
 
 use super::boot_files::{self, BootFiles};
-use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
 use super::fork;
+use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
 use super::host;
 use super::identity;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
@@ -26,9 +26,7 @@ use super::state::{make_private_dir, prepare_dir, write_private};
 use crate::api_types::ApiError;
 use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
-use crate::vm::{
-    Memory, Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt,
-};
+use crate::vm::{Memory, Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
 
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
@@ -268,10 +266,7 @@ impl Vms {
             .settings
             .shm_dir
             .join(format!("tetherd-{id}-{}", me.generation));
-        write_private(
-            &dir.join(RAM_PATH),
-            ram.as_os_str().as_encoded_bytes(),
-        )?;
+        write_private(&dir.join(RAM_PATH), ram.as_os_str().as_encoded_bytes())?;
         let spec = VmSpec {
             id: id.to_owned(),
             dir: dir.to_owned(),

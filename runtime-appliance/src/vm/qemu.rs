@@ -382,7 +382,10 @@ mod tests {
         child.incoming = true;
         let line = backend.args(&child).join(std::ffi::OsStr::new(" "));
         let line = line.to_string_lossy();
-        assert!(line.contains("mem-path=/dev/shm/tetherd-web-7,share=off "), "{line}");
+        assert!(
+            line.contains("mem-path=/dev/shm/tetherd-web-7,share=off "),
+            "{line}"
+        );
         assert!(line.ends_with(" -incoming defer"), "{line}");
         let kvm = QemuBackend::new("qemu-system-x86_64".into(), Accel::Kvm);
         let args = kvm.args(&spec());
