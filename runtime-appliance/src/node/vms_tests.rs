@@ -315,3 +315,82 @@ fn generated_ids_and_macs() {
     assert!(mac_for("web").starts_with("52:54:00:"));
     assert!(is_hostname("web-1") && !is_hostname("web_1") && !is_hostname("-x"));
 }
+
+#[test]
+fn a_booted_vm_gets_its_ram_file_identity_and_vmgenid_and_its_ram_file_goes_with_it() {
+    let s = setup(false);
+    smol::block_on(async {
+        let mut req = request("web", &["sh"]);
+        req.net = NetMode::User;
+        s.vms.create(req).await.unwrap();
+        let (spec, vm) = started(&s, 0);
+        assert!(spec.memory.shared && !spec.incoming);
+        let name = spec.memory.path.file_name().unwrap().to_string_lossy();
+        assert!(name.starts_with("tetherd-web-"), "{name}");
+        assert_eq!(
+            spec.memory.path.parent(),
+            Some(s.dir.path().join("shm").as_path())
+        );
+        let identity = ::fork::Identity::parse(&fs::read(&spec.identity).unwrap()).unwrap();
+        assert_eq!(identity.id.as_deref(), Some("web"));
+        assert_eq!(name, format!("tetherd-web-{}", identity.generation));
+        assert_eq!(identity.nics.len(), 1);
+        assert_eq!(spec.vmgenid.len(), 36);
+        // QEMU would create the file; the VM's end removes it.
+        fs::create_dir_all(s.dir.path().join("shm")).unwrap();
+        fs::write(&spec.memory.path, b"ram").unwrap();
+        vm.exit_with(VmExit {
+            code: Some(0),
+            signal: None,
+        });
+        for _ in 0..100 {
+            if !spec.memory.path.exists() {
+                break;
+            }
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        assert!(!spec.memory.path.exists(), "the RAM file outlived its VM");
+    });
+}
+
+#[test]
+fn fork_children_are_named_numbered_and_reserved() {
+    let s = setup(false);
+    smol::block_on(async {
+        s.vms.create(request("web", &["sh"])).await.unwrap();
+        let parent = s.vms.forkable("web").unwrap();
+        let req = super::fork::ForkRequest {
+            children: 3,
+            names: vec!["db".into()],
+            hostnames: Vec::new(),
+        };
+        let children = s.vms.reserve_children(&parent, &req).unwrap();
+        assert_eq!(
+            children,
+            [("db".into(), 1), ("web-2".into(), 2), ("web-3".into(), 3)]
+        );
+        // One fork at a time; the names are taken meanwhile.
+        let again = s.vms.reserve_children(&parent, &req).unwrap_err();
+        assert!(again.to_string().contains("being forked"), "{again}");
+        s.vms.end_fork("web");
+        let taken = s.vms.reserve_children(&parent, &req).unwrap_err();
+        assert!(taken.to_string().contains("container db exists"), "{taken}");
+        // The next fork numbers on: web-4.
+        let next = super::fork::ForkRequest {
+            children: 1,
+            ..Default::default()
+        };
+        let more = s.vms.reserve_children(&parent, &next).unwrap();
+        assert_eq!(more, [("web-4".into(), 4)]);
+        s.vms.end_fork("web");
+        // A child that never ran goes without a trace.
+        s.vms.drop_child("web-4");
+        assert!(s.vms.watch("web-4").is_none());
+        assert!(
+            s.vms.forkable("web-3").is_err(),
+            "a child not started is no parent"
+        );
+        let unknown = s.vms.forkable("nope").err().unwrap();
+        assert!(matches!(unknown, ApiError::NotFound(_)), "{unknown}");
+    });
+}
