@@ -21,11 +21,10 @@ use tracing::{info, warn};
 use super::copy::{self, Copied};
 use super::guest_config::mac_for;
 use super::identity::{self, MAX_CHILD};
-use super::request::check_id;
+use super::request::{bad, check_id, parse_body};
 use super::state::{prepare_dir, write_private};
 use super::vms::{Vms, macs_of, vm_error};
 use crate::api_types::ApiError;
-use crate::appliance::shell_quote;
 use crate::guestlink::{self, LinkCommand};
 use crate::vm::{Memory, Nic, Vm, VmSpec};
 
@@ -58,23 +57,13 @@ pub struct ForkRequest {
 impl ForkRequest {
     /// Parses and checks a request body.
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let request: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                ApiError::BadRequest(format!("request body: {}", e.inner()))
-            } else {
-                ApiError::BadRequest(format!("field `{path}`: {}", e.inner()))
-            }
-        })?;
+        let request: Self = parse_body(body)?;
         request.check()?;
         Ok(request)
     }
 
     /// Checks what serde cannot.
     pub fn check(&self) -> Result<(), ApiError> {
-        let bad =
-            |field: &str, why: String| ApiError::BadRequest(format!("field `{field}`: {why}"));
         if !(1..=MAX_CHILDREN).contains(&self.children) {
             return Err(bad(
                 "children",
@@ -209,6 +198,24 @@ struct Child {
     generation: u64,
 }
 
+/// Where a fork's events go, and when it began.
+#[derive(Clone)]
+struct Events {
+    started: Instant,
+    tx: Sender<ForkEvent>,
+}
+
+impl Events {
+    /// Milliseconds since the fork began.
+    fn ms(&self) -> u64 {
+        ms(self.started)
+    }
+
+    fn send(&self, event: ForkEvent) {
+        let _ = self.tx.try_send(event);
+    }
+}
+
 /// Milliseconds since `t`.
 fn ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
@@ -262,15 +269,16 @@ impl Vms {
             }
         };
         let (tx, rx) = async_channel::unbounded();
-        let _ = tx.try_send(ForkEvent::Quiesced {
+        let events = Events { started, tx };
+        events.send(ForkEvent::Quiesced {
             id: id.to_owned(),
             generation,
-            ms: ms(started),
+            ms: events.ms(),
         });
         let me = self.clone();
         smol::spawn(async move {
             let id = parent.id.clone();
-            me.run_fork(parent, children, files, old_link, started, timeout, &tx)
+            me.run_fork(parent, children, files, old_link, timeout, &events)
                 .await;
             me.end_fork(&id);
         })
@@ -317,13 +325,10 @@ impl Vms {
         children: Vec<Child>,
         files: ForkFiles,
         old_link: u64,
-        started: Instant,
         timeout: Duration,
-        tx: &Sender<ForkEvent>,
+        events: &Events,
     ) {
-        let send = |e: ForkEvent| {
-            let _ = tx.try_send(e);
-        };
+        let send = |e: ForkEvent| events.send(e);
         let ForkFiles { template, state } = files;
         let saved = self.save(&parent, &children, &template, &state).await;
         // The parent runs on whatever happened.
@@ -336,7 +341,7 @@ impl Vms {
         let failure = match (saved, continued) {
             (Ok(saved), Ok(())) => {
                 send(ForkEvent::Saved {
-                    ms: ms(started),
+                    ms: events.ms(),
                     save_ms: saved.save_ms,
                     paused_ms: ms(saved.paused),
                     state_bytes: saved.state_bytes,
@@ -351,7 +356,7 @@ impl Vms {
         if let Some(message) = failure {
             warn!(container = %parent.id, "fork failed: {message}");
             send(ForkEvent::Error {
-                ms: ms(started),
+                ms: events.ms(),
                 message: message.clone(),
             });
             for child in &children {
@@ -364,10 +369,10 @@ impl Vms {
                 .into_iter()
                 .map(|child| {
                     let me = self.clone();
-                    let (tx, loaded, state) = (tx.clone(), loaded_tx.clone(), state.clone());
+                    let (events, loaded, state) =
+                        (events.clone(), loaded_tx.clone(), state.clone());
                     smol::spawn(async move {
-                        me.run_child(child, &state, started, timeout, &loaded, &tx)
-                            .await
+                        me.run_child(child, &state, timeout, &loaded, &events).await
                     })
                 })
                 .collect();
@@ -390,19 +395,19 @@ impl Vms {
         match resume.await {
             Ok(()) => send(ForkEvent::Resumed {
                 id: parent.id.clone(),
-                ms: ms(started),
+                ms: events.ms(),
             }),
             Err(e) => {
                 warn!(container = %parent.id, "resuming after the fork: {e}");
                 send(ForkEvent::Error {
-                    ms: ms(started),
+                    ms: events.ms(),
                     message: format!("resuming {}: {e}", parent.id),
                 });
             }
         }
-        info!(container = %parent.id, ?connected, ?failed, ms = ms(started), "fork done");
+        info!(container = %parent.id, ?connected, ?failed, ms = events.ms(), "fork done");
         send(ForkEvent::Done {
-            ms: ms(started),
+            ms: events.ms(),
             connected,
             failed,
         });
@@ -421,10 +426,7 @@ impl Vms {
         let mut qmp = parent.vm.qmp().await.map_err(vm_error)?;
         let paused = Instant::now();
         qmp.stop().await.map_err(qmp_error)?;
-        qmp.ignore_shared_memory().await.map_err(qmp_error)?;
-        let uri = format!("exec:cat > {}", shell_quote(&state.display().to_string()));
-        qmp.migrate(&uri).await.map_err(qmp_error)?;
-        qmp.migration_done(MIGRATION_TIMEOUT)
+        qmp.save_state(state, MIGRATION_TIMEOUT)
             .await
             .map_err(qmp_error)?;
         let save_ms = ms(paused);
@@ -510,20 +512,19 @@ impl Vms {
         self: &Arc<Self>,
         child: Child,
         state: &Path,
-        started: Instant,
         timeout: Duration,
         loaded: &Sender<()>,
-        tx: &Sender<ForkEvent>,
+        events: &Events,
     ) -> (String, bool) {
         let shared = &self.appliance.shared;
         let announced = shared.forks.expect(&child.id, child.generation);
         let generation = child.generation;
         let fail = |reason: String| {
             warn!(container = %child.id, "fork child failed: {reason}");
-            let _ = tx.try_send(ForkEvent::Failed {
+            events.send(ForkEvent::Failed {
                 id: child.id.clone(),
                 child: child.n,
-                ms: ms(started),
+                ms: events.ms(),
                 reason,
             });
             (child.id.clone(), false)
@@ -551,10 +552,10 @@ impl Vms {
         shared.forks.cancel(generation);
         match heard {
             Some(forked) if forked.failure.is_empty() => {
-                let _ = tx.try_send(ForkEvent::Connected {
+                events.send(ForkEvent::Connected {
                     id: child.id.clone(),
                     child: child.n,
-                    ms: ms(started),
+                    ms: events.ms(),
                     after_cont_ms: ms(cont_at),
                     recovery_us: forked.recovery_us,
                 });
@@ -589,10 +590,7 @@ impl Vms {
             let mut qmp = vm.qmp().await.map_err(vm_error)?;
             let qmp_error =
                 |e: crate::vm::QmpError| ApiError::Internal(format!("loading the saved VM: {e}"));
-            qmp.ignore_shared_memory().await.map_err(qmp_error)?;
-            let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
-            qmp.migrate_incoming(&uri).await.map_err(qmp_error)?;
-            qmp.migration_done(MIGRATION_TIMEOUT)
+            qmp.load_state(state, MIGRATION_TIMEOUT)
                 .await
                 .map_err(qmp_error)?;
             qmp.cont().await.map_err(qmp_error)?;

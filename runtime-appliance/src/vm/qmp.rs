@@ -42,6 +42,11 @@ pub enum QmpError {
     MigrationTimeout { limit: Duration, status: String },
 }
 
+/// A path as one `sh` word (QEMU runs `exec:` migration URIs with `sh -c`).
+fn quoted(path: &Path) -> String {
+    crate::appliance::shell_quote(&path.display().to_string())
+}
+
 /// The guest's run state (`query-status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunState {
@@ -235,6 +240,24 @@ impl Qmp {
                 _ => smol::Timer::after(Duration::from_millis(5)).await,
             };
         }
+    }
+
+    /// Saves the device state of a stopped VM whose RAM is a shared file
+    /// (`x-ignore-shared`: the file is the RAM) to `file`, within `limit`.
+    pub async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<(), QmpError> {
+        self.ignore_shared_memory().await?;
+        let uri = format!("exec:cat > {}", quoted(file));
+        self.migrate(&uri).await?;
+        self.migration_done(limit).await
+    }
+
+    /// Loads what `save_state` saved into a VM started with `-incoming
+    /// defer` on (a copy of) the same RAM file, within `limit`.
+    pub async fn load_state(&mut self, file: &Path, limit: Duration) -> Result<(), QmpError> {
+        self.ignore_shared_memory().await?;
+        let uri = format!("exec:cat {}", quoted(file));
+        self.migrate_incoming(&uri).await?;
+        self.migration_done(limit).await
     }
 
     /// Events received so far (and forgets them).
