@@ -394,3 +394,65 @@ fn fork_children_are_named_numbered_and_reserved() {
         assert!(matches!(unknown, ApiError::NotFound(_)), "{unknown}");
     });
 }
+
+#[test]
+fn a_guest_that_refuses_to_quiesce_fails_the_fork_and_frees_the_names() {
+    let s = setup(false);
+    smol::block_on(async {
+        s.vms.create(request("web", &["sh"])).await.unwrap();
+        // A link for the VM's guest (its pinned key) that refuses fork@tether,
+        // as a guest that predates fork does.
+        let shared = s.vms.appliance.shared.clone();
+        let key = fs::read_to_string(s.dir.path().join("vms/web/guest.pub")).unwrap();
+        let key = PublicKey::from_openssh(key.trim()).unwrap();
+        let (tx, rx) = async_channel::unbounded();
+        shared.link_up(7, tx);
+        let info = proto_core::tether::ContainerInfo {
+            id: "web".into(),
+            kind: proto_core::tether::Kind::Primary,
+            state: proto_core::tether::State::Running,
+            exit_status: 0,
+            output_end: 0,
+            tty: false,
+        };
+        shared.update(7, Some(key), vec![info]);
+        let guest = smol::spawn(async move {
+            while let Ok(command) = rx.recv().await {
+                if let crate::guestlink::LinkCommand::Fork { mode, reply } = command {
+                    assert_eq!(mode, proto_core::tether::ForkMode::Quiesce);
+                    let _ = reply.send(Ok((false, None))).await;
+                }
+            }
+        });
+        let req = super::fork::ForkRequest {
+            children: 2,
+            ..Default::default()
+        };
+        let err = s
+            .vms
+            .fork("web", req.clone(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Refused(_)), "{err}");
+        assert!(
+            err.to_string().contains("the guest does not support fork"),
+            "{err}"
+        );
+        // Nothing is left of the children; the names are free again.
+        assert!(!s.dir.path().join("vms/web-1").exists());
+        assert!(
+            s.vms
+                .node()
+                .await
+                .unwrap()
+                .vms
+                .iter()
+                .all(|v| v.id == "web")
+        );
+        let parent = s.vms.forkable("web").unwrap();
+        let again = s.vms.reserve_children(&parent, &req).unwrap();
+        assert_eq!(again, [("web-1".into(), 1), ("web-2".into(), 2)]);
+        shared.link_gone(7);
+        drop(guest);
+    });
+}
