@@ -117,13 +117,17 @@ async fn quiesce_steps(e: &mut impl Effects) -> Result<(), Failure> {
     e.sync_fs().await.map_err(at("sync"))
 }
 
-/// Resumes the parent (or a guest whose quiesce timed out): sessions
-/// continue, new sessions are accepted.
+/// Resumes the parent (or a guest whose quiesce timed out): the clock is
+/// stepped (the VM was paused while it was saved), sessions continue, new
+/// sessions are accepted. A clock that cannot be stepped does not keep the
+/// sessions stopped; its failure is returned after they continued.
 pub async fn resume(e: &mut impl Effects) -> Result<(), Failure> {
+    e.begin("clock");
+    let clock = e.step_clock().await.map_err(at("clock"));
     e.begin("continue");
     let result = e.continue_sessions().await.map_err(at("continue"));
     e.refuse_sessions(false).await;
-    result
+    result.and(clock)
 }
 
 /// A child's recovery, in the order of 4.5: randomness, clock, network, names;
@@ -342,10 +346,15 @@ mod tests {
     }
 
     #[test]
-    fn resume_continues_and_accepts_sessions() {
+    fn resume_steps_the_clock_continues_and_accepts_sessions() {
         let mut r = Recorder::default();
         block_on(resume(&mut r)).unwrap();
-        assert_eq!(r.log, ["continue", "refuse false"]);
+        assert_eq!(r.log, ["clock", "continue", "refuse false"]);
+        // A clock that cannot be stepped keeps nothing stopped.
+        let mut r = Recorder::failing("clock");
+        let e = block_on(resume(&mut r)).unwrap_err();
+        assert_eq!(e.to_string(), "clock: injected");
+        assert_eq!(r.log, ["clock", "continue", "refuse false"]);
     }
 
     #[test]

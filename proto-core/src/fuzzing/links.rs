@@ -336,7 +336,7 @@ impl LinkPair {
 }
 
 /// The `tether_links` fuzz target: both layers driven by arbitrary commands
-/// (attach, exec, stdin, signals, output, exits, link drops, time) with input
+/// (attach, exec, stdin, signals, output, exits, link drops, forks, time) with input
 /// split at fuzzer-chosen points. Invariants: no panic; every attach channel
 /// that reports output reports it in offset order with no byte twice.
 pub fn tether_links(data: &[u8]) {
@@ -358,7 +358,7 @@ pub fn tether_links(data: &[u8]) {
             let i = input.u8() as usize;
             channels.get(i % channels.len().max(1)).copied()
         };
-        match input.u8() % 14 {
+        match input.u8() % 15 {
             0 => {
                 let from = if input.u8() & 1 == 0 {
                     LIVE
@@ -444,8 +444,22 @@ pub fn tether_links(data: &[u8]) {
                 pair.relink();
                 channels.clear();
             }
-            _ => {
+            13 => {
                 let _ = pair.appliance.list();
+            }
+            _ => {
+                // A fork asked and answered at once, either way; a quiesce
+                // that succeeds ends the link.
+                use crate::tether::ForkMode;
+                let mode = match input.u8() & 1 {
+                    0 => ForkMode::Quiesce,
+                    _ => ForkMode::Resume,
+                };
+                let _ = pair.appliance.fork(mode);
+                pair.drive();
+                let ok = input.u8() & 1 == 0;
+                pair.sessions.set_quiesced(ok && mode == ForkMode::Quiesce);
+                pair.guest.fork_done(&mut pair.sessions, ok.then_some(1));
             }
         }
         pair.advance(Duration::from_millis(input.u8() as u64 * 50));

@@ -106,6 +106,20 @@ impl Conn {
         }
     }
 
+    /// Sends `fork@tether`; the reply's success and generation.
+    async fn fork(&self, mode: ForkMode) -> (bool, Option<u64>) {
+        self.send(Cmd::Fork(mode));
+        self.wait("fork reply", |e| match e {
+            ApplianceEvent::Fork {
+                mode: m,
+                success,
+                generation,
+            } if m == mode => Some((success, generation)),
+            _ => None,
+        })
+        .await
+    }
+
     async fn list(&self) -> Vec<ContainerInfo> {
         self.send(Cmd::List);
         self.wait("container list", |e| match e {
@@ -219,18 +233,7 @@ fn quiesce_stops_and_resume_continues_and_a_new_generation_makes_a_child() {
         assert!(output_end(&conn, "web").await > running, "the session runs");
 
         // Quiesce: SUCCESS with the generation, then the DISCONNECT.
-        conn.send(Cmd::Fork(ForkMode::Quiesce));
-        let g = conn
-            .wait("fork reply", |e| match e {
-                ApplianceEvent::Fork {
-                    mode: ForkMode::Quiesce,
-                    success,
-                    generation,
-                } => Some((success, generation)),
-                _ => None,
-            })
-            .await;
-        assert_eq!(g, (true, Some(1)));
+        assert_eq!(conn.fork(ForkMode::Quiesce).await, (true, Some(1)));
         let end = conn.ended.recv().await.unwrap();
         assert!(end.contains("tether: quiesced for fork"), "{end}");
 
@@ -255,23 +258,12 @@ fn quiesce_stops_and_resume_continues_and_a_new_generation_makes_a_child() {
             })
             .await;
         assert_eq!(refused, "quiesced for fork");
-        conn.send(Cmd::Fork(ForkMode::Resume));
-        let resumed = conn
-            .wait("resume reply", |e| match e {
-                ApplianceEvent::Fork {
-                    mode: ForkMode::Resume,
-                    success,
-                    ..
-                } => Some(success),
-                _ => None,
-            })
-            .await;
-        assert!(resumed);
+        assert_eq!(conn.fork(ForkMode::Resume).await, (true, None));
         Timer::after(Duration::from_millis(200)).await;
         assert!(output_end(&conn, "web").await > stopped, "running again");
 
         // Quiesce again; this time the VM is "cloned": a new generation.
-        conn.send(Cmd::Fork(ForkMode::Quiesce));
+        assert_eq!(conn.fork(ForkMode::Quiesce).await, (true, Some(1)));
         conn.ended.recv().await.unwrap();
         let nonce = "ab".repeat(32);
         std::fs::write(
