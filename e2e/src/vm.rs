@@ -67,6 +67,10 @@ fn find_files() -> Result<VmFiles, String> {
 pub struct VmServe {
     pub api: ApiEndpoint,
     pub state: PathBuf,
+    /// Where guest RAM files go (`--shm-dir`): a tmpfs directory of this
+    /// server's own, so nothing is left in /dev/shm.
+    pub shm: PathBuf,
+    _shm: tempfile::TempDir,
     _dir: tempfile::TempDir,
     _serve: ChildGuard,
 }
@@ -76,6 +80,12 @@ impl VmServe {
     pub fn start(procs: &Procs, files: &VmFiles, accel: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let state = dir.path().join("state");
+        let shm_dir = tempfile::Builder::new()
+            .prefix("tether-e2e-")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("shm dir");
+        let shm = shm_dir.path().to_path_buf();
         let api = ApiEndpoint::unix(dir.path());
         let listen = format!("127.0.0.1:{}", free_port().expect("free port"));
         let mut cmd = Command::new(binary("tetherd"));
@@ -83,6 +93,8 @@ impl VmServe {
             .args(api.serve_args())
             .arg("--state-dir")
             .arg(&state)
+            .arg("--shm-dir")
+            .arg(&shm)
             .arg("--kernel")
             .arg(&files.kernel)
             .arg("--initrd")
@@ -96,6 +108,8 @@ impl VmServe {
         Self {
             api,
             state,
+            shm,
+            _shm: shm_dir,
             _dir: dir,
             _serve: serve,
         }

@@ -23,6 +23,13 @@ pub struct ContainerView {
     pub output_end: u64,
     /// Whether the process has a terminal.
     pub tty: bool,
+    /// The container its VM was forked from (a fork's child).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    /// The recovery step that failed in its forked VM (`step: reason`): its
+    /// processes stay stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fork_failure: Option<String>,
 }
 
 impl ContainerView {
@@ -36,7 +43,18 @@ impl ContainerView {
             connection,
             output_end: info.output_end,
             tty: info.tty,
+            forked_from: None,
+            fork_failure: None,
         }
+    }
+
+    /// The view with how its VM came from a fork.
+    pub fn with_note(mut self, note: Option<crate::forks::ForkNote>) -> Self {
+        if let Some(note) = note {
+            self.forked_from = Some(note.forked_from);
+            self.fork_failure = note.failure;
+        }
+        self
     }
 }
 

@@ -92,7 +92,7 @@ impl Appliance {
             .shared
             .info(id)
             .ok_or_else(|| ApiError::NotFound(id.into()))?;
-        Ok(ContainerView::new(&info, generation))
+        Ok(ContainerView::new(&info, generation).with_note(self.shared.forks.note(id)))
     }
 
     /// Waits until the container exits; waits `timeout` for it to appear first.

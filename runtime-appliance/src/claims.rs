@@ -26,9 +26,24 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Whether `id` is `pinned` itself or one of its execs (`<pinned>-exec<N>`).
+/// Whether `id` is `pinned` itself or one of its execs (`<pinned>-exec<N>`,
+/// and in a fork's child `<pinned>-exec<N>-<M>`...: docs/PROTOCOL.md 4.5).
 pub fn named_after(pinned: &str, id: &str) -> bool {
+    let number = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
     match id.strip_prefix(pinned) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix("-exec")
+            .is_some_and(|n| n.split('-').all(number)),
+        None => false,
+    }
+}
+
+/// Whether `id` is one of `parent`'s own names: itself or `<parent>-exec<N>`
+/// (a fork's child renames them, so a child link claiming one is claiming
+/// its parent's container).
+pub fn parents_own(parent: &str, id: &str) -> bool {
+    match id.strip_prefix(parent) {
         Some("") => true,
         Some(rest) => rest
             .strip_prefix("-exec")
@@ -55,6 +70,8 @@ pub enum Refusal {
     NotPinned,
     /// A live link with another key serves it.
     Taken { serving: u64 },
+    /// A fork's child claims its parent's own container.
+    ParentsName,
 }
 
 impl fmt::Display for Refusal {
@@ -69,6 +86,7 @@ impl fmt::Display for Refusal {
             Self::Taken { serving } => {
                 write!(f, "served by link {serving}, a guest with another host key")
             }
+            Self::ParentsName => write!(f, "a fork's child claims its parent's container"),
         }
     }
 }
@@ -112,11 +130,17 @@ mod tests {
         assert!(named_after("web", "web"));
         assert!(named_after("web", "web-exec7"));
         assert!(named_after("web", "web-exec12"));
+        assert!(named_after("web", "web-exec12-1"));
+        assert!(named_after("web", "web-exec12-1-3"));
+        assert!(parents_own("web", "web") && parents_own("web", "web-exec3"));
+        assert!(!parents_own("web", "web-exec3-1") && !parents_own("web", "web-1"));
         for not in [
             "web-db",
             "web-exec",
             "web-exec7x",
             "web-exec-7",
+            "web-exec7-",
+            "web-exec7-x",
             "webx",
             "we",
             "x-web",

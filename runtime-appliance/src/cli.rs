@@ -54,6 +54,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Remove a stopped container's VM and its files.
     Rm(RmArgs),
+    /// Fork a container's VM into children, each a container of its own
+    /// (`ID-N` or the names given); prints each child's id as it connects.
+    Fork(ForkArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -110,6 +113,11 @@ pub struct ServeArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Where guest RAM files go (a tmpfs): each VM's RAM is a file
+    /// `tetherd-ID-GENERATION` here, removed when the VM ends, so a fork's
+    /// children can map it copy-on-write.
+    #[arg(long, default_value = "/dev/shm")]
+    pub shm_dir: PathBuf,
     /// The accelerator: `auto` tries KVM for real and falls back to TCG.
     #[arg(long, default_value = "auto")]
     pub accel: crate::vm::accel::AccelChoice,
@@ -323,4 +331,25 @@ pub struct RmArgs {
     /// Container ids.
     #[arg(required = true)]
     pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForkArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// How many children.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub children: u32,
+    /// A child's container id (repeatable, in order; the others are ID-N).
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// A child's host name (repeatable, in order; the others take their id).
+    #[arg(long = "hostname", value_name = "NAME")]
+    pub hostnames: Vec<String>,
+    /// How long each child may take to connect before it counts as failed
+    /// (and its VM is killed).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// The container to fork (it keeps its id).
+    pub id: String,
 }

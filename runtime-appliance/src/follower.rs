@@ -72,6 +72,8 @@ fn record_of(view: &ContainerView, old: Option<Record>) -> Record {
         tty: view.tty,
         exit_signal: old.as_ref().and_then(|r| r.exit_signal.clone()),
         guest_key: old.and_then(|r| r.guest_key),
+        forked_from: view.forked_from.clone(),
+        fork_failure: view.fork_failure.clone(),
     }
 }
 
@@ -251,6 +253,8 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
                         tty: false,
                         guest_key: None,
                         exit_signal: None,
+                        forked_from: None,
+                        fork_failure: None,
                     });
                     record.state = "exited".into();
                     record.exit_code = Some(status.code());

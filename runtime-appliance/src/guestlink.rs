@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use link_driver::{End, Link};
 use proto_core::outbox::Transmit;
 use proto_core::tether::{
-    ApplianceEvent, ApplianceLink, AttachRequest, ContainerInfo, ExitStatus, ListId, Open,
+    ApplianceEvent, ApplianceLink, AttachRequest, ContainerInfo, ExitStatus, ForkMode, ListId, Open,
 };
 use proto_core::{ChannelId, ChannelRequest};
 use smol::Async;
@@ -99,6 +99,12 @@ pub enum LinkCommand {
     /// Ask the guest for a fresh container list (and update the map).
     List {
         reply: Reply<Vec<ContainerInfo>>,
+    },
+    /// Send `fork@tether` (docs/PROTOCOL.md 4.5); the answer is whether the
+    /// guest agreed, and for a quiesce its identity generation.
+    Fork {
+        mode: ForkMode,
+        reply: Reply<(bool, Option<u64>)>,
     },
 }
 
@@ -193,6 +199,7 @@ async fn serve(
         link,
         chans: BTreeMap::new(),
         lists: BTreeMap::new(),
+        forks: VecDeque::new(),
         rx: rx.clone(),
         staged: BTreeSet::new(),
     };
@@ -246,6 +253,8 @@ struct ApplianceSide {
     link: ApplianceLink,
     chans: BTreeMap<ChannelId, Chan>,
     lists: BTreeMap<ListId, Reply<Vec<ContainerInfo>>>,
+    /// Who waits for the guest's answers to `fork@tether`, in order.
+    forks: VecDeque<Reply<(bool, Option<u64>)>>,
     rx: Receiver<LinkCommand>,
     /// Channels with output staged.
     staged: BTreeSet<ChannelId>,
@@ -271,6 +280,9 @@ impl Drop for ApplianceSide {
             let _ = chan.events.try_send(ChannelEvent::Closed);
         }
         for (_, waiter) in std::mem::take(&mut self.lists) {
+            let _ = waiter.try_send(Err(gone()));
+        }
+        for waiter in std::mem::take(&mut self.forks) {
             let _ = waiter.try_send(Err(gone()));
         }
         // Commands still queued are answered by being dropped: take them out
@@ -407,6 +419,12 @@ impl ApplianceSide {
                     let _ = reply.try_send(Err(down(&e.to_string())));
                 }
             },
+            LinkCommand::Fork { mode, reply } => match self.link.fork(mode) {
+                Ok(()) => self.forks.push_back(reply),
+                Err(e) => {
+                    let _ = reply.try_send(Err(down(&e.to_string())));
+                }
+            },
         }
     }
 
@@ -492,8 +510,52 @@ impl ApplianceSide {
                     self.forget(chan, closed);
                 }
             }
+            ApplianceEvent::Fork {
+                mode,
+                success,
+                generation,
+            } => {
+                info!(
+                    link = self.generation,
+                    mode = mode.as_str(),
+                    success,
+                    ?generation,
+                    "fork@tether answered"
+                );
+                if let Some(w) = self.forks.pop_front() {
+                    let _ = w.try_send(Ok((success, generation)));
+                }
+            }
+            ApplianceEvent::Forked(forked) => self.forked(forked),
             _ => {}
         }
+    }
+
+    /// A child announced itself: taken only from a guest whose host key may
+    /// serve the container it names.
+    fn forked(&self, forked: proto_core::tether::Forked) {
+        let key = self.link.connection().host_key().copied();
+        let taken = self.shared.forks.announced(self.generation, &forked, |id| {
+            self.shared.may_serve(key.as_ref(), id)
+        });
+        let Some(id) = taken else {
+            warn!(
+                link = self.generation,
+                container = %crate::claims::loggable(&forked.new_id),
+                "a guest announced a forked child it may not serve; ignored"
+            );
+            return;
+        };
+        info!(
+            link = self.generation,
+            parent = %crate::claims::loggable(&forked.parent_id),
+            container = %id,
+            generation = forked.generation,
+            failure = %forked.failure,
+            recovery_us = forked.recovery_us,
+            "forked child announced"
+        );
+        self.shared.note_changed(&id);
     }
 
     /// Stages output for a channel's user (handed on when this batch of work

@@ -10,6 +10,7 @@ mod claims;
 pub mod cli;
 mod delivery;
 mod follower;
+pub mod forks;
 mod guestlink;
 pub mod limits;
 mod logs;

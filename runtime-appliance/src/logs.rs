@@ -368,6 +368,8 @@ mod tests {
             output_end: 0,
             tty: false,
             guest_key: None,
+            forked_from: None,
+            fork_failure: None,
             exit_signal: Some("TERM".into()),
         };
         store.save_record(&record).unwrap();
@@ -438,6 +440,8 @@ mod tests {
             output_end: 3,
             tty: false,
             guest_key: None,
+            forked_from: None,
+            fork_failure: None,
             exit_signal: None,
         };
         store.save_record(&record).unwrap();

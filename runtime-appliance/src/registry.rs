@@ -18,6 +18,7 @@ use tracing::warn;
 
 use crate::api_types::{ApiError, ContainerView};
 use crate::claims::{self, Refusal};
+use crate::forks::ForkHub;
 use crate::guestlink::LinkCommand;
 use crate::limits::{Limits, LinkSlots, MAX_CLIENT_WAIT, Refusals};
 use crate::remembered::Remembered;
@@ -113,6 +114,8 @@ pub struct Shared {
     pub refusals: Refusals,
     /// Guest links open now (counted against `limits.max_links`).
     pub slots: std::sync::Arc<LinkSlots>,
+    /// Forks: children awaited, containers forked from others.
+    pub forks: ForkHub,
 }
 
 impl Shared {
@@ -147,6 +150,7 @@ impl Shared {
             limits: Limits::default(),
             refusals: Refusals::default(),
             slots: Default::default(),
+            forks: ForkHub::default(),
         }
     }
 
@@ -185,6 +189,7 @@ impl Shared {
 
     /// Forgets an exited container whose link is gone.
     pub fn forget(&self, id: &str) {
+        self.forks.forget(id);
         let mut r = self.lock();
         r.remembered.remove(id);
         r.note_changes([&id.to_owned()]);
@@ -238,6 +243,7 @@ impl Shared {
 
     /// A link is gone: its claims go, exited containers are remembered.
     pub fn link_gone(&self, generation: u64) {
+        self.forks.link_gone(generation);
         let mut r = self.lock();
         r.links.remove(&generation);
         r.claimants.remove(&generation);
@@ -263,21 +269,30 @@ impl Shared {
     /// A link's full container list (a reply or a push); the claims
     /// `claims` refuses are dropped, logged and counted.
     pub fn update(&self, generation: u64, host_key: Option<PublicKey>, list: Vec<ContainerInfo>) {
+        let parent = self.forks.parent_of(generation);
         let mut r = self.lock();
         r.claimants.entry(generation).or_default().key = host_key;
         let list: Vec<ContainerInfo> = list
             .into_iter()
-            .filter(
-                |c| match self.judge(&r, generation, host_key.as_ref(), &c.id) {
+            .filter(|c| {
+                // A fork's child whose recovery failed before it renamed its
+                // sessions still names its parent's: they stay the parent's.
+                let why = match &parent {
+                    Some(p) if claims::parents_own(p, &c.id) => Err(Refusal::ParentsName),
+                    _ => self.judge(&r, generation, host_key.as_ref(), &c.id),
+                };
+                match why {
                     Ok(()) => true,
                     Err(why) => {
                         self.refused(&mut r, generation, &c.id, &why);
                         false
                     }
-                },
-            )
+                }
+            })
             .collect();
         let ids: Vec<String> = list.iter().map(|c| c.id.clone()).collect();
+        self.forks
+            .listed(generation, ids.iter().map(String::as_str));
         // What the follower must look at again: entries that differ from
         // what the map has, and ids this link no longer lists.
         let mut changed: Vec<String> = list
@@ -377,6 +392,20 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether a guest with host key `key` may serve `id` (pins only: what
+    /// other links serve does not matter here).
+    pub fn may_serve(&self, key: Option<&PublicKey>, id: &str) -> bool {
+        match (&self.known, key) {
+            (None, _) => claims::valid_id(id),
+            (Some(_), None) => false,
+            (Some(known), Some(key)) => {
+                claims::valid_id(id)
+                    && (claims::pinned_to(known, key, id)
+                        || claims::pinned_to(&self.pins(), key, id))
+            }
+        }
+    }
+
     /// Logs and counts a refused claim, once per link and id.
     fn refused(&self, r: &mut Registry, generation: u64, id: &str, why: &Refusal) {
         let claimant = r.claimants.entry(generation).or_default();
@@ -411,7 +440,16 @@ impl Shared {
                 ContainerView::new(&e.info, Some(e.generation)),
             );
         }
-        out.into_values().collect()
+        drop(r);
+        let out = out
+            .into_iter()
+            .map(|(id, v)| v.with_note(self.forks.note(&id)));
+        out.collect()
+    }
+
+    /// Whether link `generation` is still up.
+    pub fn link_alive(&self, generation: u64) -> bool {
+        self.lock().links.contains_key(&generation)
     }
 
     /// Live links.

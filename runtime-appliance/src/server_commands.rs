@@ -106,6 +106,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             accel: args.accel,
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
+            shm_dir: args.shm_dir.clone(),
         },
         appliance.clone(),
         public,

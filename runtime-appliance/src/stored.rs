@@ -17,6 +17,13 @@ impl Appliance {
     pub fn with_store(mut self, dir: &Path, limits: Limits) -> Result<Self, String> {
         let store = Arc::new(Store::open(dir, limits)?);
         for record in store.records() {
+            if let Some(parent) = &record.forked_from {
+                let note = crate::forks::ForkNote {
+                    forked_from: parent.clone(),
+                    failure: record.fork_failure.clone(),
+                };
+                self.shared.forks.restore(&record.id, note);
+            }
             self.shared.remember(follower::info_of(&record));
         }
         follower::spawn(self.shared.clone(), store.clone());
@@ -129,5 +136,43 @@ impl Appliance {
         store
             .remove(id)
             .map_err(|e| ApiError::Internal(format!("removing the files of {id}: {e}")))
+    }
+}
+
+impl Appliance {
+    /// A fork's child whose recovery failed: listed (as `created`: its
+    /// processes stay stopped) with the failure, and recorded, even while its
+    /// guest does not list it under its own id (it may have failed before
+    /// renaming its sessions).
+    pub(crate) fn failed_child(&self, id: &str, forked: &proto_core::tether::Forked) {
+        if self.shared.info(id).is_none() {
+            self.shared.remember(proto_core::tether::ContainerInfo {
+                id: id.to_owned(),
+                kind: proto_core::tether::Kind::Primary,
+                state: proto_core::tether::State::Created,
+                exit_status: 0,
+                output_end: 0,
+                tty: false,
+            });
+        }
+        let Some(store) = &self.store else { return };
+        if store.record(id).is_some() {
+            return;
+        }
+        let record = crate::store::Record {
+            id: id.to_owned(),
+            kind: "primary".into(),
+            state: "created".into(),
+            exit_code: None,
+            output_end: 0,
+            tty: false,
+            guest_key: None,
+            exit_signal: None,
+            forked_from: Some(forked.parent_id.clone()),
+            fork_failure: Some(forked.failure.clone()),
+        };
+        if let Err(e) = store.save_record(&record) {
+            tracing::warn!(container = %id, "writing its record: {e}");
+        }
     }
 }

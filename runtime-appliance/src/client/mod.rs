@@ -3,6 +3,7 @@
 //! `docs/API.md`).
 
 pub mod api;
+mod fork;
 pub mod run;
 pub mod session;
 pub mod term;
@@ -50,6 +51,7 @@ pub fn run(command: Command) -> ExitCode {
         }
         Command::Stop(args) => smol::block_on(run::stop(args)),
         Command::Rm(args) => smol::block_on(run::rm(args)),
+        Command::Fork(args) => smol::block_on(fork::fork(args)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("tetherd: {e}");
@@ -66,11 +68,26 @@ pub struct ContainerRow {
     pub exit_code: Option<u32>,
     pub connection: Option<u64>,
     pub output_end: u64,
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    #[serde(default)]
+    pub fork_failure: Option<String>,
 }
 
-/// The `ls` table.
+impl ContainerRow {
+    /// The NOTE column: how a fork's child came about.
+    fn note(&self) -> String {
+        match (&self.forked_from, &self.fork_failure) {
+            (Some(parent), Some(why)) => format!("fork of {parent} failed: {why}"),
+            (Some(parent), None) => format!("forked from {parent}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// The `ls` table (with a NOTE column when a container came from a fork).
 pub fn format_table(rows: &[ContainerRow]) -> String {
-    let header = ["ID", "KIND", "STATE", "EXIT", "LINK", "OUTPUT"].map(String::from);
+    let header = ["ID", "KIND", "STATE", "EXIT", "LINK", "OUTPUT", "NOTE"].map(String::from);
     let mut lines = vec![header];
     for r in rows {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
@@ -81,9 +98,15 @@ pub fn format_table(rows: &[ContainerRow]) -> String {
             opt(r.exit_code.map(|c| c.to_string())),
             opt(r.connection.map(|c| c.to_string())),
             r.output_end.to_string(),
+            r.note(),
         ]);
     }
-    let mut widths = [0usize; 6];
+    if rows.iter().all(|r| r.note().is_empty()) {
+        for line in &mut lines {
+            line[6].clear();
+        }
+    }
+    let mut widths = [0usize; 7];
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());

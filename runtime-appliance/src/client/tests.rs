@@ -280,6 +280,8 @@ fn ls_table() {
             exit_code: None,
             connection: Some(3),
             output_end: 1234,
+            forked_from: None,
+            fork_failure: None,
         },
         ContainerRow {
             id: "web.exec-1".into(),
@@ -288,6 +290,8 @@ fn ls_table() {
             exit_code: Some(0),
             connection: None,
             output_end: 0,
+            forked_from: None,
+            fork_failure: None,
         },
     ];
     assert_eq!(
@@ -295,6 +299,16 @@ fn ls_table() {
         "ID          KIND     STATE    EXIT  LINK  OUTPUT\n\
          web         primary  running  -     3     1234\n\
          web.exec-1  exec     exited   0     -     0\n"
+    );
+    let mut rows = rows;
+    rows[0].forked_from = Some("db".into());
+    rows[1].forked_from = Some("db".into());
+    rows[1].fork_failure = Some("clock: no RTC".into());
+    assert_eq!(
+        format_table(&rows),
+        "ID          KIND     STATE    EXIT  LINK  OUTPUT  NOTE\n\
+         web         primary  running  -     3     1234    forked from db\n\
+         web.exec-1  exec     exited   0     -     0       fork of db failed: clock: no RTC\n"
     );
 }
 

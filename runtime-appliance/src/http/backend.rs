@@ -12,6 +12,7 @@ use crate::api_types::{
     AttachOptions, ContainerView, ExecOptions, ExitStatus, LogsOptions, Output,
 };
 use crate::appliance::{Appliance, Attachment};
+use crate::node::fork::{ForkEvent, ForkRequest};
 use crate::node::request::{CreateRequest, Created, NodeView, Removed, StopReply};
 
 fn no_vms() -> ApiError {
@@ -91,6 +92,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
         force: bool,
     ) -> impl Future<Output = Result<Removed, ApiError>> + Send {
         let _ = (id, force);
+        async { Err(no_vms()) }
+    }
+    /// Forks a container's VM (`POST /v1/containers/{id}/fork`): once the
+    /// guest quiesced, the events of the rest of the fork.
+    fn fork(
+        &self,
+        id: &str,
+        request: ForkRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<async_channel::Receiver<ForkEvent>, ApiError>> + Send {
+        let _ = (id, request, timeout);
         async { Err(no_vms()) }
     }
     /// The node's resources and VMs (`GET /v1/node`).

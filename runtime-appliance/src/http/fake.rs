@@ -132,6 +132,8 @@ impl FakeBackend {
             connection: Some(1),
             output_end: c.output_len(),
             tty: false,
+            forked_from: None,
+            fork_failure: None,
         }
     }
 

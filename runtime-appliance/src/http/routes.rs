@@ -15,6 +15,7 @@ use super::query::{Query, parse_signal, percent_decode};
 use super::response::{Body, HttpError, PROMETHEUS, json, with_body};
 use super::{OFFSET_HEADER, State, ws};
 use crate::api_types::{AttachOptions, ExecOptions, ExitStatus, From, Output};
+use crate::node::fork::ForkRequest;
 use crate::node::request::CreateRequest;
 
 /// How long attach, exec and wait wait for a container to appear by default.
@@ -39,6 +40,7 @@ pub enum Route {
     Stop(String),
     Delete(String),
     Node,
+    Fork(String),
 }
 
 impl Route {
@@ -59,13 +61,16 @@ impl Route {
             Self::Stop(_) => "stop",
             Self::Delete(_) => "delete",
             Self::Node => "node",
+            Self::Fork(_) => "fork",
         }
     }
 
     /// The method this route takes.
     fn method(&self) -> &'static str {
         match self {
-            Self::Signal(_) | Self::Start(_) | Self::Create | Self::Stop(_) => "POST",
+            Self::Signal(_) | Self::Start(_) | Self::Create | Self::Stop(_) | Self::Fork(_) => {
+                "POST"
+            }
             Self::Delete(_) => "DELETE",
             _ => "GET",
         }
@@ -126,6 +131,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, HttpError> {
                 "exec" => Route::Exec(id),
                 "logs" => Route::Logs(id),
                 "stop" => Route::Stop(id),
+                "fork" => Route::Fork(id),
                 _ => return Err(HttpError::no_route(method.as_str(), path)),
             }
         }
@@ -244,7 +250,32 @@ async fn dispatch<B: Backend>(
             query.check("node", &[], &[])?;
             Ok(json(StatusCode::OK, &backend.node().await?))
         }
+        Route::Fork(id) => {
+            query.check("fork", &["timeout"], &[])?;
+            let timeout = query.duration("timeout", crate::node::fork::DEFAULT_TIMEOUT)?;
+            let body = read_body(req).await?;
+            let request = ForkRequest::parse(&body)?;
+            let events = backend.fork(&id, request, timeout).await?;
+            Ok(ndjson(events))
+        }
     }
+}
+
+/// A stream of JSON lines (`application/x-ndjson`), one per event, ending
+/// when the sender does.
+fn ndjson<T: Serialize + Send + 'static>(events: async_channel::Receiver<T>) -> Response<Body> {
+    let lines = stream::unfold(events, |events| async move {
+        let event = events.recv().await.ok()?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok(Frame::data(bytes::Bytes::from(line))), events))
+    });
+    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(lines)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
 }
 
 /// The largest request body accepted (a create request is small).
@@ -514,6 +545,14 @@ mod tests {
             Route::Delete("x".into())
         );
         assert_eq!(route(&get, "/v1/node").unwrap(), Route::Node);
+        assert_eq!(
+            route(&post, "/v1/containers/x/fork").unwrap(),
+            Route::Fork("x".into())
+        );
+        assert_eq!(
+            route(&get, "/v1/containers/x/fork").unwrap_err().status,
+            405
+        );
     }
 
     #[test]

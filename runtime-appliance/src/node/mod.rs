@@ -5,8 +5,11 @@
 //! watches the VM, so a VM that dies is reported instead of waited for.
 
 pub mod boot_files;
+mod copy;
+pub mod fork;
 pub mod guest_config;
 pub mod host;
+pub mod identity;
 pub mod request;
 pub mod state;
 pub mod vms;
@@ -221,5 +224,14 @@ impl Backend for Node {
 
     async fn node(&self) -> Result<NodeView, ApiError> {
         self.vms()?.node().await
+    }
+
+    async fn fork(
+        &self,
+        id: &str,
+        request: fork::ForkRequest,
+        timeout: Duration,
+    ) -> Result<async_channel::Receiver<fork::ForkEvent>, ApiError> {
+        self.vms()?.fork(id, request, timeout).await
     }
 }

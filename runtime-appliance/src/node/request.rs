@@ -129,22 +129,28 @@ pub const GUEST_FIELDS: [&str; 10] = [
 /// How long a start-gated primary waits for its start.
 pub const START_GATE_TIMEOUT: &str = "60s";
 
-fn bad(field: &str, why: impl std::fmt::Display) -> ApiError {
+/// A JSON request body; an error names the field that is wrong.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::BadRequest(format!("request body: {}", e.inner()))
+        } else {
+            bad(&path, e.inner())
+        }
+    })
+}
+
+/// A 400 naming `field`.
+pub(super) fn bad(field: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::BadRequest(format!("field `{field}`: {why}"))
 }
 
 impl CreateRequest {
     /// Parses and checks a request body.
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let request: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                ApiError::BadRequest(format!("request body: {}", e.inner()))
-            } else {
-                bad(&path, e.inner())
-            }
-        })?;
+        let request: Self = parse_body(body)?;
         request.check()?;
         Ok(request)
     }

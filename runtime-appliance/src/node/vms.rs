@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,14 +17,16 @@ use smol::lock::OnceCell;
 use tracing::{info, warn};
 
 use super::boot_files::{self, BootFiles};
+use super::fork;
 use super::guest_config::{extra_mac, generated_id, guest_config, mac_for};
 use super::host;
+use super::identity;
 use super::request::{CreateRequest, Created, NetMode, NodeView, Removed, StopReply, VmView};
 use super::state::{make_private_dir, prepare_dir, write_private};
 use crate::api_types::ApiError;
 use crate::appliance::Appliance;
 use crate::vm::accel::{self, AccelChoice};
-use crate::vm::{Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
+use crate::vm::{Memory, Nic, QemuBackend, Share, Vm, VmBackend, VmError, VmExit, VmSpec, adopt};
 
 /// How long an auto-removed VM is still known (so a late attach or wait is
 /// told it exited instead of waiting for it to appear).
@@ -41,6 +44,8 @@ pub struct VmSettings {
     /// Default kernel and initramfs (else found or built on first use).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    /// Where guest RAM files go (`tetherd-ID-GENERATION`): a tmpfs.
+    pub shm_dir: PathBuf,
 }
 
 /// One VM.
@@ -53,16 +58,22 @@ struct Record {
     exit: Option<VmExit>,
     /// Auto-removed: its files are gone; kept a while so late callers learn it exited.
     removed: bool,
+    /// What it was booted with (`None` for a VM an earlier tetherd started).
+    spec: Option<VmSpec>,
+    /// A fork's child: its parent and number.
+    child: Option<(String, u32)>,
 }
 
 /// The VMs of this tetherd.
 pub struct Vms {
-    settings: VmSettings,
-    appliance: Appliance,
+    pub(super) settings: VmSettings,
+    pub(super) appliance: Appliance,
     appliance_key: PublicKey,
     backend: OnceCell<Arc<dyn VmBackend>>,
     boot: OnceCell<BootFiles>,
     records: Mutex<BTreeMap<String, Record>>,
+    /// Containers being forked now (one fork at a time each).
+    forking: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What the rest of the node needs to watch one VM.
@@ -83,6 +94,7 @@ impl Vms {
             backend: OnceCell::new(),
             boot: OnceCell::new(),
             records: Mutex::new(BTreeMap::new()),
+            forking: Mutex::new(Default::default()),
         }
     }
 
@@ -172,6 +184,8 @@ impl Vms {
                     vm: None,
                     exit: None,
                     removed: false,
+                    spec: None,
+                    child: None,
                 },
             )
         };
@@ -230,6 +244,29 @@ impl Vms {
             format!("{:#}\n", serde_json::json!(request)).as_bytes(),
         )?;
         self.appliance.pin_guest(id, *host_key.public());
+        let nics: Vec<Nic> = match request.net {
+            NetMode::None => Vec::new(),
+            NetMode::User => vec![Nic::User { mac }],
+        }
+        .into_iter()
+        .chain(request.nics.iter().enumerate().map(|(n, nic)| Nic::User {
+            mac: nic.mac.clone().unwrap_or_else(|| extra_mac(id, n)),
+        }))
+        .collect();
+        let hostname = request
+            .guest
+            .as_ref()
+            .and_then(|g| g.get("hostname"))
+            .and_then(|h| h.as_str())
+            .map_or_else(|| identity::hostname_for(id), str::to_owned);
+        let me = identity::booted(id, &hostname, &macs_of(&nics))?;
+        let identity_path = dir.join("identity");
+        identity::write(&identity_path, &me)?;
+        let ram = self
+            .settings
+            .shm_dir
+            .join(format!("tetherd-{id}-{}", me.generation));
+        write_private(&dir.join(RAM_PATH), ram.as_os_str().as_encoded_bytes())?;
         let spec = VmSpec {
             id: id.to_owned(),
             dir: dir.to_owned(),
@@ -241,15 +278,7 @@ impl Vms {
             memory_mib: request.memory_mib(),
             config: config_path,
             link: self.settings.link,
-            nics: match request.net {
-                NetMode::None => Vec::new(),
-                NetMode::User => vec![Nic::User { mac }],
-            }
-            .into_iter()
-            .chain(request.nics.iter().enumerate().map(|(n, nic)| Nic::User {
-                mac: nic.mac.clone().unwrap_or_else(|| extra_mac(id, n)),
-            }))
-            .collect(),
+            nics,
             disks: request.disk.iter().chain(&request.disks).cloned().collect(),
             shares: request
                 .rootfs
@@ -259,13 +288,47 @@ impl Vms {
                     path: p.clone(),
                 })
                 .collect(),
+            memory: Memory {
+                path: ram,
+                shared: true,
+            },
+            vmgenid: identity::vmgenid(),
+            identity: identity_path,
+            incoming: false,
         };
-        let vm: Arc<dyn Vm> = backend.start(&spec).await.map_err(vm_error)?.into();
+        let vm = self.launch(&backend, &spec).await?;
+        Ok(Created {
+            id: id.to_owned(),
+            accel: backend.accel().as_str().to_owned(),
+            pid: vm.pid(),
+            console: spec.console_log(),
+        })
+    }
+
+    /// Starts the hypervisor of `spec` (whose record exists), records it,
+    /// and reaps it when it exits.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        backend: &Arc<dyn VmBackend>,
+        spec: &VmSpec,
+    ) -> Result<Arc<dyn Vm>, ApiError> {
+        let id = &spec.id;
+        let started = backend.start(spec).await;
+        let vm: Arc<dyn Vm> = match started {
+            Ok(vm) => vm.into(),
+            Err(e) => {
+                if spec.memory.shared {
+                    remove_ram(&spec.memory.path);
+                }
+                return Err(vm_error(e));
+            }
+        };
         let accel = backend.accel().as_str();
-        info!(container = %id, pid = vm.pid(), accel, dir = %dir.display(), "VM started");
+        info!(container = %id, pid = vm.pid(), accel, dir = %spec.dir.display(), "VM started");
         if let Some(r) = self.lock().get_mut(id) {
             r.vm = Some(vm.clone());
             r.accel = accel;
+            r.spec = Some(spec.clone());
         }
         let me = self.clone();
         let owner = id.to_owned();
@@ -275,12 +338,7 @@ impl Vms {
             me.exited(&owner, exit).await;
         })
         .detach();
-        Ok(Created {
-            id: id.to_owned(),
-            accel: accel.to_owned(),
-            pid: vm.pid(),
-            console: spec.console_log(),
-        })
+        Ok(vm)
     }
 
     /// The hypervisor of `id` has exited: record it, and auto-remove.
@@ -293,6 +351,9 @@ impl Vms {
                 r.dir.join("exit.json"),
                 format!("{}\n", serde_json::json!(exit)),
             );
+            if let Ok(ram) = fs::read(r.dir.join(RAM_PATH)) {
+                remove_ram(Path::new(std::ffi::OsStr::from_bytes(&ram)));
+            }
             r.request.auto_remove
         };
         info!(container = %id, %exit, "VM exited");
@@ -450,6 +511,147 @@ impl Vms {
     }
 }
 
+/// The fork workflow's bookkeeping (the workflow is in `fork`).
+impl Vms {
+    /// The parent of a fork: a VM this tetherd booted, running, whose RAM
+    /// is a file it shares.
+    pub(super) fn forkable(&self, id: &str) -> Result<fork::Parent, ApiError> {
+        let vm = self.running_vm(id)?;
+        if vm.try_wait().is_some() {
+            return Err(ApiError::Refused(format!("the VM of {id} has exited")));
+        }
+        let records = self.lock();
+        let r = records
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+        let Some(spec) = r.spec.clone() else {
+            return Err(ApiError::Refused(format!(
+                "the VM of {id} was started by an earlier tetherd; only VMs this tetherd booted fork"
+            )));
+        };
+        if !spec.memory.shared {
+            return Err(ApiError::Refused(format!(
+                "{id} is a fork's child, whose memory is a private copy: fork its parent instead"
+            )));
+        }
+        let key = fs::read_to_string(r.dir.join("guest.pub"))
+            .ok()
+            .and_then(|k| PublicKey::from_openssh(k.trim()).ok())
+            .ok_or_else(|| ApiError::Internal(format!("the guest key of {id} is not readable")))?;
+        Ok(fork::Parent {
+            id: id.to_owned(),
+            spec,
+            vm,
+            key,
+        })
+    }
+
+    /// Names and numbers the children of a fork of `parent` and records
+    /// them (no VM yet), so no other request takes the names; their guests
+    /// serve with the parent's key.
+    pub(super) fn reserve_children(
+        &self,
+        parent: &fork::Parent,
+        request: &fork::ForkRequest,
+    ) -> Result<Vec<(String, u32)>, ApiError> {
+        let id = &parent.id;
+        let mut forking = self.forking.lock().unwrap_or_else(|p| p.into_inner());
+        if forking.contains(id) {
+            return Err(ApiError::Refused(format!("{id} is being forked already")));
+        }
+        let mut records = self.lock();
+        let taken = |name: &str, records: &BTreeMap<String, Record>| {
+            records.get(name).is_some_and(|r| !r.removed)
+                || self.appliance.shared.info(name).is_some()
+        };
+        for name in &request.names {
+            if taken(name, &records) {
+                return Err(ApiError::Refused(format!(
+                    "container {name} exists (remove it first: DELETE /v1/containers/{name})"
+                )));
+            }
+        }
+        let mut n = records
+            .iter()
+            .filter_map(|(rid, r)| match &r.child {
+                Some((p, n)) if p == id => Some(*n),
+                _ => fork::child_number(id, rid),
+            })
+            .max()
+            .unwrap_or(0);
+        let mut children = Vec::new();
+        for i in 0..request.children as usize {
+            n += 1;
+            let name = match request.names.get(i) {
+                Some(name) => name.clone(),
+                None => loop {
+                    let name = format!("{id}-{n}");
+                    if !taken(&name, &records) && !request.names.contains(&name) {
+                        break name;
+                    }
+                    n += 1;
+                },
+            };
+            if n > identity::MAX_CHILD {
+                return Err(ApiError::Refused(format!(
+                    "{id} has had {} children: no more child numbers",
+                    identity::MAX_CHILD
+                )));
+            }
+            children.push((name, n));
+        }
+        for (name, n) in &children {
+            let mut request = r_request(&records, id);
+            request.name = Some(name.clone());
+            records.insert(
+                name.clone(),
+                Record {
+                    request,
+                    dir: self.settings.state_dir.join("vms").join(name),
+                    accel: "",
+                    vm: None,
+                    exit: None,
+                    removed: false,
+                    spec: None,
+                    child: Some((id.clone(), *n)),
+                },
+            );
+            self.appliance.pin_guest(name, parent.key);
+        }
+        forking.insert(id.clone());
+        Ok(children)
+    }
+
+    /// The create request a child of `parent` named `child` is recorded with.
+    pub(super) fn child_request(&self, parent: &str, child: &str) -> CreateRequest {
+        let mut request = r_request(&self.lock(), parent);
+        request.name = Some(child.to_owned());
+        request
+    }
+
+    /// Forgets a child that never ran: its record and files.
+    pub(super) fn drop_child(&self, id: &str) {
+        self.lock().remove(id);
+        self.remove_files(id);
+    }
+
+    /// The fork of `parent` is over.
+    pub(super) fn end_fork(&self, parent: &str) {
+        self.forking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(parent);
+    }
+}
+
+/// The create request of record `id` (default if it has none).
+fn r_request(records: &BTreeMap<String, Record>, id: &str) -> CreateRequest {
+    records
+        .get(id)
+        .map(|r| r.request.clone())
+        .unwrap_or_default()
+}
+
 impl Vms {
     /// Takes over the VMs an earlier tetherd left in the state directory:
     /// running ones (QEMU reconnects their links; their guests are trusted
@@ -487,6 +689,8 @@ impl Vms {
                     vm: Some(vm.clone()),
                     exit: None,
                     removed: false,
+                    spec: None,
+                    child: None,
                 },
             );
             if running {
@@ -501,7 +705,28 @@ impl Vms {
     }
 }
 
-fn vm_error(e: VmError) -> ApiError {
+/// The file in a VM's directory naming its RAM file (removed when it exits).
+const RAM_PATH: &str = "memory.path";
+
+/// Removes a VM's RAM file.
+fn remove_ram(path: &Path) {
+    if let Err(e) = fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing the guest RAM file {}: {e}", path.display());
+    }
+}
+
+/// The MACs of `nics`, in order.
+pub(crate) fn macs_of(nics: &[Nic]) -> Vec<String> {
+    nics.iter()
+        .map(|n| match n {
+            Nic::User { mac } => mac.clone(),
+        })
+        .collect()
+}
+
+pub(super) fn vm_error(e: VmError) -> ApiError {
     match e {
         VmError::Unavailable(m) => ApiError::Unavailable(m),
         other => ApiError::Internal(format!("booting the VM: {other}")),

@@ -138,6 +138,7 @@ fn setup(fail: bool) -> Setup {
         accel: AccelChoice::Fixed(Accel::Tcg),
         kernel: None,
         initrd: None,
+        shm_dir: dir.path().join("shm"),
     };
     let vms = Vms::with_backend(
         settings,
@@ -313,4 +314,145 @@ fn generated_ids_and_macs() {
     assert_eq!(mac_for("web"), mac_for("web"));
     assert!(mac_for("web").starts_with("52:54:00:"));
     assert!(is_hostname("web-1") && !is_hostname("web_1") && !is_hostname("-x"));
+}
+
+#[test]
+fn a_booted_vm_gets_its_ram_file_identity_and_vmgenid_and_its_ram_file_goes_with_it() {
+    let s = setup(false);
+    smol::block_on(async {
+        let mut req = request("web", &["sh"]);
+        req.net = NetMode::User;
+        s.vms.create(req).await.unwrap();
+        let (spec, vm) = started(&s, 0);
+        assert!(spec.memory.shared && !spec.incoming);
+        let name = spec.memory.path.file_name().unwrap().to_string_lossy();
+        assert!(name.starts_with("tetherd-web-"), "{name}");
+        assert_eq!(
+            spec.memory.path.parent(),
+            Some(s.dir.path().join("shm").as_path())
+        );
+        let identity = ::fork::Identity::parse(&fs::read(&spec.identity).unwrap()).unwrap();
+        assert_eq!(identity.id.as_deref(), Some("web"));
+        assert_eq!(name, format!("tetherd-web-{}", identity.generation));
+        assert_eq!(identity.nics.len(), 1);
+        assert_eq!(spec.vmgenid.len(), 36);
+        // QEMU would create the file; the VM's end removes it.
+        fs::create_dir_all(s.dir.path().join("shm")).unwrap();
+        fs::write(&spec.memory.path, b"ram").unwrap();
+        vm.exit_with(VmExit {
+            code: Some(0),
+            signal: None,
+        });
+        for _ in 0..100 {
+            if !spec.memory.path.exists() {
+                break;
+            }
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+        assert!(!spec.memory.path.exists(), "the RAM file outlived its VM");
+    });
+}
+
+#[test]
+fn fork_children_are_named_numbered_and_reserved() {
+    let s = setup(false);
+    smol::block_on(async {
+        s.vms.create(request("web", &["sh"])).await.unwrap();
+        let parent = s.vms.forkable("web").unwrap();
+        let req = super::fork::ForkRequest {
+            children: 3,
+            names: vec!["db".into()],
+            hostnames: Vec::new(),
+        };
+        let children = s.vms.reserve_children(&parent, &req).unwrap();
+        assert_eq!(
+            children,
+            [("db".into(), 1), ("web-2".into(), 2), ("web-3".into(), 3)]
+        );
+        // One fork at a time; the names are taken meanwhile.
+        let again = s.vms.reserve_children(&parent, &req).unwrap_err();
+        assert!(again.to_string().contains("being forked"), "{again}");
+        s.vms.end_fork("web");
+        let taken = s.vms.reserve_children(&parent, &req).unwrap_err();
+        assert!(taken.to_string().contains("container db exists"), "{taken}");
+        // The next fork numbers on: web-4.
+        let next = super::fork::ForkRequest {
+            children: 1,
+            ..Default::default()
+        };
+        let more = s.vms.reserve_children(&parent, &next).unwrap();
+        assert_eq!(more, [("web-4".into(), 4)]);
+        s.vms.end_fork("web");
+        // A child that never ran goes without a trace.
+        s.vms.drop_child("web-4");
+        assert!(s.vms.watch("web-4").is_none());
+        assert!(
+            s.vms.forkable("web-3").is_err(),
+            "a child not started is no parent"
+        );
+        let unknown = s.vms.forkable("nope").err().unwrap();
+        assert!(matches!(unknown, ApiError::NotFound(_)), "{unknown}");
+    });
+}
+
+#[test]
+fn a_guest_that_refuses_to_quiesce_fails_the_fork_and_frees_the_names() {
+    let s = setup(false);
+    smol::block_on(async {
+        s.vms.create(request("web", &["sh"])).await.unwrap();
+        // A link for the VM's guest (its pinned key) that refuses fork@tether,
+        // as a guest that predates fork does.
+        let shared = s.vms.appliance.shared.clone();
+        let key = fs::read_to_string(s.dir.path().join("vms/web/guest.pub")).unwrap();
+        let key = PublicKey::from_openssh(key.trim()).unwrap();
+        let (tx, rx) = async_channel::unbounded();
+        shared.link_up(7, tx);
+        let info = proto_core::tether::ContainerInfo {
+            id: "web".into(),
+            kind: proto_core::tether::Kind::Primary,
+            state: proto_core::tether::State::Running,
+            exit_status: 0,
+            output_end: 0,
+            tty: false,
+        };
+        shared.update(7, Some(key), vec![info]);
+        let guest = smol::spawn(async move {
+            while let Ok(command) = rx.recv().await {
+                if let crate::guestlink::LinkCommand::Fork { mode, reply } = command {
+                    assert_eq!(mode, proto_core::tether::ForkMode::Quiesce);
+                    let _ = reply.send(Ok((false, None))).await;
+                }
+            }
+        });
+        let req = super::fork::ForkRequest {
+            children: 2,
+            ..Default::default()
+        };
+        let err = s
+            .vms
+            .fork("web", req.clone(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Refused(_)), "{err}");
+        assert!(
+            err.to_string().contains("the guest does not support fork"),
+            "{err}"
+        );
+        // Nothing is left of the children; the names are free again.
+        assert!(!s.dir.path().join("vms/web-1").exists());
+        assert!(
+            s.vms
+                .node()
+                .await
+                .unwrap()
+                .vms
+                .iter()
+                .all(|v| v.id == "web")
+        );
+        let parent = s.vms.forkable("web").unwrap();
+        let again = s.vms.reserve_children(&parent, &req).unwrap();
+        assert_eq!(again, [("web-1".into(), 1), ("web-2".into(), 2)]);
+        shared.link_gone(7);
+        drop(guest);
+    });
 }

@@ -76,6 +76,12 @@ pub struct Record {
     /// The signal that ended it (name without `SIG`), if one did.
     #[serde(default)]
     pub exit_signal: Option<String>,
+    /// The container its VM was forked from (a fork's child).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    /// The recovery step that failed in its forked VM, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork_failure: Option<String>,
 }
 
 /// A container's directory name: the id itself when it is a plain name, else

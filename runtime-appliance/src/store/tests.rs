@@ -179,6 +179,8 @@ fn records_are_written_atomically_and_listed() {
         output_end: 5,
         tty: false,
         guest_key: None,
+        forked_from: None,
+        fork_failure: None,
         exit_signal: None,
     };
     store.save_record(&record).unwrap();

@@ -48,6 +48,24 @@ pub struct VmSpec {
     pub disks: Vec<PathBuf>,
     /// Host directories shared over 9p.
     pub shares: Vec<Share>,
+    /// The file guest RAM lives in (so a fork can map it copy-on-write).
+    pub memory: Memory,
+    /// The vmgenid GUID: a fresh one per VM, so a child's kernel reseeds.
+    pub vmgenid: String,
+    /// The identity (docs/PROTOCOL.md 4.5), handed over through fw_cfg
+    /// `opt/tether/identity`: not part of the saved state.
+    pub identity: PathBuf,
+    /// Wait for the saved state over QMP (`-incoming defer`): a fork's child.
+    pub incoming: bool,
+}
+
+/// Guest RAM as a file (QEMU `memory-backend-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Memory {
+    pub path: PathBuf,
+    /// `share=on`: the VM writes the file itself (a booted VM). `share=off`:
+    /// a private copy-on-write mapping of it (a child of a fork).
+    pub shared: bool,
 }
 
 impl VmSpec {

@@ -63,6 +63,16 @@ impl QemuBackend {
         let memory = spec.memory_mib.to_string();
         let cpus = format!("{},maxcpus={}", spec.cpus, spec.max_cpus.max(spec.cpus));
         push(&["-m", &memory, "-smp", &cpus]);
+        // RAM in a file: a fork's children map it copy-on-write.
+        let ram = format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            escape(&spec.memory.path),
+            if spec.memory.shared { "on" } else { "off" }
+        );
+        push(&["-machine", "memory-backend=mem", "-object", &ram]);
+        let vmgenid = format!("vmgenid,guid={}", spec.vmgenid);
+        push(&["-device", &vmgenid]);
         push(&["-nographic", "-nodefaults", "-no-user-config", "-no-reboot"]);
         let mut append = vec!["console=ttyS1", "quiet", "panic=-1"];
         append.extend(FAST_BOOT);
@@ -86,6 +96,8 @@ impl QemuBackend {
         a.push(format!("file:{}", escape(&spec.console_log())).into());
         a.push("-fw_cfg".into());
         a.push(format!("name=opt/tether/config,file={}", escape(&spec.config)).into());
+        a.push("-fw_cfg".into());
+        a.push(format!("name=opt/tether/identity,file={}", escape(&spec.identity)).into());
         a.push("-qmp".into());
         a.push(format!("unix:{},server=on,wait=off", escape(&spec.qmp_socket())).into());
         for (i, nic) in spec.nics.iter().enumerate() {
@@ -119,6 +131,10 @@ impl QemuBackend {
         for disk in &spec.disks {
             a.push("-drive".into());
             a.push(format!("file={},if=virtio,format=raw", escape(disk)).into());
+        }
+        if spec.incoming {
+            a.push("-incoming".into());
+            a.push("defer".into());
         }
         a
     }
@@ -294,7 +310,7 @@ impl Vm for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::Share;
+    use crate::vm::{Memory, Share};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -321,6 +337,13 @@ mod tests {
                 tag: "rootfs".into(),
                 path: "/srv/rootfs".into(),
             }],
+            memory: Memory {
+                path: "/dev/shm/tetherd-web-7".into(),
+                shared: true,
+            },
+            vmgenid: "8c5a4e1e-4c0b-4f4e-9a55-0d6f8a1b2c3d".into(),
+            identity: "/state/vms/web/identity".into(),
+            incoming: false,
         }
     }
 
@@ -335,7 +358,9 @@ mod tests {
         let line = args.join(" ");
         assert_eq!(
             line,
-            "-accel tcg -m 512 -smp 2,maxcpus=4 -nographic -nodefaults -no-user-config -no-reboot \
+            "-accel tcg -m 512 -smp 2,maxcpus=4 -machine memory-backend=mem \
+             -object memory-backend-file,id=mem,size=512M,mem-path=/dev/shm/tetherd-web-7,share=on \
+             -device vmgenid,guid=8c5a4e1e-4c0b-4f4e-9a55-0d6f8a1b2c3d -nographic -nodefaults -no-user-config -no-reboot \
              -kernel /boot/vmlinuz -initrd /cache/initramfs.cpio.gz \
              -append console=ttyS1 quiet panic=-1 tsc=reliable no_timer_check \
              rcupdate.rcu_expedited=1 cryptomgr.notests i8042.noaux i8042.nokbd i8042.nopnp \
@@ -343,6 +368,7 @@ mod tests {
              -serial tcp:127.0.0.1:2377,reconnect=1 \
              -serial file:/state/vms/web/console.log \
              -fw_cfg name=opt/tether/config,file=/state/vms/web/config.json \
+             -fw_cfg name=opt/tether/identity,file=/state/vms/web/identity \
              -qmp unix:/state/vms/web/qmp.sock,server=on,wait=off \
              -netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56 \
              -netdev user,id=n1,restrict=on,net=10.0.3.0/24 \
@@ -350,6 +376,17 @@ mod tests {
              -virtfs local,path=/srv/rootfs,mount_tag=rootfs,security_model=none \
              -drive file=/images/root.img,if=virtio,format=raw"
         );
+        // A fork's child maps the template privately and waits for the state.
+        let mut child = spec();
+        child.memory.shared = false;
+        child.incoming = true;
+        let line = backend.args(&child).join(std::ffi::OsStr::new(" "));
+        let line = line.to_string_lossy();
+        assert!(
+            line.contains("mem-path=/dev/shm/tetherd-web-7,share=off "),
+            "{line}"
+        );
+        assert!(line.ends_with(" -incoming defer"), "{line}");
         let kvm = QemuBackend::new("qemu-system-x86_64".into(), Accel::Kvm);
         let args = kvm.args(&spec());
         assert_eq!(

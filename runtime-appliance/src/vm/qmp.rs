@@ -38,6 +38,13 @@ pub enum QmpError {
     },
     #[error("QMP command {0}: no reply within {COMMAND_TIMEOUT:?}")]
     Timeout(String),
+    #[error("QMP: the migration did not finish within {limit:?} (still {status})")]
+    MigrationTimeout { limit: Duration, status: String },
+}
+
+/// A path as one `sh` word (QEMU runs `exec:` migration URIs with `sh -c`).
+fn quoted(path: &Path) -> String {
+    crate::appliance::shell_quote(&path.display().to_string())
 }
 
 /// The guest's run state (`query-status`).
@@ -177,6 +184,80 @@ impl Qmp {
     /// Hot-plugs a device: `arguments` holds `driver`, `id` and the driver's properties.
     pub async fn device_add(&mut self, arguments: Value) -> Result<(), QmpError> {
         self.execute("device_add", Some(arguments)).await.map(drop)
+    }
+
+    /// Turns on `x-ignore-shared`: guest RAM in a file is left out of a
+    /// migration stream (it is the file), on both the saving and the loading side.
+    pub async fn ignore_shared_memory(&mut self) -> Result<(), QmpError> {
+        let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+        self.execute("migrate-set-capabilities", Some(caps))
+            .await
+            .map(drop)
+    }
+
+    /// Starts saving the VM's state to `uri` (`exec:CMD`); see `migration`.
+    pub async fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// Starts loading a saved state from `uri` into a VM started with
+    /// `-incoming defer`; see `migration`.
+    pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// The state of the current migration, outgoing or incoming
+    /// (`query-migrate`): `active`, `completed`, `failed`, ...; with
+    /// QEMU's error description when it failed.
+    pub async fn migration(&mut self) -> Result<(String, Option<String>), QmpError> {
+        let ret = self.execute("query-migrate", None).await?;
+        let status = ret.get("status").and_then(Value::as_str).unwrap_or("none");
+        let error = ret.get("error-desc").and_then(Value::as_str);
+        Ok((status.to_owned(), error.map(str::to_owned)))
+    }
+
+    /// Polls `migration` until it completed (`Ok`) or failed, for at most `limit`.
+    pub async fn migration_done(&mut self, limit: Duration) -> Result<(), QmpError> {
+        let started = std::time::Instant::now();
+        loop {
+            let (status, error) = self.migration().await?;
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" | "cancelling" => {
+                    return Err(QmpError::Command {
+                        command: "migrate".into(),
+                        class: status,
+                        desc: error.unwrap_or_else(|| "no reason given".into()),
+                    });
+                }
+                _ if started.elapsed() > limit => {
+                    return Err(QmpError::MigrationTimeout { limit, status });
+                }
+                _ => smol::Timer::after(Duration::from_millis(5)).await,
+            };
+        }
+    }
+
+    /// Saves the device state of a stopped VM whose RAM is a shared file
+    /// (`x-ignore-shared`: the file is the RAM) to `file`, within `limit`.
+    pub async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<(), QmpError> {
+        self.ignore_shared_memory().await?;
+        let uri = format!("exec:cat > {}", quoted(file));
+        self.migrate(&uri).await?;
+        self.migration_done(limit).await
+    }
+
+    /// Loads what `save_state` saved into a VM started with `-incoming
+    /// defer` on (a copy of) the same RAM file, within `limit`.
+    pub async fn load_state(&mut self, file: &Path, limit: Duration) -> Result<(), QmpError> {
+        self.ignore_shared_memory().await?;
+        let uri = format!("exec:cat {}", quoted(file));
+        self.migrate_incoming(&uri).await?;
+        self.migration_done(limit).await
     }
 
     /// Events received so far (and forgets them).
