@@ -123,7 +123,15 @@ async fn run_one(guest: &Rc<Guest>, stream: &LinkStream, sync: bool) -> bool {
     false
 }
 
-fn server_config(guest: &Guest) -> proto_core::Config {
+/// The receive window of each channel on a serial line. Everything the
+/// appliance sends waits in one queue in front of the emulated UART, which
+/// under TCG moves only tens of KiB a second: the default 2 MiB window lets a
+/// stdin flood queue so much ahead of a keepalive that the appliance gives the
+/// link up as dead. A small window bounds that queue (and costs nothing: the
+/// line, not the window, limits what a serial link carries).
+const SERIAL_WINDOW: u32 = 32 * 1024;
+
+fn server_config(guest: &Guest, serial: bool) -> proto_core::Config {
     let c = &guest.config;
     let mut server = ServerConfig::new(c.host_key.clone(), c.authorized_keys.clone());
     server.allow_none = c.allow_none_auth;
@@ -131,6 +139,9 @@ fn server_config(guest: &Guest) -> proto_core::Config {
     config.keepalive_interval = Some(c.keepalive);
     config.keepalive_max = 2;
     config.handshake_timeout = HANDSHAKE_TIMEOUT;
+    if serial {
+        config.window = SERIAL_WINDOW;
+    }
     config
 }
 
@@ -156,7 +167,7 @@ async fn serve<S: AsFd>(
         BytesMut::new()
     };
     let link = GuestLink::new(
-        server_config(guest),
+        server_config(guest, announce),
         Instant::now(),
         link_driver::rng(),
         &mut guest.sessions.borrow_mut(),
