@@ -89,15 +89,18 @@ fn a_gap_in_the_middle_of_a_stream_is_surfaced_where_it_is() {
         let fx = Fixture::new();
         let mut config = fx.config(
             "behind",
-            &["/bin/sh", "-c", "sleep 1; seq 1 3000000; sleep 30"],
+            &["/bin/sh", "-c", "seq 1 3000000; sleep 30"],
         );
         config["sessions"][0]["output_buffer"] = 65536.into();
+        // Started only once attached, however long the attach takes.
+        config["sessions"][0]["start_gated"] = true.into();
         let _guest = Guest::start(&procs, dir.path(), &config);
         let expect = seq_bytes(3_000_000);
         smol::block_on(async {
-            // Attached before the output begins (the process waits 1 s).
+            // Attached before the output begins.
             let mut att = fx.appliance.attach("behind", options()).await.unwrap();
             assert_eq!(att.start, 0);
+            fx.appliance.start("behind").await.unwrap();
             // Fall behind: the guest's 64 KiB log drops what this reader
             // has not been sent yet.
             smol::Timer::after(Duration::from_millis(2500)).await;
