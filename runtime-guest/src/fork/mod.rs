@@ -319,7 +319,12 @@ async fn child(guest: &Rc<Guest>, identity: Identity) {
         Role::Child { parent, .. } => parent.clone(),
         Role::Booted => String::new(),
     };
-    let new_id = guest.sessions.borrow().primary().to_owned();
+    // The identity's id even if recovery stopped before the sessions took
+    // it: the appliance expects this child under that name.
+    let new_id = identity
+        .id
+        .clone()
+        .unwrap_or_else(|| guest.sessions.borrow().primary().to_owned());
     let failure = recovery.failure_text();
     if failure.is_empty() {
         info!(
