@@ -189,6 +189,11 @@ fn read_frame(f: &mut File, expected: u64) -> io::Result<Option<Frame>> {
 /// disk what was just written.
 const RECENT_MAX: usize = 2 << 20;
 
+/// What a kept frame costs besides its bytes (its entry and allocation):
+/// charged too, so a flood of one-byte frames holds about as little memory as
+/// a few large ones.
+const RECENT_FRAME_COST: usize = 128;
+
 /// A frame kept in memory, and where it ends on disk: the segment (by start
 /// offset) and the file position just past it, where a reader that took it
 /// from memory goes on reading the file.
@@ -196,6 +201,13 @@ struct Recent {
     frame: Frame,
     segment: u64,
     pos_end: u64,
+}
+
+impl Recent {
+    /// What this frame counts against [`RECENT_MAX`].
+    fn cost(&self) -> usize {
+        self.frame.data.len() + RECENT_FRAME_COST
+    }
 }
 
 /// A container's output log, open for appending.
@@ -327,22 +339,25 @@ impl OutputLog {
             self.forget_recent();
             return Ok(());
         }
-        self.recent_bytes += data.len();
-        self.recent.push_back(Recent {
+        let kept = Recent {
             frame: Frame {
                 kind,
                 time,
                 offset,
                 len,
-                data,
+                // An own copy: a slice of the packet it came in would keep
+                // that whole buffer alive for as long as the frame is kept.
+                data: Bytes::copy_from_slice(&data),
             },
             segment: self.segments.last().copied().unwrap_or(offset),
             pos_end: self.size,
-        });
+        };
+        self.recent_bytes += kept.cost();
+        self.recent.push_back(kept);
         while self.recent_bytes > RECENT_MAX
             && let Some(old) = self.recent.pop_front()
         {
-            self.recent_bytes -= old.frame.data.len();
+            self.recent_bytes -= old.cost();
         }
         Ok(())
     }
@@ -379,7 +394,7 @@ impl OutputLog {
             let first = self.segments[0];
             while self.recent.front().is_some_and(|r| r.segment < first) {
                 if let Some(r) = self.recent.pop_front() {
-                    self.recent_bytes -= r.frame.data.len();
+                    self.recent_bytes -= r.cost();
                 }
             }
             match fs::remove_file(segment_path(&self.dir, old)) {
