@@ -87,10 +87,7 @@ fn a_gap_in_the_middle_of_a_stream_is_surfaced_where_it_is() {
     with_timeout(LIMIT, |procs| {
         let dir = tempfile::tempdir().unwrap();
         let fx = Fixture::new();
-        let mut config = fx.config(
-            "behind",
-            &["/bin/sh", "-c", "seq 1 3000000; sleep 30"],
-        );
+        let mut config = fx.config("behind", &["/bin/sh", "-c", "seq 1 3000000; sleep 30"]);
         config["sessions"][0]["output_buffer"] = 65536.into();
         // Started only once attached, however long the attach takes.
         config["sessions"][0]["start_gated"] = true.into();
