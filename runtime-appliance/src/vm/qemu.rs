@@ -90,7 +90,7 @@ impl QemuBackend {
         a.push(append.into());
         // ttyS0 is the link; QEMU reconnects if tetherd restarts.
         a.push("-serial".into());
-        a.push(format!("tcp:{},reconnect=1", spec.link).into());
+        a.push(format!("tcp:{},reconnect=1,nodelay=on", spec.link).into());
         // ttyS1 is the console.
         a.push("-serial".into());
         a.push(format!("file:{}", escape(&spec.console_log())).into());
@@ -365,7 +365,7 @@ mod tests {
              -append console=ttyS1 quiet panic=-1 tsc=reliable no_timer_check \
              rcupdate.rcu_expedited=1 cryptomgr.notests i8042.noaux i8042.nokbd i8042.nopnp \
              noreplace-smp 8250.nr_uarts=2 audit=0 mitigations=off tether.debug=1 \
-             -serial tcp:127.0.0.1:2377,reconnect=1 \
+             -serial tcp:127.0.0.1:2377,reconnect=1,nodelay=on \
              -serial file:/state/vms/web/console.log \
              -fw_cfg name=opt/tether/config,file=/state/vms/web/config.json \
              -fw_cfg name=opt/tether/identity,file=/state/vms/web/identity \
