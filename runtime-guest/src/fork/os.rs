@@ -6,6 +6,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::libc;
@@ -118,21 +120,42 @@ fn now_seconds() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// The RTC, opened once and shared: `/dev/rtc0` admits one opener, and a
+/// refinement still waiting for the RTC's update (a second fork within a
+/// second of the first, or a thread the parent left running that the child
+/// inherited) must not make the next step fail with EBUSY.
+static RTC: Mutex<Option<Arc<File>>> = Mutex::new(None);
+/// Counts clock steps: a refinement started by an earlier step gives way.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+
+fn rtc(path: &Path) -> io::Result<Arc<File>> {
+    let mut rtc = RTC.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(file) = rtc.as_ref() {
+        return Ok(file.clone());
+    }
+    let file = Arc::new(File::open(path)?);
+    *rtc = Some(file.clone());
+    Ok(file)
+}
+
 /// Steps the wall clock from the RTC: at once to the second it shows plus
 /// 0.5 s (the RTC counts whole seconds, so that is at most 0.5 s off), then,
 /// in the background, to the exact second at the RTC's next update. Returns
 /// by how many seconds the clock moved.
 pub fn step_clock(rtc_path: &Path) -> io::Result<f64> {
-    let rtc = File::open(rtc_path)?;
+    let rtc = rtc(rtc_path)?;
+    let step = STEPS.fetch_add(1, Ordering::SeqCst) + 1;
     let seconds = read_rtc(&rtc)?;
     let before = now_seconds();
     set_realtime(seconds, 500_000_000)?;
-    let path = rtc_path.to_owned();
     let spawned =
         std::thread::Builder::new()
             .name("rtc-refine".into())
-            .spawn(move || match refine(&path) {
-                Ok(off) => info!("fork: clock refined at the RTC's update (off by {off:+.3} s)"),
+            .spawn(move || match refine(&rtc, step) {
+                Ok(Some(off)) => {
+                    info!("fork: clock refined at the RTC's update (off by {off:+.3} s)")
+                }
+                Ok(None) => info!("fork: clock refinement superseded by a later step"),
                 Err(e) => warn!("fork: clock not refined at the RTC's update: {e}"),
             });
     if let Err(e) = spawned {
@@ -142,26 +165,29 @@ pub fn step_clock(rtc_path: &Path) -> io::Result<f64> {
 }
 
 /// Waits for the RTC's next update by reading it every 10 ms until the
-/// second changes, and sets the clock to that exact second. Returns how far
-/// the half-second guess was off. (Not with the RTC's update interrupt,
-/// `RTC_UIE_ON`: in a QEMU child that left the processes' timers stalled.)
-fn refine(path: &Path) -> io::Result<f64> {
-    let rtc = File::open(path)?;
-    let first = read_rtc(&rtc)?;
-    let mut next = first;
+/// second changes by one, and sets the clock to that exact second. Returns
+/// how far the half-second guess was off, or `None` when a later step
+/// started meanwhile (this thread may be a parent's, running on in a child).
+/// A jump of more than a second is not an update (the VM was paused or
+/// forked between two reads): the wait starts over. (Not with the RTC's
+/// update interrupt, `RTC_UIE_ON`: in a QEMU child that left the processes'
+/// timers stalled.)
+fn refine(rtc: &File, step: u64) -> io::Result<Option<f64>> {
+    let mut last = read_rtc(rtc)?;
     for _ in 0..150 {
         std::thread::sleep(Duration::from_millis(10));
-        next = read_rtc(&rtc)?;
-        if next != first {
-            break;
+        if STEPS.load(Ordering::SeqCst) != step {
+            return Ok(None);
         }
+        let now = read_rtc(rtc)?;
+        if now == last + 1 {
+            let off = now_seconds() - now as f64;
+            set_realtime(now, 0)?;
+            return Ok(Some(off));
+        }
+        last = now;
     }
-    if next == first {
-        return Err(io::Error::other("the RTC did not tick within 1.5 s"));
-    }
-    let off = now_seconds() - next as f64;
-    set_realtime(next, 0)?;
-    Ok(off)
+    Err(io::Error::other("the RTC did not tick within 1.5 s"))
 }
 
 /// How many times the kernel log says vmgenid reseeded for a fork (reads
@@ -231,6 +257,19 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let e = reseed(&file, None).unwrap_err();
         assert!(e.to_string().contains("RNDRESEEDCRNG"), "{e}");
+    }
+
+    #[test]
+    fn the_rtc_is_opened_once_and_shared() {
+        // /dev/rtc0 admits one opener: a second step (or a refinement still
+        // waiting) must reuse the first handle, never open it again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rtc");
+        std::fs::write(&path, b"").unwrap();
+        let first = rtc(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let second = rtc(&path).expect("the open handle, not a second open");
+        assert!(Arc::ptr_eq(&first, &second));
     }
 
     #[test]
