@@ -81,18 +81,8 @@ fn text(bytes: &[u8]) -> Option<String> {
 
 /// A 16-byte UUID as text; none when all zero.
 fn uuid(bytes: &[u8]) -> Option<String> {
-    if bytes.iter().all(|&b| b == 0) {
-        return None;
-    }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    ))
+    let id = uuid::Uuid::from_slice(bytes).ok()?;
+    (!id.is_nil()).then(|| id.hyphenated().to_string())
 }
 
 #[cfg(test)]
