@@ -339,11 +339,13 @@ impl GuestLink {
     }
 
     /// Answers the held global requests from the oldest, up to the first
-    /// fork still in progress.
+    /// fork still in progress (or a list while a child is still recovering:
+    /// its names may still be its parent's).
     fn answer_held(&mut self, s: &Sessions) -> Result<()> {
         while let Some(held) = self.held.front() {
             match held {
                 Held::Fork(_) => return Ok(()),
+                Held::List if s.recovering() => return Ok(()),
                 Held::List => {
                     let list = encode(|b| m::encode_container_ids(&s.list(), b));
                     self.pushed = Some(s.version());
@@ -606,8 +608,14 @@ impl GuestLink {
         for (channel, n) in s.take_credits(self.link) {
             let _ = self.conn.channel_consume(channel, n);
         }
-        if self.conn.is_authenticated() {
+        // A recovering child announces nothing yet: its `forked@tether` comes
+        // first, once recovery ends.
+        if self.conn.is_authenticated() && !s.recovering() {
             self.send_forked(s);
+            if !self.held.is_empty() {
+                // Fails only on a closed connection, which stops the pump anyway.
+                let _ = self.answer_held(s);
+            }
             self.push_list(s);
             self.note_exit_reported(s);
         }

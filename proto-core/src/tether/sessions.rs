@@ -119,6 +119,10 @@ pub struct Sessions {
     quiesced: bool,
     /// A child's `forked@tether`, until an appliance answered it.
     forked: Option<Forked>,
+    /// A child still recovering: its links sync and authenticate, but send
+    /// no container list (the names may still be its parent's) until it
+    /// announces itself.
+    recovering: bool,
 }
 
 impl Sessions {
@@ -139,6 +143,7 @@ impl Sessions {
             events: VecDeque::new(),
             quiesced: false,
             forked: None,
+            recovering: false,
         }
     }
 
@@ -333,6 +338,19 @@ impl Sessions {
     /// global request after authentication, until an appliance answers.
     pub fn announce_fork(&mut self, forked: Forked) {
         self.forked = Some(forked);
+        self.recovering = false;
+    }
+
+    /// A child starts recovering (docs/PROTOCOL.md 4.5): until
+    /// [`Sessions::announce_fork`], links announce nothing after
+    /// authenticating.
+    pub fn begin_fork_recovery(&mut self) {
+        self.recovering = true;
+    }
+
+    /// Whether a child is recovering and has not announced itself yet.
+    pub fn recovering(&self) -> bool {
+        self.recovering
     }
 
     /// The announcement not yet answered (the runtime may update its

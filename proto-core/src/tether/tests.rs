@@ -712,6 +712,56 @@ fn a_child_announces_itself_on_each_link_until_answered() {
     );
 }
 
+/// A recovering child's link syncs and authenticates while the child
+/// recovers, but says nothing (no container list under its parent's names)
+/// until the child announces itself; then `forked@tether` goes first.
+#[test]
+fn a_recovering_childs_link_waits_for_the_announcement() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    pair.sessions.begin_fork_recovery();
+    pair.relink();
+    pair.drive();
+    assert!(
+        pair.events.contains(&ApplianceEvent::Authenticated),
+        "{:?}",
+        pair.events
+    );
+    assert!(
+        !pair.events.iter().any(|e| matches!(
+            e,
+            ApplianceEvent::Containers { .. } | ApplianceEvent::Forked(_)
+        )),
+        "{:?}",
+        pair.events
+    );
+    pair.sessions.rename_for_child("web-2", 2).unwrap();
+    let forked = Forked {
+        parent_id: "web".into(),
+        new_id: "web-2".into(),
+        generation: 9,
+        failure: String::new(),
+        recovery_us: 1234,
+    };
+    pair.sessions.announce_fork(forked.clone());
+    assert!(!pair.sessions.recovering());
+    pair.drive();
+    let forked_at = pair
+        .events
+        .iter()
+        .position(|e| *e == ApplianceEvent::Forked(forked.clone()));
+    let pushed_at = pair
+        .events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Containers { .. }));
+    assert!(forked_at.is_some(), "{:?}", pair.events);
+    assert!(forked_at < pushed_at, "{:?}", pair.events);
+    let Some(ApplianceEvent::Containers { list, .. }) = pair.events.get(pushed_at.unwrap()) else {
+        unreachable!()
+    };
+    assert_eq!(list[0].id, "web-2");
+}
+
 #[test]
 fn a_child_renames_its_execs_and_names_new_ones_after_itself() {
     let mut pair = connected(1 << 20, Overflow::DropOldest);

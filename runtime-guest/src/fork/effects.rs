@@ -77,6 +77,15 @@ impl LinuxEffects {
     }
 }
 
+/// Lets the other tasks run between two recovery steps. The steps are
+/// system calls that do not wait, so without this a child's new link (it
+/// starts right after the randomness step) would not read a byte until the
+/// whole recovery was done; with it, its sync and key exchange go on while
+/// the clock, the network and the names are set.
+async fn let_links_run() {
+    futures_lite::future::yield_now().await;
+}
+
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -124,6 +133,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn continue_sessions(&mut self) -> Result<(), String> {
+        let_links_run().await;
         let r = self
             .guest
             .signal_running(proto_core::tether::Signal::CONT)
@@ -141,6 +151,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn step_clock(&mut self) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("stepping the clock") {
             return Ok(());
         }
@@ -150,6 +161,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn set_mac(&mut self, nic: usize, mac: [u8; 6]) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("setting the MAC") {
             return Ok(());
         }
@@ -159,6 +171,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn flush_neighbours(&mut self, nic: usize) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("flushing neighbours") {
             return Ok(());
         }
@@ -170,6 +183,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn address(&mut self, nic: usize, how: &Addressing) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("re-addressing") {
             return Ok(());
         }
@@ -223,6 +237,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn announce(&mut self, nic: usize) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("announcing addresses") {
             return Ok(());
         }
@@ -234,6 +249,7 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn set_hostname(&mut self, name: &str) -> Result<(), String> {
+        let_links_run().await;
         if !self.os_step("setting the host name") {
             return Ok(());
         }
@@ -241,13 +257,18 @@ impl fork::Effects for LinuxEffects {
     }
 
     async fn rename_sessions(&mut self, id: &str, child: u32) -> Result<(), String> {
+        let_links_run().await;
         self.guest.rename_for_child(id, child)
     }
 
     async fn reset_link(&mut self) -> Result<(), String> {
-        // The parent's link was dropped when the new identity was seen; the
-        // links stay held until the announcement is queued (see `child`).
+        // The parent's link was dropped when the new identity was seen. New
+        // links start now, with the fresh randomness, and sync and
+        // authenticate while the rest recovers; they announce nothing until
+        // `child` queues the `forked@tether` (the sessions are marked
+        // recovering).
         self.guest.links.reset();
+        self.guest.links.release();
         Ok(())
     }
 }

@@ -287,7 +287,8 @@ async fn continue_parent(guest: &Rc<Guest>) {
 }
 
 /// This VM is a child: drop the parent's link at once (its bytes are the
-/// parent's), recover, announce, and let the links come back.
+/// parent's) and recover; the links come back during recovery (its `link`
+/// step) and carry the announcement once it is queued here.
 async fn child(guest: &Rc<Guest>, identity: Identity) {
     let f = &guest.fork;
     let noticed = Instant::now();
@@ -301,6 +302,7 @@ async fn child(guest: &Rc<Guest>, identity: Identity) {
     );
     guest.links.hold();
     guest.links.reset();
+    guest.sessions.borrow_mut().begin_fork_recovery();
     if f.os {
         match os::vmgenid_reseeds(KMSG.as_ref()) {
             Ok(n) if n > f.vmgenid.get() => {
@@ -328,7 +330,7 @@ async fn child(guest: &Rc<Guest>, identity: Identity) {
     let failure = recovery.failure_text();
     if failure.is_empty() {
         info!(
-            "fork: child {new_id} of {parent} recovered locally in {} ms; reconnecting",
+            "fork: child {new_id} of {parent} recovered in {} ms; announcing it",
             noticed.elapsed().as_millis()
         );
         f.phase.set(Phase::Running);
