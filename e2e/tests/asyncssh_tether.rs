@@ -3,7 +3,8 @@
 //! listens on a `tcp-listen:` link (no link sync). It lists sessions
 //! (`container-ids@tether`), attaches with replay (`attach@tether`), sees an
 //! `output-gap@tether` after `drop-oldest` overflow, runs an exec
-//! (`exec-id@tether`) and signals a session over a control channel.
+//! (`exec-id@tether`), signals a session over a control channel, and forks
+//! it (`fork@tether`, a child's `forked@tether`).
 //!
 //! Needs a Python with AsyncSSH (`TETHER_PYTHON`, `.venv` or `python3`):
 //! skipped without one, a failure under `TETHER_REQUIRE_ALL=1`. Needs
@@ -45,6 +46,11 @@ impl Peer {
     /// Starts a guest for container `id` with `sessions` (the first is the
     /// primary), or returns `None` when no Python with AsyncSSH is available.
     fn start(procs: &Procs, id: &str, sessions: Value) -> Option<Self> {
+        Self::start_with(procs, id, sessions, json!({}))
+    }
+
+    /// [`Peer::start`] with more configuration (`extra`'s keys are added).
+    fn start_with(procs: &Procs, id: &str, sessions: Value, extra: Value) -> Option<Self> {
         let python = available("AsyncSSH tether peer", peers::python_with_asyncssh())?;
         let dir = tempfile::tempdir().unwrap();
         let host = fixtures::key(31);
@@ -52,13 +58,16 @@ impl Peer {
         let client_key = dir.path().join("appliance_ed25519");
         peers::write_key_pair(&client_key, &client).unwrap();
         let port = peers::free_port().unwrap();
-        let config = json!({
+        let mut config = json!({
             "id": id,
             "host_key": host.to_openssh(id),
             "authorized_keys": [client.public().to_openssh()],
             "link": format!("tcp-listen:127.0.0.1:{port}"),
             "sessions": sessions,
         });
+        if let (Value::Object(config), Value::Object(extra)) = (&mut config, extra) {
+            config.extend(extra);
+        }
         let guest = Guest::start(procs, dir.path(), &config);
         let peer = Self {
             python,
@@ -417,5 +426,79 @@ fn block_overflow_with_the_default_buffer_and_window_delivers_everything() {
         let r = peer.ok(&procs, &["attach", "big", "--from", "0", "--until-exit"]);
         assert_eq!(r[0]["stdout"].as_str().map(str::len), Some(3_000_000));
         assert_eq!(r[0]["gaps"], json!([]));
+    });
+}
+
+/// A fork identity as the hypervisor hands it over: one JSON object padded
+/// with spaces to 1024 bytes (PROTOCOL.md 4.5).
+fn write_identity(path: &Path, identity: Value) {
+    let mut text = identity.to_string().into_bytes();
+    assert!(text.len() <= 1024);
+    text.resize(1024, b' ');
+    std::fs::write(path, text).unwrap();
+}
+
+/// `fork@tether` and `forked@tether` with an independent appliance: a quiesce
+/// answers the identity's generation and ends the connection with DISCONNECT
+/// 11; a `resume` continues the sessions; after a second quiesce the identity
+/// changes (the guest is now a child), and the next connection gets the
+/// child's `forked@tether` before anything else, then lists the renamed
+/// primary. (tether runs as an ordinary process: its OS steps are skipped.)
+#[test]
+fn fork_quiesce_resume_and_a_childs_announcement() {
+    with_timeout(LIMIT, |procs| {
+        let ids = tempfile::tempdir().unwrap();
+        let identity = ids.path().join("identity");
+        write_identity(&identity, json!({"generation": 7}));
+        let Some(peer) = Peer::start_with(
+            &procs,
+            "web",
+            json!([{"id": "web", "cmd": ["sh", "-c", "while :; do sleep 0.05; done"]}]),
+            json!({"fork": {"backend": "qemu", "identity": identity}}),
+        ) else {
+            return;
+        };
+        peer.wait_entry(&procs, "web", |e| e["state"] == "running");
+
+        let quiesced = peer.ok(&procs, &["fork", "quiesce"]);
+        assert_eq!(quiesced[0]["ok"], true, "{quiesced:?}");
+        assert_eq!(quiesced[0]["generation"], 7, "{quiesced:?}");
+        assert_eq!(quiesced[0]["disconnect"]["code"], 11, "{quiesced:?}");
+        assert_eq!(
+            quiesced[0]["disconnect"]["reason"], "tether: quiesced for fork",
+            "{quiesced:?}"
+        );
+        // Quiesced: a new connection is served, new sessions are refused.
+        let refused = peer.run(&procs, &["exec", "true"]);
+        assert!(!refused.ok, "an exec while quiesced: {:?}", refused.results);
+        let resumed = peer.ok(&procs, &["fork", "resume", "list"]);
+        assert_eq!(resumed[0]["ok"], true, "{resumed:?}");
+        assert_eq!(resumed[1]["containers"][0]["id"], "web", "{resumed:?}");
+        assert_eq!(resumed[1]["containers"][0]["state"], "running");
+
+        let quiesced = peer.ok(&procs, &["fork", "quiesce"]);
+        assert_eq!(quiesced[0]["generation"], 7, "{quiesced:?}");
+        // The hypervisor made a child of this VM: it has a new identity.
+        write_identity(
+            &identity,
+            json!({"generation": 8, "parent": "web", "id": "web-1", "child": 1,
+                   "hostname": "web-1", "nonce": "ab".repeat(32)}),
+        );
+        let child = peer.ok(&procs, &["forked", "list"]);
+        let forked = &child[0];
+        assert_eq!(forked["parent_id"], "web", "{forked}");
+        assert_eq!(forked["new_id"], "web-1", "{forked}");
+        assert_eq!(forked["generation"], 8, "{forked}");
+        assert_eq!(forked["failure"], "", "{forked}");
+        assert!(forked["recovery_us"].as_u64().unwrap() > 0, "{forked}");
+        assert_eq!(forked["pushes_before"], 0, "not first: {forked}");
+        let list = child[1]["containers"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0]["id"], "web-1");
+        assert_eq!(list[0]["kind"], "primary");
+        assert_eq!(list[0]["state"], "running");
+        // Answered: the next connection is an ordinary one.
+        let again = peer.ok(&procs, &["list"]);
+        assert_eq!(again[0]["containers"][0]["id"], "web-1");
     });
 }

@@ -86,6 +86,10 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawFork {
     pub backend: ForkBackend,
+    /// `qemu` only: the identity file to read instead of the fw_cfg one
+    /// (a hypervisor integration that hands it over otherwise, or a test).
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
 }
 
 /// Where a guest's fork identity comes from (docs/PROTOCOL.md 4.5).
@@ -216,6 +220,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// `None`: QEMU when its identity file exists, else no forking.
     pub fork_backend: Option<ForkBackend>,
+    /// The `qemu` backend's identity file, when not fw_cfg's.
+    pub fork_identity: Option<PathBuf>,
     /// How long a quiesced guest waits to be resumed (or to find itself a
     /// child) before it resumes on its own.
     pub fork_timeout: Duration,
@@ -427,6 +433,19 @@ impl Config {
             None => None,
             Some(spec) => Some(spec.parse::<LinkSpec>().map_err(|e| err("link", e))?),
         };
+        let (fork_backend, fork_identity) = match raw.fork {
+            None => (None, None),
+            Some(RawFork {
+                backend,
+                identity: Some(_),
+            }) if backend != ForkBackend::Qemu => {
+                return Err(err(
+                    "fork.identity",
+                    "only the qemu backend reads an identity file",
+                ));
+            }
+            Some(f) => (Some(f.backend), f.identity),
+        };
         Ok(Config {
             id: raw.id,
             host_key,
@@ -437,7 +456,8 @@ impl Config {
             shell: raw.shell.unwrap_or_else(|| "/bin/sh".into()),
             exit_linger: duration("exit_linger", &raw.exit_linger, Duration::from_secs(30))?,
             keepalive: duration("keepalive", &raw.keepalive, Duration::from_secs(4))?,
-            fork_backend: raw.fork.map(|f| f.backend),
+            fork_backend,
+            fork_identity,
             fork_timeout: duration("fork_timeout", &raw.fork_timeout, Duration::from_secs(60))?,
             raw_os: OsConfig {
                 hostname: system::validate_name("hostname", raw.hostname)?,
@@ -505,6 +525,18 @@ mod tests {
     }
 
     #[test]
+    fn a_fork_identity_file_is_for_the_qemu_backend_only() {
+        let mut v = base();
+        v["fork"] = serde_json::json!({"backend": "qemu", "identity": "/run/identity"});
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.fork_backend, Some(ForkBackend::Qemu));
+        assert_eq!(c.fork_identity.as_deref(), Some(Path::new("/run/identity")));
+        v["fork"]["backend"] = "vmware".into();
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("fork.identity") && e.contains("qemu"), "{e}");
+    }
+
+    #[test]
     fn fork_settings_are_read() {
         let mut v = base();
         v["fork"] = serde_json::json!({"backend": "vmware"});
@@ -514,6 +546,7 @@ mod tests {
         let c = parse(v).unwrap();
         assert_eq!(c.fork_backend, Some(ForkBackend::Vmware));
         assert_eq!(c.fork_timeout, Duration::from_secs(5));
+        assert_eq!(c.fork_identity, None);
         let s = c.primary();
         assert_eq!(s.fork_signal, Signal::parse("USR1"));
         assert_eq!(s.fork_grace, Duration::from_millis(250));

@@ -109,7 +109,11 @@ pub struct Guest {
 impl Guest {
     /// The guest with its configured sessions created (not started).
     pub fn new(config: Config, ex: Rc<LocalExecutor<'static>>) -> Rc<Self> {
-        let fork = crate::fork::ForkState::new(config.fork_backend, crate::init::is_pid1());
+        let fork = crate::fork::ForkState::new(
+            config.fork_backend,
+            config.fork_identity.clone(),
+            crate::init::is_pid1(),
+        );
         Self::with_fork(config, ex, fork)
     }
 

@@ -29,6 +29,14 @@ then signal, then see the exit on the attach channel):
       {"ok": bool}
   start ID
       {"ok": bool}          (start@tether on a control channel, section 4.4)
+  fork quiesce|resume
+      {"ok": bool, "generation": n|null, "disconnect": {"code", "reason"}|null}
+                            (fork@tether, section 4.5; after a quiesce, waits for
+                            the guest's DISCONNECT, so it comes last)
+  forked
+      {"parent_id", "new_id", "generation", "failure", "recovery_us", "pushes_before"}
+                            (the child's forked@tether on this connection, 4.5;
+                            answered SUCCESS)
 
 A protocol error (or a refused channel, a refused request, a timeout) prints
 `tether_client: error: ...` on stderr, plus {"error": {...}} on stdout for a
@@ -141,6 +149,91 @@ async def cmd_list(conn) -> dict:
     if pkttype != MSG_REQUEST_SUCCESS:
         raise TetherProtocolError("container-ids@tether was refused (REQUEST_FAILURE)")
     return {"containers": decode_container_ids(packet)}
+
+
+# ---------------------------------------------------------------------------
+# PROTOCOL.md 4.5: fork@tether and forked@tether
+# ---------------------------------------------------------------------------
+
+# A child's announcements (decoded), and how the connection ended.
+FORKED: list = []
+FORKED_ERRORS: list = []
+DISCONNECTS: list = []
+
+
+def _process_forked_at_tether_global_request(self, packet: SSHPacket) -> None:
+    try:
+        forked = {
+            "parent_id": packet.get_string().decode("utf-8"),
+            "new_id": packet.get_string().decode("utf-8"),
+            "generation": packet.get_uint64(),
+            "failure": packet.get_string().decode("utf-8"),
+            "recovery_us": packet.get_uint64(),
+            # 4.5: first after authentication, before any container-ids push.
+            "pushes_before": len(PUSHES),
+        }
+        packet.check_end()
+        FORKED.append(forked)
+    except (PacketDecodeError, UnicodeDecodeError) as exc:
+        FORKED_ERRORS.append(f"forked@tether: {exc}")
+    # want-reply TRUE: this appliance takes the child.
+    self._report_global_response(True)
+
+
+asyncssh.SSHClientConnection._process_forked_at_tether_global_request = (
+    _process_forked_at_tether_global_request
+)
+
+
+# A quiesce ends the connection with DISCONNECT reason 11 (BY_APPLICATION),
+# which AsyncSSH reports as an orderly close without its description: record
+# each DISCONNECT as it arrives, then let AsyncSSH handle it.
+MSG_DISCONNECT = 1
+_asyncssh_disconnect = asyncssh.connection.SSHConnection._packet_handlers[MSG_DISCONNECT]
+
+
+def _process_disconnect_recorded(self, pkttype, pktid, packet: SSHPacket) -> None:
+    payload = packet.get_remaining_payload()
+    peek = SSHPacket(payload)
+    DISCONNECTS.append({"code": peek.get_uint32(), "reason": peek.get_string().decode("utf-8", "replace")})
+    _asyncssh_disconnect(self, pkttype, pktid, SSHPacket(payload))
+
+
+asyncssh.connection.SSHConnection._packet_handlers[MSG_DISCONNECT] = _process_disconnect_recorded
+
+
+async def cmd_fork(conn, args, deadline) -> dict:
+    """`fork MODE`: global request fork@tether, want-reply TRUE, `string mode`.
+    SUCCESS to a quiesce carries `uint64 generation`; then the guest closes the
+    connection with DISCONNECT reason 11."""
+    pkttype, packet = await asyncio.wait_for(
+        conn._make_global_request(b"fork@tether", String(args.mode)),
+        max(0.1, deadline - time.monotonic()),
+    )
+    ok = pkttype == MSG_REQUEST_SUCCESS
+    generation = None
+    if ok and args.mode == "quiesce":
+        generation = packet.get_uint64()
+    if ok:
+        packet.check_end()
+    disconnect = None
+    if ok and args.mode == "quiesce":
+        await asyncio.wait_for(conn.wait_closed(), max(0.1, deadline - time.monotonic()))
+        if not DISCONNECTS:
+            raise TetherProtocolError("a quiesce did not end with a DISCONNECT")
+        disconnect = DISCONNECTS[-1]
+    return {"ok": ok, "generation": generation, "disconnect": disconnect}
+
+
+async def cmd_forked(conn, deadline) -> dict:
+    """`forked`: the child's announcement, first after authentication (4.5)."""
+    while not FORKED and not FORKED_ERRORS:
+        if time.monotonic() > deadline:
+            raise TetherProtocolError("no forked@tether came")
+        await asyncio.sleep(0.01)
+    if FORKED_ERRORS:
+        raise TetherProtocolError("; ".join(FORKED_ERRORS))
+    return FORKED[0]
 
 
 # ---------------------------------------------------------------------------
@@ -481,12 +574,25 @@ def command_parsers():
 
     p_start = argparse.ArgumentParser(prog="start", add_help=False)
     p_start.add_argument("id")
-    return {"list": p_list, "attach": p_attach, "exec": p_exec, "signal": p_signal, "start": p_start}
+
+    p_fork = argparse.ArgumentParser(prog="fork", add_help=False)
+    p_fork.add_argument("mode", choices=["quiesce", "resume"])
+
+    p_forked = argparse.ArgumentParser(prog="forked", add_help=False)
+    return {
+        "list": p_list,
+        "attach": p_attach,
+        "exec": p_exec,
+        "signal": p_signal,
+        "start": p_start,
+        "fork": p_fork,
+        "forked": p_forked,
+    }
 
 
 # How many tokens each command and each option consumes, so a sequence of
 # commands can be split without ambiguity (an option's value may be any word).
-POSITIONALS = {"list": 0, "attach": 1, "exec": 1, "signal": 2, "start": 1}
+POSITIONALS = {"list": 0, "attach": 1, "exec": 1, "signal": 2, "start": 1, "fork": 1, "forked": 0}
 OPTION_VALUES = {"--from": 1, "--stdin": 1, "--window": 1}
 
 
@@ -568,6 +674,10 @@ async def run_command(conn, name, args, deadline) -> dict:
             return await cmd_exec(conn, args, deadline)
         if name == "start":
             return await cmd_start(conn, args, deadline)
+        if name == "fork":
+            return await cmd_fork(conn, args, deadline)
+        if name == "forked":
+            return await cmd_forked(conn, deadline)
         return await cmd_signal(conn, args, deadline)
     except TetherProtocolError as exc:
         raise TetherProtocolError(f"{name} {vars(args)}: {exc}") from None
@@ -603,8 +713,8 @@ async def run(opts, commands) -> int:
         for task in tasks:
             await task
             print_ready()
-        if PUSH_ERRORS:
-            raise TetherProtocolError("; ".join(PUSH_ERRORS))
+        if PUSH_ERRORS or FORKED_ERRORS:
+            raise TetherProtocolError("; ".join(PUSH_ERRORS + FORKED_ERRORS))
         if opts.verbose:
             print(f"tether_client: {len(PUSHES)} container-ids@tether pushes: {PUSHES}", file=sys.stderr)
     finally:

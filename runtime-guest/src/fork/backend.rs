@@ -68,11 +68,15 @@ impl<C: fork::vmware::RpcChannel> Backend for Vmware<C> {
 
 /// The configured backend; unset: QEMU when its identity file exists, else
 /// none. The VMware backdoor is never probed unasked (on other hypervisors
-/// its port I/O faults).
-pub fn choose(configured: Option<ForkBackend>) -> Option<Box<dyn Backend>> {
+/// its port I/O faults). `identity` is the QEMU backend's file when it is not
+/// fw_cfg's.
+pub fn choose(
+    configured: Option<ForkBackend>,
+    identity: Option<PathBuf>,
+) -> Option<Box<dyn Backend>> {
     let qemu = || -> Box<dyn Backend> {
         Box::new(Qemu {
-            path: QEMU_IDENTITY.into(),
+            path: identity.clone().unwrap_or_else(|| QEMU_IDENTITY.into()),
         })
     };
     let chosen = match configured {
@@ -113,6 +117,8 @@ mod tests {
         std::fs::write(&path, b"x").unwrap();
         assert_eq!(q.read(), Ok(Some(b"x".to_vec())));
         assert_eq!(q.freeze(), Ok(()));
-        assert!(choose(Some(ForkBackend::None)).is_none());
+        assert!(choose(Some(ForkBackend::None), None).is_none());
+        let chosen = choose(Some(ForkBackend::Qemu), Some(path));
+        assert_eq!(chosen.unwrap().read(), Ok(Some(b"x".to_vec())));
     }
 }

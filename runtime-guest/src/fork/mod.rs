@@ -13,6 +13,7 @@ pub mod net;
 pub mod os;
 
 use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -67,8 +68,8 @@ pub struct ForkState {
 impl ForkState {
     /// The configured backend (see [`choose`]), with the generation of the
     /// identity the VM booted with.
-    pub fn new(configured: Option<ForkBackend>, os: bool) -> Self {
-        let state = Self::with_backend(choose(configured), os);
+    pub fn new(configured: Option<ForkBackend>, identity: Option<PathBuf>, os: bool) -> Self {
+        let state = Self::with_backend(choose(configured, identity), os);
         if os {
             state
                 .vmgenid
