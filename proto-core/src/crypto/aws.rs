@@ -1,8 +1,10 @@
 //! The real provider, on aws-lc-rs: AES-GCM at memory speed with AES-NI/VAES,
 //! the OpenSSH ChaCha20-Poly1305 construction, X25519, ML-KEM-768 and Ed25519.
 //!
-//! ML-KEM key generation and encapsulation draw from aws-lc's own DRBG (aws-lc-rs
-//! offers no seeded variant); every other random value comes from the injected RNG.
+//! ML-KEM key generation (the client's: tetherd's, never forked) draws from
+//! aws-lc's own DRBG (aws-lc-rs offers no seeded variant); encapsulation (the
+//! guest's) and every other random value come from the injected RNG (see
+//! `mlkem`).
 
 use aws_lc_rs::aead::chacha20_poly1305_openssh as chapoly;
 use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -17,8 +19,7 @@ use crate::wire::PutSsh;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AwsLcProvider;
 
-const MLKEM768_PUBLIC: usize = 1184;
-const MLKEM768_CIPHERTEXT: usize = 1088;
+use super::mlkem::{self, CIPHERTEXT as MLKEM768_CIPHERTEXT, PUBLIC as MLKEM768_PUBLIC};
 const X25519_LEN: usize = 32;
 
 fn x25519_keypair(rng: &mut dyn RngCore) -> Result<(agreement::PrivateKey, Vec<u8>), CryptoError> {
@@ -260,9 +261,9 @@ impl CryptoProvider for AwsLcProvider {
                     return Err(CryptoError);
                 }
                 let (ek, x) = client_public.split_at(MLKEM768_PUBLIC);
-                let ek =
-                    kem::EncapsulationKey::new(&kem::ML_KEM_768, ek).map_err(|_| CryptoError)?;
-                let (ct, pq) = ek.encapsulate().map_err(|_| CryptoError)?;
+                let mut m = [0u8; 32];
+                rng.fill_bytes(&mut m);
+                let (ct, pq) = mlkem::encapsulate(ek, &m)?;
                 let cl = x25519_agree(&x25519, x)?;
                 let mut public = Vec::with_capacity(MLKEM768_CIPHERTEXT + X25519_LEN);
                 public.extend_from_slice(ct.as_ref());
@@ -314,5 +315,32 @@ impl CryptoProvider for AwsLcProvider {
         signature::UnparsedPublicKey::new(&signature::ED25519, public)
             .verify(msg, sig)
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    /// A VM fork's children each reseed their RNG; what the server side of a
+    /// key exchange sends and derives must follow that RNG alone (no hidden
+    /// process state a fork would clone), and the client must agree.
+    #[test]
+    fn the_hybrid_server_side_is_a_function_of_the_injected_rng() {
+        let p = AwsLcProvider;
+        let alg = KexAlg::MlKem768X25519;
+        let (client, client_public) = p
+            .kex_client(alg, &mut ChaCha20Rng::seed_from_u64(1))
+            .unwrap();
+        let server = |seed| {
+            p.kex_server(alg, &client_public, &mut ChaCha20Rng::seed_from_u64(seed))
+                .unwrap()
+        };
+        let (reply, secret) = server(2);
+        assert_eq!((reply.clone(), secret.clone()), server(2));
+        assert_ne!(reply, server(3).0);
+        assert_eq!(client.finish(&reply).unwrap(), secret);
     }
 }

@@ -7,6 +7,7 @@ use core::fmt;
 use rand_core::RngCore;
 
 mod aws;
+mod mlkem;
 #[cfg(any(test, fuzzing))]
 pub mod null;
 
