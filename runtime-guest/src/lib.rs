@@ -24,6 +24,7 @@ pub mod linkspec;
 pub mod process;
 pub mod reaper;
 pub mod serve;
+pub mod trim;
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -94,6 +95,7 @@ pub async fn serve_guest(
         why
     });
     ex.spawn(forward_signals(guest.clone())).detach();
+    ex.spawn(trim::when_idle()).detach();
     guest.start_configured();
     let link = guest.config.link.clone().map(|spec| {
         let g = guest.clone();
