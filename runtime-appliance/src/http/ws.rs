@@ -20,7 +20,7 @@ use super::backend::{Backend, Session};
 use super::k8s::{self, ClientFrame, Protocol, Status};
 use super::listen::ApiStream;
 use super::response::{Body, HttpError, full};
-use super::ws_io::{FRAME_HEAD, READ_BUFFER, WsIo, send_binary};
+use super::ws_io::{Conn, FRAME_HEAD, READ_BUFFER, Ws, send_binary};
 use super::{EXEC_ID_HEADER, HyperIo, OFFSET_HEADER, State, TTY_HEADER};
 use crate::api_types::Output;
 use smol_hyper::rt::FuturesIo;
@@ -153,8 +153,6 @@ enum Event {
     Room,
 }
 
-type Ws = WebSocketStream<WsIo>;
-
 /// Runs one attach or exec session after the 101 response: output to the
 /// client until the process exits (then the status message and a normal
 /// close), client input to the session.
@@ -181,12 +179,15 @@ pub async fn run<B: Backend, S: Session>(
     // the wrapper zeroes its whole buffer first.
     let mut ws: Ws = match upgraded.downcast::<FuturesIo<ApiStream>>() {
         Ok(parts) => {
-            let (io, read) = (WsIo::Direct(parts.io.into_inner()), parts.read_buf.to_vec());
+            let (io, read) = (
+                Box::new(parts.io.into_inner()) as Box<dyn Conn>,
+                parts.read_buf.to_vec(),
+            );
             WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await
         }
         Err(upgraded) => {
             WebSocketStream::from_raw_socket(
-                WsIo::Hyper(HyperIo(upgraded)),
+                Box::new(HyperIo(upgraded)) as Box<dyn Conn>,
                 Role::Server,
                 Some(config),
             )

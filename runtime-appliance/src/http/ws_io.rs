@@ -3,66 +3,23 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt, future};
-use hyper::upgrade::Upgraded;
-
-use super::HyperIo;
-use super::listen::ApiStream;
 
 /// How much of the client's stream is read at once (its messages are stdin
 /// chunks and resizes): tungstenite zeroes this much before every read.
 pub const READ_BUFFER: usize = 16 * 1024;
 
 /// The upgraded connection: the API stream itself when hyper hands it back,
-/// else hyper's wrapper.
-pub enum WsIo {
-    Direct(ApiStream),
-    Hyper(HyperIo<Upgraded>),
-}
+/// else hyper's wrapper of it.
+pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
 
-impl AsyncRead for WsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Hyper(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
 
-impl AsyncWrite for WsIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Hyper(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_flush(cx),
-            Self::Hyper(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Direct(s) => Pin::new(s).poll_close(cx),
-            Self::Hyper(s) => Pin::new(s).poll_close(cx),
-        }
-    }
-}
+/// The attach/exec WebSocket.
+pub type Ws = WebSocketStream<Box<dyn Conn>>;
 
 /// Room for the longest header of a server frame (unmasked).
 pub const FRAME_HEAD: usize = 10;
@@ -72,10 +29,7 @@ pub const FRAME_HEAD: usize = 10;
 /// into the spare bytes, so the payload is not copied again into
 /// tungstenite's write buffer. Anything tungstenite still holds (a pong, a
 /// close reply) is flushed first, so frames never interleave.
-pub async fn send_binary(
-    ws: &mut WebSocketStream<WsIo>,
-    mut msg: bytes::BytesMut,
-) -> io::Result<()> {
+pub async fn send_binary(ws: &mut Ws, mut msg: bytes::BytesMut) -> io::Result<()> {
     future::poll_fn(|cx| futures_sink::Sink::<Message>::poll_flush(Pin::new(&mut *ws), cx))
         .await
         .map_err(io::Error::other)?;
