@@ -122,7 +122,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map(|a| bind(a, "--listen-direct"))
         .transpose()?;
     let (api, access) = api_listener(&args)?;
-    smol::block_on(async {
+    // Every task runs on smol's global executor thread, which polls epoll
+    // itself while idle. This thread only waits: were it in `smol::block_on`
+    // too, it would hold the reactor while idle, and each I/O event would
+    // reach the executor thread through a futex wake-up from here.
+    futures_lite::future::block_on(smol::spawn(async move {
         let a = appliance.clone();
         smol::spawn(async move { a.listen(guests, true).await }).detach();
         if let Some(direct) = direct {
@@ -138,7 +142,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             smol::spawn(async move { a.listen(direct, false).await }).detach();
         }
         crate::http::serve_backend(api, node, access).await;
-    });
+    }));
     Ok(())
 }
 

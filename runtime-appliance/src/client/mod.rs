@@ -408,24 +408,17 @@ pub(crate) async fn interactive(
 }
 
 /// Window sizes on SIGWINCH.
-fn winch_sizes() -> Option<async_channel::Receiver<(u16, u16)>> {
-    let mut signals = match async_signal::Signals::new([async_signal::Signal::Winch]) {
-        Ok(s) => s,
+fn winch_sizes() -> Option<futures_lite::stream::Boxed<(u16, u16)>> {
+    match async_signal::Signals::new([async_signal::Signal::Winch]) {
+        Ok(signals) => Some(
+            signals
+                .take_while(Result::is_ok)
+                .filter_map(|_| term::window_size())
+                .boxed(),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch SIGWINCH; window size changes are not forwarded");
-            return None;
+            None
         }
-    };
-    let (tx, rx) = async_channel::bounded(4);
-    smol::spawn(async move {
-        while let Some(Ok(_)) = signals.next().await {
-            if let Some(size) = term::window_size()
-                && tx.send(size).await.is_err()
-            {
-                break;
-            }
-        }
-    })
-    .detach();
-    Some(rx)
+    }
 }

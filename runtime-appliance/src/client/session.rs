@@ -26,8 +26,11 @@ pub struct Terminal {
     pub stdin: Option<async_channel::Receiver<Bytes>>,
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
-    /// Window size changes (columns, rows).
-    pub resize: Option<async_channel::Receiver<(u16, u16)>>,
+    /// Window size changes (columns, rows), polled by the session loop
+    /// itself: a task of their own would start smol's executor thread, which
+    /// then competes with this one for the reactor and hands it I/O events
+    /// through futex wake-ups.
+    pub resize: Option<futures_lite::stream::Boxed<(u16, u16)>>,
     /// The current window size, sent at every (re)connect (set it only for a
     /// process with a terminal).
     pub size: Option<(u16, u16)>,
@@ -176,9 +179,10 @@ async fn pump(
                     _ => future::pending().await,
                 }
             };
+            let sizes = &mut term.resize;
             let resize = async {
-                match &term.resize {
-                    Some(rx) => Event::Resize(rx.recv().await.ok()),
+                match sizes {
+                    Some(sizes) => Event::Resize(sizes.next().await),
                     None => future::pending().await,
                 }
             };

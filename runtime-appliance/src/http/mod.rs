@@ -13,6 +13,7 @@ pub mod query;
 pub mod response;
 mod routes;
 mod ws;
+mod ws_io;
 
 #[cfg(test)]
 mod access_tests;

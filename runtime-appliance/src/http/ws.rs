@@ -18,9 +18,12 @@ use hyper::{Request, Response, StatusCode};
 
 use super::backend::{Backend, Session};
 use super::k8s::{self, ClientFrame, Protocol, Status};
+use super::listen::ApiStream;
 use super::response::{Body, HttpError, full};
+use super::ws_io::{Conn, FRAME_HEAD, READ_BUFFER, Ws, send_binary};
 use super::{EXEC_ID_HEADER, HyperIo, OFFSET_HEADER, State, TTY_HEADER};
 use crate::api_types::Output;
+use smol_hyper::rt::FuturesIo;
 
 /// Largest message a client may send (stdin chunks and resizes are small).
 const MAX_CLIENT_MESSAGE: usize = 1 << 20;
@@ -150,8 +153,6 @@ enum Event {
     Room,
 }
 
-type Ws = WebSocketStream<HyperIo<Upgraded>>;
-
 /// Runs one attach or exec session after the 101 response: output to the
 /// client until the process exits (then the status message and a normal
 /// close), client input to the session.
@@ -172,9 +173,27 @@ pub async fn run<B: Backend, S: Session>(
     let _guard = state.metrics.stream_started();
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_CLIENT_MESSAGE))
-        .max_frame_size(Some(MAX_CLIENT_MESSAGE));
-    let mut ws: Ws =
-        WebSocketStream::from_raw_socket(HyperIo(upgraded), Role::Server, Some(config)).await;
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE))
+        .read_buffer_size(READ_BUFFER);
+    // The connection itself, not hyper's wrapper of it: every read through
+    // the wrapper zeroes its whole buffer first.
+    let mut ws: Ws = match upgraded.downcast::<FuturesIo<ApiStream>>() {
+        Ok(parts) => {
+            let (io, read) = (
+                Box::new(parts.io.into_inner()) as Box<dyn Conn>,
+                parts.read_buf.to_vec(),
+            );
+            WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await
+        }
+        Err(upgraded) => {
+            WebSocketStream::from_raw_socket(
+                Box::new(HyperIo(upgraded)) as Box<dyn Conn>,
+                Role::Server,
+                Some(config),
+            )
+            .await
+        }
+    };
     let id = session.id().to_string();
     tracing::debug!(%id, protocol = protocol.name(), start = session.start(), "attach session started");
     let mut input_first = false;
@@ -239,7 +258,7 @@ pub async fn run<B: Backend, S: Session>(
                         return;
                     }
                 };
-                if let Err(e) = ws.send(Message::Binary(msg)).await {
+                if let Err(e) = send_binary(&mut ws, msg).await {
                     tracing::debug!(%id, error = %e, "attach session: client gone");
                     return;
                 }
@@ -291,7 +310,8 @@ pub async fn run<B: Backend, S: Session>(
 /// The largest output message built from several chunks.
 const COALESCE_MAX: usize = 1 << 20;
 
-/// One output message for `channel`, starting with `first` and taking every
+/// One output message for `channel` (after [`FRAME_HEAD`] spare bytes for
+/// [`send_binary`]), starting with `first` and taking every
 /// further chunk of the same stream that is ready now (up to
 /// [`COALESCE_MAX`]): a stream the guest sends in SSH-packet-sized chunks
 /// goes out in few large messages (fewer frames, wakeups and writes at both
@@ -302,31 +322,26 @@ async fn coalesce<S: Session>(
     channel: u8,
     first: bytes::Bytes,
     pending: &mut Option<Option<Output>>,
-) -> bytes::Bytes {
-    let mut msg: Option<bytes::BytesMut> = None;
-    while msg.as_ref().map_or(first.len(), |m| m.len()) < COALESCE_MAX {
+) -> bytes::BytesMut {
+    let mut msg = bytes::BytesMut::with_capacity(FRAME_HEAD + 1 + first.len());
+    msg.extend_from_slice(&[0; FRAME_HEAD]);
+    msg.extend_from_slice(&[channel]);
+    msg.extend_from_slice(&first);
+    while msg.len() < COALESCE_MAX {
         let Some(next) = future::poll_once(session.next()).await else {
             break;
         };
-        let more = match (&next, channel) {
-            (Some(Output::Stdout(b)), k8s::STDOUT) | (Some(Output::Stderr(b)), k8s::STDERR) => b,
+        match (&next, channel) {
+            (Some(Output::Stdout(b)), k8s::STDOUT) | (Some(Output::Stderr(b)), k8s::STDERR) => {
+                msg.extend_from_slice(b)
+            }
             _ => {
                 *pending = Some(next);
                 break;
             }
-        };
-        let m = msg.get_or_insert_with(|| {
-            let mut m = bytes::BytesMut::with_capacity(1 + first.len() + more.len());
-            m.extend_from_slice(&[channel]);
-            m.extend_from_slice(&first);
-            m
-        });
-        m.extend_from_slice(more);
+        }
     }
-    match msg {
-        Some(m) => m.freeze(),
-        None => k8s::frame(channel, &first),
-    }
+    msg
 }
 
 /// Applies one client message to the session; stdin is returned for the
