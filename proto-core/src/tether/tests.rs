@@ -665,6 +665,34 @@ fn a_guest_that_cannot_fork_refuses_and_keeps_the_link() {
     assert!(!pair.sessions.quiesced());
 }
 
+/// Child 2 of `web`, as it announces itself.
+fn web_2() -> Forked {
+    Forked {
+        parent_id: "web".into(),
+        new_id: "web-2".into(),
+        generation: 9,
+        failure: String::new(),
+        recovery_us: 1234,
+    }
+}
+
+/// Asserts that the appliance saw `forked` and then a container list;
+/// returns the list.
+fn announced_then_listed(events: &[ApplianceEvent], forked: &Forked) -> Vec<ContainerInfo> {
+    let forked_at = events
+        .iter()
+        .position(|e| *e == ApplianceEvent::Forked(forked.clone()));
+    let pushed_at = events
+        .iter()
+        .position(|e| matches!(e, ApplianceEvent::Containers { .. }));
+    assert!(forked_at.is_some(), "{events:?}");
+    assert!(forked_at < pushed_at, "{events:?}");
+    let Some(ApplianceEvent::Containers { list, .. }) = events.get(pushed_at.unwrap()) else {
+        unreachable!()
+    };
+    list.clone()
+}
+
 /// A child's `forked@tether` goes first after authentication on each link
 /// until an appliance answered it; the appliance surfaces it as an event.
 #[test]
@@ -673,32 +701,14 @@ fn a_child_announces_itself_on_each_link_until_answered() {
     pair.sessions.started(PRIMARY);
     let renamed = pair.sessions.rename_for_child("web-2", 2).unwrap();
     assert_eq!(renamed, [("web".to_string(), "web-2".to_string())]);
-    let forked = Forked {
-        parent_id: "web".into(),
-        new_id: "web-2".into(),
-        generation: 9,
-        failure: String::new(),
-        recovery_us: 1234,
-    };
+    let forked = web_2();
     pair.sessions.announce_fork(forked.clone());
     // The child drops its link (the parent's) and makes a new one.
     pair.relink();
     pair.drive();
-    let forked_at = pair
-        .events
-        .iter()
-        .position(|e| *e == ApplianceEvent::Forked(forked.clone()));
-    let pushed_at = pair
-        .events
-        .iter()
-        .position(|e| matches!(e, ApplianceEvent::Containers { .. }));
-    assert!(forked_at.is_some(), "{:?}", pair.events);
-    assert!(forked_at < pushed_at, "{:?}", pair.events);
+    let list = announced_then_listed(&pair.events, &forked);
     assert_eq!(pair.runtime.forked_answers, [true]);
     assert!(pair.sessions.pending_fork().is_none());
-    let Some(ApplianceEvent::Containers { list, .. }) = pair.events.get(pushed_at.unwrap()) else {
-        unreachable!()
-    };
     assert_eq!(list[0].id, "web-2");
     assert_eq!(list[0].kind, Kind::Primary);
     // Answered: the next link does not announce again.
@@ -736,29 +746,11 @@ fn a_recovering_childs_link_waits_for_the_announcement() {
         pair.events
     );
     pair.sessions.rename_for_child("web-2", 2).unwrap();
-    let forked = Forked {
-        parent_id: "web".into(),
-        new_id: "web-2".into(),
-        generation: 9,
-        failure: String::new(),
-        recovery_us: 1234,
-    };
+    let forked = web_2();
     pair.sessions.announce_fork(forked.clone());
     assert!(!pair.sessions.recovering());
     pair.drive();
-    let forked_at = pair
-        .events
-        .iter()
-        .position(|e| *e == ApplianceEvent::Forked(forked.clone()));
-    let pushed_at = pair
-        .events
-        .iter()
-        .position(|e| matches!(e, ApplianceEvent::Containers { .. }));
-    assert!(forked_at.is_some(), "{:?}", pair.events);
-    assert!(forked_at < pushed_at, "{:?}", pair.events);
-    let Some(ApplianceEvent::Containers { list, .. }) = pair.events.get(pushed_at.unwrap()) else {
-        unreachable!()
-    };
+    let list = announced_then_listed(&pair.events, &forked);
     assert_eq!(list[0].id, "web-2");
 }
 
