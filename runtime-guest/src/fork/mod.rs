@@ -349,6 +349,3 @@ async fn child(guest: &Rc<Guest>, identity: Identity) {
     guest.changed.notify(usize::MAX);
     f.wake.notify(usize::MAX);
 }
-
-#[cfg(test)]
-mod tests;

@@ -5,6 +5,11 @@
 //! output and ends the link, the next link is refused sessions until
 //! `resume`; a changed generation makes the guest a child that renames
 //! itself and announces itself with `forked@tether`.
+//!
+//! Its own test binary (its own process): a serving guest reaps every
+//! child of its process (`waitpid(-1)`, as PID 1 must), which in a shared
+//! test process took other tests' children (a `losetup` whose status was
+//! lost left its loop device attached).
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::rc::Rc;
@@ -18,9 +23,9 @@ use proto_core::tether::{ApplianceEvent, ApplianceLink, ContainerInfo, ForkMode,
 use proto_core::{ClientConfig, HostKeyPolicy, PrivateKey};
 use smol::{Async, LocalExecutor, Timer};
 
-use super::{ForkState, Qemu};
-use crate::config::Config;
-use crate::guest::Guest;
+use runtime_guest::config::Config;
+use runtime_guest::fork::{ForkState, Qemu};
+use runtime_guest::guest::Guest;
 
 /// What the test asks of the appliance side.
 enum Cmd {
@@ -225,7 +230,7 @@ fn quiesce_stops_and_resume_continues_and_a_new_generation_makes_a_child() {
     let guest = Guest::with_fork(config(&socket), ex.clone(), fork);
     let listener = Async::new(UnixListener::bind(&socket).unwrap()).unwrap();
     let (ex2, g2) = (ex.clone(), guest.clone());
-    let serving = ex.spawn(async move { crate::serve_guest(&ex2, g2, false).await });
+    let serving = ex.spawn(async move { runtime_guest::serve_guest(&ex2, g2, false).await });
     let body = async {
         let conn = accept(&ex, &listener).await;
         let running = output_end(&conn, "web").await;
