@@ -332,7 +332,17 @@ fn a_child_whose_recovery_fails_is_reported_failed_and_the_parent_forks_again_at
         // Device or resource busy`).
         let again = serve.run_cli(&["fork", "db", "--children", "1", "--name", "db-again"]);
         let report = String::from_utf8_lossy(&again.stderr).into_owned();
-        assert!(again.status.success(), "{report}\n{}", serve.log());
+        let console = |id: &str| {
+            std::fs::read_to_string(serve.state.join(format!("vms/{id}/console.log")))
+                .unwrap_or_default()
+        };
+        assert!(
+            again.status.success(),
+            "{report}\n{}\ndb's console:\n{}\ndb-bad's console:\n{}",
+            serve.log(),
+            console("db"),
+            console("db-bad")
+        );
         assert_eq!(text(&again).trim(), "db-again", "{report}");
         let (_, child) = serve.http("GET", "/v1/containers/db-again", None);
         assert_eq!(child["state"], "running", "{child}");

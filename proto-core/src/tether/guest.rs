@@ -339,13 +339,17 @@ impl GuestLink {
     }
 
     /// Answers the held global requests from the oldest, up to the first
-    /// fork still in progress (or a list while a child is still recovering:
-    /// its names may still be its parent's).
+    /// fork still in progress, or a list while a child has not sent its
+    /// `forked@tether` on this link yet (its names may still be its
+    /// parent's, and the appliance must know it is a child before it reads
+    /// them).
     fn answer_held(&mut self, s: &Sessions) -> Result<()> {
         while let Some(held) = self.held.front() {
             match held {
                 Held::Fork(_) => return Ok(()),
-                Held::List if s.recovering() => return Ok(()),
+                Held::List if s.recovering() || (s.fork_announced() && !self.forked_sent) => {
+                    return Ok(());
+                }
                 Held::List => {
                     let list = encode(|b| m::encode_container_ids(&s.list(), b));
                     self.pushed = Some(s.version());

@@ -353,6 +353,11 @@ impl Sessions {
         self.recovering
     }
 
+    /// Whether an announcement waits for an appliance's answer.
+    pub fn fork_announced(&self) -> bool {
+        self.forked.is_some()
+    }
+
     /// The announcement not yet answered (the runtime may update its
     /// `recovery_us` when a link authenticates).
     pub fn pending_fork(&mut self) -> Option<&mut Forked> {

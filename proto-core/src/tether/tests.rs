@@ -754,6 +754,23 @@ fn a_recovering_childs_link_waits_for_the_announcement() {
     assert_eq!(list[0].id, "web-2");
 }
 
+/// The appliance asks for the list right after authentication; a guest
+/// that handles that request before its runtime pumps must still send its
+/// `forked@tether` first, or the appliance would read a failed child's
+/// names (its parent's) as a claim of the parent.
+#[test]
+fn a_child_announces_itself_before_answering_a_list_request() {
+    let mut pair = connected(1 << 20, Overflow::DropOldest);
+    pair.sessions.started(PRIMARY);
+    let forked = web_2();
+    pair.sessions.announce_fork(forked.clone());
+    pair.relink();
+    pair.drive_lazily();
+    let list = announced_then_listed(&pair.events, &forked);
+    // The recovery failed before the names step: the parent's name.
+    assert_eq!(list[0].id, "web");
+}
+
 #[test]
 fn a_child_renames_its_execs_and_names_new_ones_after_itself() {
     let mut pair = connected(1 << 20, Overflow::DropOldest);

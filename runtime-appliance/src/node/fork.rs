@@ -484,7 +484,9 @@ impl Vms {
         loop {
             let left = limit.saturating_duration_since(Instant::now());
             let (entry, link) = shared.wait_for(id, left).await?;
-            if entry.generation == old_link {
+            // Not the old link, nor a child's: a child whose recovery failed
+            // before it renamed its sessions lists the parent's id.
+            if entry.generation == old_link || shared.forks.parent_of(entry.generation).is_some() {
                 smol::Timer::after(Duration::from_millis(50)).await;
                 continue;
             }
