@@ -144,27 +144,30 @@ impl LinkPair {
 
     /// Runs both sides until nothing moves.
     pub fn drive(&mut self) {
-        for _ in 0..100_000 {
-            self.guest.pump(&mut self.sessions);
-            let to_appliance = self.carry_to_appliance();
-            let to_guest = self.carry_to_guest();
-            let events = self.collect();
-            if !(to_appliance || to_guest || events) {
-                return;
-            }
-        }
-        panic!("the pair never went quiet");
+        self.run_until_quiet(true);
     }
 
     /// Like [`LinkPair::drive`], with a guest runtime slow to pump: the
     /// guest pumps only once nothing else moves, so what arrives meanwhile is
     /// handled before anything the pump would send.
     pub fn drive_lazily(&mut self) {
+        self.run_until_quiet(false);
+    }
+
+    /// Carries bytes and events both ways until nothing moves; the guest
+    /// pumps every round (`eager`) or only when nothing else moved.
+    fn run_until_quiet(&mut self, eager: bool) {
         for _ in 0..100_000 {
+            if eager {
+                self.guest.pump(&mut self.sessions);
+            }
             let to_appliance = self.carry_to_appliance();
             let to_guest = self.carry_to_guest();
             let events = self.collect();
             if !(to_appliance || to_guest || events) {
+                if eager {
+                    return;
+                }
                 self.guest.pump(&mut self.sessions);
                 if !self.carry_to_appliance() {
                     return;

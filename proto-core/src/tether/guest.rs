@@ -616,10 +616,8 @@ impl GuestLink {
         // first, once recovery ends.
         if self.conn.is_authenticated() && !s.recovering() {
             self.send_forked(s);
-            if !self.held.is_empty() {
-                // Fails only on a closed connection, which stops the pump anyway.
-                let _ = self.answer_held(s);
-            }
+            // Fails only on a closed connection, which stops the pump anyway.
+            let _ = self.answer_held(s);
             self.push_list(s);
             self.note_exit_reported(s);
         }
