@@ -148,20 +148,169 @@ impl Terminal {
     /// a return (and its output drained, unmeasured) so the far end's line
     /// buffer never fills.
     pub fn keystrokes(&mut self, warmup: usize, count: usize) -> Result<Vec<Duration>, String> {
-        let mut times = Vec::with_capacity(count);
-        for i in 0..warmup + count {
+        let mut all = interleaved_keystrokes(&mut [self], warmup, count)?;
+        Ok(all.pop().unwrap_or_default())
+    }
+}
+
+/// [`Terminal::keystrokes`] for several terminals at once, taking turns key by
+/// key: a busy moment of a shared machine then falls on all of them alike,
+/// which is what makes their ratio mean something. One list of round trips
+/// per terminal, in order.
+pub fn interleaved_keystrokes(
+    terms: &mut [&mut Terminal],
+    warmup: usize,
+    count: usize,
+) -> Result<Vec<Vec<Duration>>, String> {
+    let mut times = vec![Vec::with_capacity(count); terms.len()];
+    for i in 0..warmup + count {
+        for (t, times) in terms.iter_mut().zip(&mut times) {
             if i % 64 == 63 {
-                self.master.write_all(b"\r").map_err(|e| e.to_string())?;
-                self.drain(Duration::from_millis(30))?;
+                t.master.write_all(b"\r").map_err(|e| e.to_string())?;
+                t.drain(Duration::from_millis(30))?;
             }
-            let rtt = self.keystroke(b'a' + (i % 26) as u8)?;
+            let rtt = t.keystroke(b'a' + (i % 26) as u8)?;
             if i >= warmup {
                 times.push(rtt);
             }
             // Like a typist: the next key comes after the echo has settled.
             std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(times)
+    }
+    Ok(times)
+}
+
+/// CPU time from `/proc/PID/stat`: the process's own (all its threads) and
+/// that of its children it has reaped (and theirs, recursively).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcCpu {
+    pub own: Duration,
+    pub reaped: Duration,
+}
+
+impl ProcCpu {
+    pub fn of(pid: u32) -> Result<Self, String> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+        // Fields after the command name (which may hold spaces): utime and
+        // stime are fields 14 and 15, cutime and cstime 16 and 17.
+        let rest = text
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or("/proc/PID/stat without a command name")?;
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        if f.len() < 4 {
+            return Err(format!("/proc/{pid}/stat: too few fields"));
+        }
+        let tick = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks());
+        Ok(Self {
+            own: tick(f[0] + f[1]),
+            reaped: tick(f[2] + f[3]),
+        })
+    }
+
+    /// Both together.
+    pub fn total(&self) -> Duration {
+        self.own + self.reaped
+    }
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// Watches the processes below `root` (not `root` itself) while they run and
+/// adds up the CPU time each used, as last seen: for a server whose sessions'
+/// time never reaches its own counters (sshd's do not, here). A process that
+/// ends between two looks loses its last [`DESCENDANT_LOOK`] at most.
+pub struct DescendantCpu {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Duration>,
+}
+
+/// How often [`DescendantCpu`] looks.
+pub const DESCENDANT_LOOK: Duration = Duration::from_millis(20);
+
+impl DescendantCpu {
+    pub fn watch(root: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: std::collections::HashMap<u32, Duration> = Default::default();
+            loop {
+                let done = flag.load(std::sync::atomic::Ordering::Relaxed);
+                for pid in descendants(root) {
+                    if let Ok(cpu) = ProcCpu::of(pid) {
+                        seen.insert(pid, cpu.own);
+                    }
+                }
+                if done {
+                    return seen.values().sum();
+                }
+                std::thread::sleep(DESCENDANT_LOOK);
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// The CPU time the descendants used while watched.
+    pub fn stop(self) -> Duration {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// Every process below `root`, from the parent pids in `/proc`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (&child, _) in parent.iter().filter(|&(_, &pp)| pp == p) {
+            found.push(child);
+            frontier.push(child);
+        }
+    }
+    found
+}
+
+/// The CPU time of this process's children it has reaped.
+pub fn reaped_children_cpu() -> Duration {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+            };
+            tv(u.user_time()) + tv(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
     }
 }
 

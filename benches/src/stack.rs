@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::measure::ProcCpu;
 use e2e::api::ApiEndpoint;
 use e2e::harness::{ChildGuard, Procs};
 use e2e::peers::{Sshd, free_port, known_hosts_line, ssh_base, write_key_pair};
@@ -30,7 +31,8 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf, String> {
 pub struct Tether {
     pub tetherd: PathBuf,
     pub api: ApiEndpoint,
-    _children: Vec<ChildGuard>,
+    serve: ChildGuard,
+    guest: ChildGuard,
 }
 
 impl Tether {
@@ -107,7 +109,8 @@ impl Tether {
         let this = Self {
             tetherd,
             api,
-            _children: vec![serve, guest],
+            serve,
+            guest,
         };
         let end = Instant::now() + Duration::from_secs(30);
         loop {
@@ -124,6 +127,15 @@ impl Tether {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The CPU time used so far by `tetherd serve` and by the guest (with
+    /// the processes it ran and reaped).
+    pub fn cpu(&self) -> Result<(Duration, Duration), String> {
+        Ok((
+            ProcCpu::of(self.serve.pid())?.own,
+            ProcCpu::of(self.guest.pid())?.total(),
+        ))
     }
 
     /// A `tetherd` client command pointed at this appliance.
@@ -153,6 +165,11 @@ impl OpenSsh {
         std::fs::write(&known, known_hosts_line(sshd.addr, sshd.host_key.public()))
             .map_err(|e| e.to_string())?;
         Ok(Self { key, known, sshd })
+    }
+
+    /// The listening sshd's pid: its sessions are the processes below it.
+    pub fn pid(&self) -> u32 {
+        self.sshd.pid()
     }
 
     /// `ssh` with the bench's cipher, before the remote command.

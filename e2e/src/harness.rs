@@ -75,6 +75,11 @@ impl ChildGuard {
         self.child.as_mut().expect("present until drop")
     }
 
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("present until drop").id()
+    }
+
     /// Waits for the child to exit.
     pub fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
         self.child().wait()

@@ -245,10 +245,15 @@ pub struct Sshd {
     pub host_key: PrivateKey,
     /// Where sshd's log (`-e`) goes.
     pub log: PathBuf,
-    _child: ChildGuard,
+    child: ChildGuard,
 }
 
 impl Sshd {
+    /// The listening sshd's pid (its sessions are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// Starts sshd on a free port, authorizing `user_key` for [`SSHD_USER`].
     /// `dir` must be readable by that user (sshd reads the authorized keys as it).
     pub fn start(procs: &Procs, dir: &Path, user_key: &PublicKey) -> Result<Self, String> {
@@ -305,7 +310,7 @@ impl Sshd {
             addr,
             host_key,
             log,
-            _child: child,
+            child,
         })
     }
 

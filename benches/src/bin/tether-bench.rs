@@ -8,14 +8,20 @@
 //! - keystroke: one byte typed into `tetherd attach` of a tty session running
 //!   `cat` until its echo comes back, against `ssh -tt host cat`.
 //!
-//! Both use aes256-gcm@openssh.com; runs of the stacks alternate so a busy
-//! moment of a shared machine falls on both. Usage:
+//! Both use aes256-gcm@openssh.com; runs of the stacks alternate, and the
+//! terminals take turns key by key, so a busy moment of a shared machine falls
+//! on both. Beside each rate: the CPU time per GB of every process on the path
+//! (the guest or sshd's session with the writer, tetherd, the CLI or ssh),
+//! which depends much less on what else the machine does. Usage:
 //! `tether-bench [--quick] [--size BYTES] [--runs N] [--keys N] [--api tcp|unix]`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use benches::measure::{Terminal, Transfer, quantile, transfer};
+use benches::measure::{
+    DescendantCpu, Terminal, Transfer, interleaved_keystrokes, quantile, reaped_children_cpu,
+    transfer,
+};
 use benches::stack::{CIPHER, OpenSsh, Tether};
 use e2e::api::ApiEndpoint;
 use e2e::harness::Procs;
@@ -114,6 +120,45 @@ fn print_rates(name: &str, ours: &[Transfer], base: Option<&[Transfer]>) {
     }
 }
 
+/// A reading of CPU time taken after a moment: sshd reaps a session, and the
+/// guest a writer, just after the client saw the end of the stream.
+fn settled<T>(read: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::thread::sleep(Duration::from_millis(300));
+    read()
+}
+
+/// Adds what each process used between two readings.
+fn add_cpu(sum: &mut [Duration; 3], before: [Duration; 3], after: [Duration; 3]) {
+    for ((s, b), a) in sum.iter_mut().zip(before).zip(after) {
+        *s += a.saturating_sub(b);
+    }
+}
+
+/// CPU seconds per GB moved, by process, beside OpenSSH's: unlike the rates,
+/// this hardly depends on what else the machine is doing.
+fn print_cpu(name: &str, ours: [Duration; 3], base: Option<[Duration; 3]>, gb: f64) {
+    let per = |d: Duration| d.as_secs_f64() / gb;
+    let total: f64 = ours.iter().copied().map(per).sum();
+    let line = format!(
+        "{name:<10} cpu/GB tether {total:.2} s (guest {:.2}, tetherd {:.2}, cli {:.2})",
+        per(ours[0]),
+        per(ours[1]),
+        per(ours[2])
+    );
+    match base {
+        Some(b) => {
+            let theirs: f64 = b.iter().copied().map(per).sum();
+            println!(
+                "{line}   openssh {theirs:.2} s (sshd {:.2}, ssh {:.2})   ratio {:.2}x",
+                per(b[0]),
+                per(b[1]),
+                theirs / total
+            );
+        }
+        None => println!("{line}"),
+    }
+}
+
 fn print_keys(name: &str, ours: &mut [Duration], base: Option<&mut [Duration]>) {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let (m, p) = (us(quantile(ours, 0.5)), us(quantile(ours, 0.99)));
@@ -166,6 +211,16 @@ fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
     );
     let zeros = ["head", "-c", &o.size.to_string(), "/dev/zero"].join(" ");
     let (mut attach, mut exec, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut attach_cpu, mut exec_cpu, mut base_cpu) = (
+        [Duration::ZERO; 3],
+        [Duration::ZERO; 3],
+        [Duration::ZERO; 3],
+    );
+    // CPU by process: [guest, tetherd serve, the CLI] or [sshd's session, ssh, -].
+    let ours = || -> Result<[Duration; 3], String> {
+        let (serve, guest) = t.cpu()?;
+        Ok([guest, serve, reaped_children_cpu()])
+    };
     for i in 0..o.runs {
         let id = format!("out{i}");
         // The writer starts once the attach is in place (an attach that
@@ -181,31 +236,56 @@ fn bench(o: &Options, procs: &Procs) -> Result<(), String> {
             }
         };
         let attach_cmd = &mut t.cli(&["attach", "--no-stdin", &id]);
+        let before = ours()?;
         attach.push(transfer(procs, attach_cmd, o.size, release)?);
+        add_cpu(&mut attach_cpu, before, settled(ours)?);
         let mut exec_cmd = t.cli(&["exec", "bench", "--"]);
         exec_cmd.args(zeros.split(' '));
+        let before = ours()?;
         exec.push(transfer(procs, &mut exec_cmd, o.size, || Ok(()))?);
+        add_cpu(&mut exec_cpu, before, settled(ours)?);
         if let Some(s) = &ssh {
+            // sshd's sessions are watched while they run: their time never
+            // reaches the listener's counters.
+            let (client, sessions) = (reaped_children_cpu(), DescendantCpu::watch(s.pid()));
             base.push(transfer(procs, s.ssh().arg(&zeros), o.size, || Ok(()))?);
+            let sessions = sessions.stop();
+            let client = settled(|| Ok(reaped_children_cpu()))? - client;
+            add_cpu(
+                &mut base_cpu,
+                [Duration::ZERO; 3],
+                [sessions, client, Duration::ZERO],
+            );
         }
     }
     let base = ssh.as_ref().map(|_| base.as_slice());
     print_rates("attach", &attach, base);
     print_rates("exec", &exec, base);
+    let gb = (o.size * o.runs as u64) as f64 / 1e9;
+    let base_cpu = ssh.as_ref().map(|_| base_cpu);
+    print_cpu("attach", attach_cpu, base_cpu, gb);
+    print_cpu("exec", exec_cpu, base_cpu, gb);
     let warmup = (o.keys / 10).max(5);
-    let mut ours =
-        Terminal::start(procs, &mut t.cli(&["attach", "keys"]))?.keystrokes(warmup, o.keys)?;
-    let mut theirs = match &ssh {
-        Some(s) => Some(
-            Terminal::start(procs, s.ssh().arg("-tt").arg("cat"))?.keystrokes(warmup, o.keys)?,
-        ),
-        None => None,
-    };
-    let mut exec = Terminal::start(
+    // The three terminals take turns key by key (see interleaved_keystrokes).
+    let mut attach_term = Terminal::start(procs, &mut t.cli(&["attach", "keys"]))?;
+    let mut exec_term = Terminal::start(
         procs,
         &mut t.cli(&["exec", "-t", "-i", "bench", "--", "cat"]),
-    )?
-    .keystrokes(warmup, o.keys)?;
+    )?;
+    let mut ssh_term = match &ssh {
+        Some(s) => Some(Terminal::start(procs, s.ssh().arg("-tt").arg("cat"))?),
+        None => None,
+    };
+    let mut terms: Vec<&mut Terminal> = vec![&mut attach_term, &mut exec_term];
+    if let Some(s) = ssh_term.as_mut() {
+        terms.push(s);
+    }
+    let mut rtts = interleaved_keystrokes(&mut terms, warmup, o.keys)?.into_iter();
+    let (mut ours, mut exec) = (
+        rtts.next().unwrap_or_default(),
+        rtts.next().unwrap_or_default(),
+    );
+    let mut theirs = rtts.next();
     print_keys("keystroke", &mut ours, theirs.as_deref_mut());
     print_keys("key exec", &mut exec, theirs.as_deref_mut());
     Ok(())

@@ -377,7 +377,7 @@ pub(crate) async fn interactive(
         None
     };
     let mut terminal = Terminal {
-        stdin: stdin.then(term::spawn_stdin_reader),
+        stdin: stdin.then(term::Input::stdin),
         stdout: term::raw_stdout(),
         stderr: Box::new(std::io::stderr()),
         resize,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_lite::{StreamExt, future};
 
 use super::api::{Api, ClientError, encode};
-use super::term::DetachKeys;
+use super::term::{DetachKeys, Input};
 use super::ws::{self, Connected};
 use crate::http::k8s::{self, ServerFrame, Status};
 
@@ -22,8 +22,8 @@ pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
 
 /// The local side of a session.
 pub struct Terminal {
-    /// Local stdin chunks (the channel closes at EOF); `None`: not forwarded.
-    pub stdin: Option<async_channel::Receiver<Bytes>>,
+    /// Local stdin; `None`: not forwarded.
+    pub stdin: Option<Input>,
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
     /// Window size changes (columns, rows), polled by the session loop
@@ -173,9 +173,10 @@ async fn pump(
         ws_first = !ws_first;
         let event = {
             let from_ws = async { Event::Ws(conn.ws.next().await) };
+            let input = &mut term.stdin;
             let stdin = async {
-                match (&term.stdin, *stdin_open) {
-                    (Some(rx), true) => Event::Stdin(rx.recv().await.ok()),
+                match (input, *stdin_open) {
+                    (Some(input), true) => Event::Stdin(input.next().await),
                     _ => future::pending().await,
                 }
             };

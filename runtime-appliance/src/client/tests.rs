@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::session::{self, Outcome, Resume, Terminal};
-use super::term::{CTRL_P, CTRL_Q};
+use super::term::{CTRL_P, CTRL_Q, Input};
 use super::{ContainerRow, LogsQuery, format_table, stream_logs, ws};
 use crate::api_types::*;
 use crate::http::fake::{FakeBackend, FakeContainer, hello_script, run, serve};
@@ -36,7 +36,7 @@ impl Capture {
 fn terminal(stdin: Option<async_channel::Receiver<Bytes>>) -> (Terminal, Capture, Capture) {
     let (out, err) = (Capture::default(), Capture::default());
     let term = Terminal {
-        stdin,
+        stdin: stdin.map(Input::Chunks),
         stdout: Box::new(out.clone()),
         stderr: Box::new(err.clone()),
         resize: None,

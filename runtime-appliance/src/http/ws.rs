@@ -20,7 +20,7 @@ use super::backend::{Backend, Session};
 use super::k8s::{self, ClientFrame, Protocol, Status};
 use super::listen::ApiStream;
 use super::response::{Body, HttpError, full};
-use super::ws_io::{Conn, FRAME_HEAD, READ_BUFFER, Ws, send_binary};
+use super::ws_io::{Conn, OutputMessage, READ_BUFFER, Ws, send_binary};
 use super::{EXEC_ID_HEADER, HyperIo, OFFSET_HEADER, State, TTY_HEADER};
 use crate::api_types::Output;
 use smol_hyper::rt::FuturesIo;
@@ -258,7 +258,7 @@ pub async fn run<B: Backend, S: Session>(
                         return;
                     }
                 };
-                if let Err(e) = send_binary(&mut ws, msg).await {
+                if let Err(e) = send_binary(&mut ws, &msg).await {
                     tracing::debug!(%id, error = %e, "attach session: client gone");
                     return;
                 }
@@ -310,32 +310,37 @@ pub async fn run<B: Backend, S: Session>(
 /// The largest output message built from several chunks.
 const COALESCE_MAX: usize = 1 << 20;
 
-/// One output message for `channel` (after [`FRAME_HEAD`] spare bytes for
-/// [`send_binary`]), starting with `first` and taking every
+/// At most this many chunks go into one output message (one `writev`).
+const COALESCE_CHUNKS: usize = 256;
+
+/// One output message for `channel`, starting with `first` and taking every
 /// further chunk of the same stream that is ready now (up to
-/// [`COALESCE_MAX`]): a stream the guest sends in SSH-packet-sized chunks
-/// goes out in few large messages (fewer frames, wakeups and writes at both
-/// ends), while a lone chunk (a keystroke's echo) goes at once. Anything else
-/// that was ready is left in `pending`.
+/// [`COALESCE_MAX`] bytes): a stream the guest sends in SSH-packet-sized
+/// chunks goes out in few large messages (fewer frames, wakeups and writes at
+/// both ends), while a lone chunk (a keystroke's echo) goes at once. The
+/// chunks are not copied: [`send_binary`] writes them as they are. Anything
+/// else that was ready is left in `pending`.
 async fn coalesce<S: Session>(
     session: &mut S,
     channel: u8,
     first: bytes::Bytes,
     pending: &mut Option<Option<Output>>,
-) -> bytes::BytesMut {
-    let mut msg = bytes::BytesMut::with_capacity(FRAME_HEAD + 1 + first.len());
-    msg.extend_from_slice(&[0; FRAME_HEAD]);
-    msg.extend_from_slice(&[channel]);
-    msg.extend_from_slice(&first);
-    while msg.len() < COALESCE_MAX {
+) -> OutputMessage {
+    let mut msg = OutputMessage {
+        channel,
+        len: first.len(),
+        chunks: vec![first],
+    };
+    while msg.len < COALESCE_MAX && msg.chunks.len() < COALESCE_CHUNKS {
         let Some(next) = future::poll_once(session.next()).await else {
             break;
         };
-        match (&next, channel) {
+        match (next, channel) {
             (Some(Output::Stdout(b)), k8s::STDOUT) | (Some(Output::Stderr(b)), k8s::STDERR) => {
-                msg.extend_from_slice(b)
+                msg.len += b.len();
+                msg.chunks.push(b);
             }
-            _ => {
+            (next, _) => {
                 *pending = Some(next);
                 break;
             }
