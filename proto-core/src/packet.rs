@@ -165,6 +165,16 @@ impl Opener {
         self.cipher = cipher;
     }
 
+    /// How many more bytes, after the `have` already buffered, complete what
+    /// `next` is waiting for: the packet's first four bytes, or the rest of
+    /// the packet once its length is known.
+    pub fn wanted(&self, have: usize) -> usize {
+        match self.pending_len {
+            Some(len) => (4 + len + self.cipher.tag_len()).saturating_sub(have),
+            None => 4usize.saturating_sub(have),
+        }
+    }
+
     /// Takes the next whole packet off the front of `buf`, if it is all there.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>> {
         let len = match self.pending_len {

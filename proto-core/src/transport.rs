@@ -77,6 +77,10 @@ pub struct Transport {
     skipped_bytes: usize,
     skipped_lines: usize,
     inbuf: BytesMut,
+    /// Received bytes that do not continue `inbuf`'s allocation (a read that
+    /// landed in a fresh buffer), in order: `poll` takes them over a buffer at
+    /// a time, copying only the rest of a packet that straddles two buffers.
+    spill: VecDeque<BytesMut>,
     out: BytesMut,
     sealer: Sealer,
     opener: Opener,
@@ -129,6 +133,7 @@ impl Transport {
             skipped_bytes: 0,
             skipped_lines: 0,
             inbuf: BytesMut::with_capacity(64 * 1024),
+            spill: VecDeque::new(),
             out: BytesMut::with_capacity(64 * 1024),
             sealer: Sealer::default(),
             opener: Opener::default(),
@@ -165,17 +170,50 @@ impl Transport {
 
     /// Appends received bytes.
     pub fn feed(&mut self, data: &[u8]) {
-        self.inbuf.extend_from_slice(data);
+        self.spill
+            .back_mut()
+            .unwrap_or(&mut self.inbuf)
+            .extend_from_slice(data);
     }
 
-    /// Appends received bytes the caller no longer needs, without copying when
-    /// they continue the buffer (consecutive reads split from one allocation).
+    /// Appends received bytes the caller no longer needs, without copying:
+    /// bytes that continue the buffer (consecutive reads split from one
+    /// allocation) join it, others wait in `spill` (only the version line,
+    /// which is parsed straight from `inbuf`, is always joined).
     pub fn feed_bytes(&mut self, data: BytesMut) {
-        if self.inbuf.is_empty() {
-            self.inbuf = data;
-        } else {
-            self.inbuf.unsplit(data);
+        if data.is_empty() {
+            return;
         }
+        let tail = self.spill.back_mut().unwrap_or(&mut self.inbuf);
+        if tail.is_empty() {
+            *tail = data;
+        } else if self.peer_version.is_none()
+            || tail.as_ptr().wrapping_add(tail.len()) == data.as_ptr()
+        {
+            // `unsplit` joins adjacent pieces of one allocation for free.
+            tail.unsplit(data);
+        } else {
+            self.spill.push_back(data);
+        }
+    }
+
+    /// Moves spilled input into `inbuf` for the packet being received: a
+    /// whole buffer if `inbuf` is empty, else just the bytes that packet
+    /// still needs. False if there is nothing to move.
+    fn take_spill(&mut self) -> bool {
+        let Some(front) = self.spill.front_mut() else {
+            return false;
+        };
+        if self.inbuf.is_empty() {
+            self.inbuf = std::mem::take(front);
+        } else {
+            let want = self.opener.wanted(self.inbuf.len()).clamp(1, front.len());
+            self.inbuf.extend_from_slice(&front.split_to(want));
+        }
+        if front.is_empty() {
+            self.spill.pop_front();
+        }
+        true
     }
 
     /// Ciphertext ready to write, if any.
@@ -366,6 +404,9 @@ impl Transport {
         }
         loop {
             let Some(packet) = self.opener.next(&mut self.inbuf)? else {
+                if self.take_spill() {
+                    continue;
+                }
                 return Ok(None);
             };
             let incoming = self.handle_packet(packet, now)?;
