@@ -235,7 +235,18 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
                     // Kept in memory too while anyone else (an attach, a
                     // `logs -f`) holds the log: they read it from there.
                     let keep = Arc::strong_count(&log) > 1;
-                    let written = lock(&log).append_shared(kind, SystemTime::now(), data, keep);
+                    let written = if lock(&log).holds_file() {
+                        lock(&log).append_shared(kind, SystemTime::now(), data, keep)
+                    } else {
+                        // Creating a segment file (a new inode: a container's
+                        // first output) or opening it again: off the links'
+                        // executor.
+                        let log = log.clone();
+                        smol::unblock(move || {
+                            lock(&log).append_shared(kind, SystemTime::now(), data, keep)
+                        })
+                        .await
+                    };
                     if written.is_ok() {
                         // Only now may the guest forget these bytes.
                         let _ = link.send(LinkCommand::Consumed { channel, n }).await;

@@ -66,6 +66,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         Ok((_, to)) => info!("open files: limit {to}"),
         Err(e) => tracing::warn!("open files: the limit could not be raised: {e}"),
     }
+    warm_up_rng()?;
     let state = crate::node::state::state_dir(args.state_dir.as_deref())?;
     let key = match &args.key {
         Some(path) => read_key(path)?,
@@ -143,6 +144,18 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
         crate::http::serve_backend(api, node, access).await;
     }));
+    Ok(())
+}
+
+/// Seeds aws-lc's random generator now. The first draw from it in a process
+/// initialises its jitter entropy source (tens of milliseconds of CPU, more
+/// on a busy machine); without this, the first links' key exchanges paid
+/// for it on the executor thread, stalling every link meanwhile.
+fn warm_up_rng() -> Result<(), String> {
+    let started = std::time::Instant::now();
+    aws_lc_rs::rand::fill(&mut [0u8; 32])
+        .map_err(|_| "aws-lc's random generator failed to start".to_owned())?;
+    tracing::debug!(took = ?started.elapsed(), "random generator seeded");
     Ok(())
 }
 

@@ -372,6 +372,13 @@ impl OutputLog {
         Ok(())
     }
 
+    /// Whether the next append writes to a file already open: without, it
+    /// opens the current segment again or creates the first one (filesystem
+    /// work a caller on an async executor may want to do elsewhere).
+    pub fn holds_file(&self) -> bool {
+        self.file.is_some() && !self.segments.is_empty() && self.size < self.limits.max_size
+    }
+
     /// Closes the current segment's file until the next append reopens it:
     /// a container that writes nothing holds no file descriptor (10,000
     /// quiet containers would otherwise hold 10,000).
