@@ -125,6 +125,7 @@ where
     }
     let mut outbox = Outbox::new(MAX_PENDING_WRITE);
     let mut reader = ReadBuffer::default();
+    let mut timer = Deadline::default();
     loop {
         let woken = wake();
         link.work();
@@ -133,7 +134,7 @@ where
         if link.close_reason().is_some() && outbox.is_empty() {
             return end_of(link.close_reason());
         }
-        let timeout = link.poll_timeout();
+        timer.want(link.poll_timeout());
         let can_read = outbox.may_read(link);
         let event = {
             let read = async {
@@ -150,13 +151,8 @@ where
             };
             let woken = async { Wake::Woken(woken.await) };
             let timer = async {
-                match timeout {
-                    Some(t) => {
-                        Timer::at(t).await;
-                        Wake::Timer
-                    }
-                    None => future::pending().await,
-                }
+                timer.expired().await;
+                Wake::Timer
             };
             future::or(write, future::or(read, future::or(woken, timer))).await
         };
@@ -180,6 +176,43 @@ where
                     return fail(stream, link, e).await;
                 }
             }
+        }
+    }
+}
+
+/// The link's next deadline as one reactor timer, armed again only when the
+/// deadline moves earlier. The keepalive deadline moves later with every
+/// packet received; a timer made afresh for each pass of the loop cost a
+/// reactor wake-up (an eventfd write, then an epoll pass that only re-arms)
+/// per packet. Left armed at the earlier moment, the timer fires early now
+/// and then, and `handle_timeout` acts only on what is due.
+#[derive(Default)]
+struct Deadline {
+    timer: Option<(Instant, Timer)>,
+}
+
+impl Deadline {
+    /// Makes sure the timer fires no later than `at` (`None`: no deadline).
+    fn want(&mut self, at: Option<Instant>) {
+        match (at, &mut self.timer) {
+            (None, _) => self.timer = None,
+            (Some(at), Some((armed, _))) if *armed <= at => {}
+            (Some(at), Some((armed, timer))) => {
+                *armed = at;
+                timer.set_at(at);
+            }
+            (Some(at), None) => self.timer = Some((at, Timer::at(at))),
+        }
+    }
+
+    /// Waits for the armed moment (forever without one), then disarms.
+    async fn expired(&mut self) {
+        match &mut self.timer {
+            Some((_, timer)) => {
+                timer.await;
+                self.timer = None;
+            }
+            None => future::pending().await,
         }
     }
 }
@@ -220,4 +253,41 @@ pub async fn write_all<S: AsFd>(stream: &Async<S>, mut buf: &[u8]) -> io::Result
         buf = &buf[n..];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_is_armed_again_only_when_it_moves_earlier() {
+        let now = Instant::now();
+        let mut d = Deadline::default();
+        d.want(Some(now + Duration::from_millis(40)));
+        d.want(Some(now + Duration::from_secs(60)));
+        assert_eq!(
+            d.timer.as_ref().map(|t| t.0),
+            Some(now + Duration::from_millis(40))
+        );
+        d.want(Some(now + Duration::from_millis(20)));
+        assert_eq!(
+            d.timer.as_ref().map(|t| t.0),
+            Some(now + Duration::from_millis(20))
+        );
+        async_io::block_on(d.expired());
+        assert!(now.elapsed() >= Duration::from_millis(20));
+        assert!(d.timer.is_none(), "a timer that fired is disarmed");
+        d.want(None);
+        let waited = async_io::block_on(future::or(
+            async {
+                d.expired().await;
+                false
+            },
+            async {
+                Timer::after(Duration::from_millis(30)).await;
+                true
+            },
+        ));
+        assert!(waited, "no deadline never fires");
+    }
 }
