@@ -190,16 +190,9 @@ pub struct ProcCpu {
 
 impl ProcCpu {
     pub fn of(pid: u32) -> Result<Self, String> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-        // Fields after the command name (which may hold spaces): utime and
-        // stime are fields 14 and 15, cutime and cstime 16 and 17.
-        let rest = text
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .ok_or("/proc/PID/stat without a command name")?;
-        let f: Vec<u64> = rest
-            .split_whitespace()
+        // utime and stime are fields 14 and 15, cutime and cstime 16 and 17.
+        let f: Vec<u64> = stat_fields(pid)?
+            .iter()
             .skip(11)
             .take(4)
             .map(|v| v.parse().unwrap_or(0))
@@ -268,6 +261,17 @@ impl DescendantCpu {
     }
 }
 
+/// The fields of `/proc/PID/stat` after the command name (which may hold
+/// spaces and parentheses): the first is field 3, the state.
+fn stat_fields(pid: u32) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let (_, rest) = text
+        .rsplit_once(')')
+        .ok_or_else(|| format!("/proc/{pid}/stat without a command name"))?;
+    Ok(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// Every process below `root`, from the parent pids in `/proc`.
 fn descendants(root: u32) -> Vec<u32> {
     let mut parent = std::collections::HashMap::new();
@@ -279,13 +283,10 @@ fn descendants(root: u32) -> Vec<u32> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some(ppid) = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok())
+        // The parent pid is field 4.
+        if let Some(ppid) = stat_fields(pid)
+            .ok()
+            .and_then(|f| f.get(1).and_then(|p| p.parse::<u32>().ok()))
         {
             parent.insert(pid, ppid);
         }

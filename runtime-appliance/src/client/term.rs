@@ -129,13 +129,11 @@ impl Input {
                     tracing::debug!(error = %e, "waiting for stdin failed");
                     return None;
                 }
-                let mut buf = vec![0u8; STDIN_READ];
-                match rustix::io::read(fd.get_ref(), &mut buf[..]) {
+                let mut buf = [0u8; STDIN_READ];
+                match rustix::io::read(fd.get_ref(), &mut buf) {
                     Ok(0) => return None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        return Some(Bytes::from(buf));
-                    }
+                    // A keystroke is a byte or a few: no 16 KiB block each.
+                    Ok(n) => return Some(Bytes::copy_from_slice(&buf[..n])),
                     // Someone else's non-blocking flag, or a spurious wake.
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
                     Err(e) => {
