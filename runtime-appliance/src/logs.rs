@@ -166,11 +166,18 @@ impl Producer {
         }
     }
 
-    /// The exit status once everything of an exited container was sent.
+    /// The exit status once everything of an exited container was sent:
+    /// all its output the guest listed, or all that is stored once no guest
+    /// serves it (the rest can no longer come). The guest lists a session as
+    /// exited once its own log holds the last byte, which may be well before
+    /// the follower has stored it: until then the exit waits.
     fn finished(&self) -> Option<ExitStatus> {
         let record = self.store.record(&self.id)?;
-        let end = lock(&self.log).end();
-        if record.state != "exited" || self.reader.offset() < record.output_end.min(end) {
+        let offset = self.reader.offset();
+        if record.state != "exited" || offset < lock(&self.log).end() {
+            return None;
+        }
+        if offset < record.output_end && (self.served)() {
             return None;
         }
         Some(match record.exit_signal {
@@ -423,6 +430,75 @@ mod tests {
         let f = p.next_frame().unwrap().unwrap();
         assert_eq!((f.offset, &f.data[..]), (4, &b"ne"[..]));
         assert!(p.next_frame().unwrap().is_none());
+    }
+
+    /// The guest lists a session as exited before the follower has stored
+    /// its last output: a follow that caught up with the store waits for the
+    /// rest instead of ending early with the exit (a lost tail).
+    #[test]
+    fn the_exit_waits_for_output_the_guest_listed_but_not_yet_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let record = crate::store::Record {
+            id: "web".into(),
+            kind: "primary".into(),
+            state: "exited".into(),
+            exit_code: Some(3),
+            output_end: 6,
+            tty: false,
+            guest_key: None,
+            forked_from: None,
+            fork_failure: None,
+            exit_signal: None,
+        };
+        store.save_record(&record).unwrap();
+        let log = store.log("web").unwrap();
+        lock(&log)
+            .append(FrameKind::Stdout, SystemTime::now(), b"one")
+            .unwrap();
+        let producer = |served: bool| Producer {
+            store: store.clone(),
+            id: "web".into(),
+            changed: store.watch("web"),
+            log: log.clone(),
+            reader: lock(&log).reader(0),
+            options: LogsOptions {
+                follow: true,
+                ..Default::default()
+            },
+            end_at: None,
+            stamper: Stamper::default(),
+            served: Arc::new(move || served),
+            unserved_wait: UNSERVED_WAIT,
+        };
+        smol::block_on(async {
+            let (tx, rx) = async_channel::bounded(8);
+            let run = smol::spawn(producer(true).run(None, tx));
+            assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"one"));
+            smol::Timer::after(Duration::from_millis(100)).await;
+            assert!(rx.is_empty(), "the exit came before the output listed");
+            lock(&log)
+                .append(FrameKind::Stdout, SystemTime::now(), b"two")
+                .unwrap();
+            store.notify("web");
+            assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"two"));
+            assert!(matches!(rx.recv().await, Ok(Output::Exit(e)) if e.code() == 3));
+            run.await;
+            // No guest serves it any more: what is stored is all there is.
+            let (tx, rx) = async_channel::bounded(8);
+            let mut p = producer(false);
+            p.reader = lock(&log).reader(3);
+            lock(&log)
+                .append(FrameKind::Stdout, SystemTime::now(), b"!")
+                .unwrap();
+            let mut short = record.clone();
+            short.output_end = 100;
+            store.save_record(&short).unwrap();
+            p.run(None, tx).await;
+            assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"two"));
+            assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"!"));
+            assert!(matches!(rx.recv().await, Ok(Output::Exit(e)) if e.code() == 3));
+        });
     }
 
     /// A follow of a running container whose guest went without an exit

@@ -73,7 +73,7 @@ impl Default for Limits {
     }
 }
 
-fn segment_path(dir: &Path, start: u64) -> PathBuf {
+pub(super) fn segment_path(dir: &Path, start: u64) -> PathBuf {
     dir.join(format!("output-{start:020}.log"))
 }
 
@@ -399,7 +399,14 @@ impl OutputLog {
             .append(true)
             .read(true)
             .open(&path)?;
-        f.set_len(0)?;
+        // Only a leftover file is emptied. Truncating a new one would be a
+        // no-op for its contents but not for ext4: a file truncated to zero
+        // is flushed to disk in full when closed (its "replace via truncate"
+        // heuristic, `auto_da_alloc`), so every rotated segment was written
+        // out even when the rotation deleted it seconds later.
+        if f.metadata()?.len() != 0 {
+            f.set_len(0)?;
+        }
         if self.segments.last() != Some(&self.end) {
             self.segments.push(self.end);
         }

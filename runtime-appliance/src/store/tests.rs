@@ -224,3 +224,96 @@ fn a_stored_containers_watchers_are_woken_by_its_own_changes_only() {
     assert!(now(&mut web_woken));
     assert!(!now(&mut db_woken));
 }
+
+/// A closed segment is left to the kernel's own writeback. ext4 flushes a
+/// file truncated to zero in full when it is closed (`auto_da_alloc`), so
+/// truncating each new segment wrote every byte of output to disk as its
+/// segment closed, even output that rotation deleted seconds later.
+#[test]
+fn a_closed_segment_is_not_flushed_to_disk_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(why) = dirty_pages::observable(dir.path()) {
+        eprintln!("skipped a_closed_segment_is_not_flushed_to_disk_at_once: {why}");
+        return;
+    }
+    let limits = Limits {
+        max_size: 8 << 20,
+        max_files: 4,
+    };
+    let mut log = OutputLog::open(dir.path(), limits).unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    // The ninth MiB starts a second segment: the first is closed.
+    for _ in 0..9 {
+        log.append(FrameKind::Stdout, t(1), &chunk).unwrap();
+    }
+    let first = fs::File::open(segments::segment_path(dir.path(), 0)).unwrap();
+    let (cached, dirty) = dirty_pages::of(&first).unwrap();
+    assert!(cached >= 2048, "the segment is in the page cache: {cached}");
+    assert!(
+        dirty * 2 >= cached,
+        "the closed segment was flushed at once: {dirty} of {cached} pages still dirty"
+    );
+}
+
+/// Dirty pages of a file, from `cachestat(2)` (Linux 6.5).
+mod dirty_pages {
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+
+    /// Why this test cannot tell, if it cannot: it needs ext4 (whose
+    /// heuristic it guards against), `cachestat`, and a writeback expiry long
+    /// enough that the kernel leaves dirty pages alone while it runs.
+    pub fn observable(dir: &Path) -> Result<(), String> {
+        let fs = nix::sys::statfs::statfs(dir).map_err(|e| e.to_string())?;
+        if fs.filesystem_type() != nix::sys::statfs::EXT4_SUPER_MAGIC {
+            return Err(format!("{} is not on ext4", dir.display()));
+        }
+        let expiry = std::fs::read_to_string("/proc/sys/vm/dirty_expire_centisecs")
+            .map_err(|e| format!("vm.dirty_expire_centisecs: {e}"))?;
+        if expiry.trim().parse::<u64>().unwrap_or(0) < 500 {
+            return Err(format!("vm.dirty_expire_centisecs is {}", expiry.trim()));
+        }
+        let probe = std::fs::File::open(dir).map_err(|e| e.to_string())?;
+        of(&probe).map(|_| ())
+    }
+
+    /// Pages of `file` in the page cache, and how many of them are dirty.
+    pub fn of(file: &std::fs::File) -> Result<(u64, u64), String> {
+        if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+            return Err("cachestat's number is known here for x86_64 and aarch64".into());
+        }
+        const SYS_CACHESTAT: nix::libc::c_long = 451;
+        let range = Range { off: 0, len: 0 };
+        let mut stat = Cachestat::default();
+        // SAFETY: the pointers are to live values of the kernel's layouts.
+        let rc = unsafe {
+            nix::libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Cachestat,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("cachestat: {}", std::io::Error::last_os_error()));
+        }
+        Ok((stat.cache, stat.dirty))
+    }
+}
