@@ -119,6 +119,17 @@ impl Setup {
         }
     }
 
+    /// `tetherd_guest_output_bytes_total`.
+    fn guest_output_bytes(&self) -> u64 {
+        let (code, metrics) = self.http("GET", "/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tetherd_guest_output_bytes_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no output byte counter: {metrics}"))
+    }
+
     /// One HTTP/1.1 request; returns (status, body).
     fn http(&self, method: &str, path: &str) -> (u16, String) {
         self.api.http(method, path, &[], "")
@@ -149,6 +160,54 @@ fn serve_and_the_cli_list_log_exec_kill_and_wait() {
             ls.contains("web-exec1"),
             "the exec is listed as its own container: {ls}"
         );
+    });
+}
+
+/// With a state directory, an exec's output crosses the link once: the
+/// follower stores it from the exec's own channel and the client reads it
+/// from the store (as an attach does), while the client's input goes the
+/// other way on that same channel.
+#[test]
+fn an_exec_with_a_store_takes_input_and_its_output_crosses_the_link_once() {
+    with_timeout(LIMIT, |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup::new(
+            &procs,
+            dir.path(),
+            "web",
+            &["/bin/sh", "-c", "exec sleep 60"],
+        );
+        s.wait_state("web", "running");
+        let before = s.guest_output_bytes();
+        let input: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
+        let script = "cat; echo done >&2; exit 3";
+        let mut c = tetherd(&["exec", "-i", "web", "--", "sh", "-c", script]);
+        s.api.client_env(&mut c);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let feed = {
+            let input = input.clone();
+            std::thread::spawn(move || stdin.write_all(&input))
+        };
+        let out = child.wait_with_output().unwrap();
+        feed.join().unwrap().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(out.stdout == input, "stdout: {} bytes", out.stdout.len());
+        assert!(err.contains("done\n"), "{err}");
+        let output = input.len() as u64 + 5;
+        let crossed = s.guest_output_bytes() - before;
+        assert!(
+            (output..output + output / 2).contains(&crossed),
+            "{crossed} bytes crossed the link for {output} bytes of output"
+        );
+        // `logs` writes both streams to stdout, in the order they came.
+        let logs = s.cli(&["logs", "web-exec1"]);
+        let stored = [&input[..], b"done\n"].concat();
+        assert!(logs.stdout == stored, "stored: {} bytes", logs.stdout.len());
     });
 }
 

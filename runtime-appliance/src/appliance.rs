@@ -219,13 +219,20 @@ impl Appliance {
             )));
         }
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
-        let plan = Plan {
-            id: exec_id,
-            stdin: true,
-            cursor: Cursor::new(0, true, true, None),
-            reattach_timeout: options.timeout,
+        // With a store, the exec is served from it (`exec_stored`); without,
+        // or when it cannot take the exec, from its channel directly.
+        let att = match self.exec_stored(&exec_id, options.tty, channel, link) {
+            Ok(att) => att,
+            Err((channel, link)) => {
+                let plan = Plan {
+                    id: exec_id,
+                    stdin: true,
+                    cursor: Cursor::new(0, true, true, None),
+                    reattach_timeout: options.timeout,
+                };
+                attachment::start(self.shared.clone(), plan, options.tty, (channel, link))
+            }
         };
-        let att = attachment::start(self.shared.clone(), plan, options.tty, (channel, link));
         if !options.stdin {
             let _ = att.close_stdin().await;
         }
@@ -342,6 +349,12 @@ impl Appliance {
             "counter",
             "Execs started.",
             &[("", c.execs.load(Ordering::Relaxed))],
+        );
+        metric(
+            "tetherd_guest_output_bytes_total",
+            "counter",
+            "Channel data received from guests, in bytes (output, each time it crosses a link).",
+            &[("", c.guest_output_bytes.load(Ordering::Relaxed))],
         );
         metric(
             "tetherd_reattaches_total",

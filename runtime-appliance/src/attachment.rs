@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 use bytes::Bytes;
 use futures_lite::future;
-use proto_core::ChannelRequest;
 use proto_core::tether::{Cursor, Delivery};
+use proto_core::{ChannelId, ChannelRequest};
 use tracing::{debug, info};
 
 use crate::api_types::{ApiError, Output};
@@ -28,6 +28,34 @@ pub(crate) enum Control {
     Resize(u32, u32),
     Signal(String, Sender<bool>),
     Consumed(usize),
+}
+
+impl Control {
+    /// The command that carries this item on `channel`; `Consumed` is the
+    /// one it cannot say alone (how much window that returns is the
+    /// channel's owner's business): its byte count comes back instead.
+    pub(crate) fn into_command(self, channel: ChannelId) -> Result<LinkCommand, usize> {
+        Ok(match self {
+            Control::Stdin(data) => LinkCommand::Send { channel, data },
+            Control::CloseStdin => LinkCommand::Eof { channel },
+            Control::Resize(cols, rows) => LinkCommand::Request {
+                channel,
+                request: ChannelRequest::WindowChange {
+                    cols,
+                    rows,
+                    width_px: 0,
+                    height_px: 0,
+                },
+                reply: None,
+            },
+            Control::Signal(name, reply) => LinkCommand::Request {
+                channel,
+                request: ChannelRequest::Signal { name },
+                reply: Some(reply),
+            },
+            Control::Consumed(n) => return Err(n),
+        })
+    }
 }
 
 /// A live attachment to a container's (or an exec's) stdio.
@@ -108,6 +136,16 @@ impl Attachment {
         }
     }
 
+    /// `output` (fed from the store) with its input going to `ctl`'s
+    /// reader (the follower that holds an exec's channel).
+    pub(crate) fn with_control(mut output: Attachment, ctl: Sender<Control>) -> Self {
+        // The output is not the guest's window to return: it comes through
+        // `prefix`, which reports nothing consumed.
+        output.prefix = Some(output.take_rx());
+        output.ctl = ctl;
+        output
+    }
+
     /// This attachment's input with `output`'s output (an attachment whose
     /// channel carries no output, and one fed from the store).
     pub(crate) fn with_output_of(mut self, mut output: Attachment) -> Self {
@@ -116,11 +154,13 @@ impl Attachment {
         self.tty = output.tty;
         // Its output comes first and ends with the exit; this one's own
         // receiver yields nothing.
-        self.prefix = Some(std::mem::replace(
-            &mut output.rx,
-            async_channel::bounded(1).1,
-        ));
+        self.prefix = Some(output.take_rx());
         self
+    }
+
+    /// The output receiver, leaving one that has ended.
+    fn take_rx(&mut self) -> Receiver<Output> {
+        std::mem::replace(&mut self.rx, async_channel::bounded(1).1)
     }
 
     fn send(&self, c: Control) -> Result<(), ApiError> {
@@ -390,25 +430,9 @@ async fn drive(
                     debug!(container = %plan.id, offset, "channel closed before the process exited");
                     break;
                 }
-                Step::Control(Some(c)) => match c {
-                    Control::Stdin(data) => LinkCommand::Send { channel, data },
-                    Control::CloseStdin => LinkCommand::Eof { channel },
-                    Control::Resize(cols, rows) => LinkCommand::Request {
-                        channel,
-                        request: ChannelRequest::WindowChange {
-                            cols,
-                            rows,
-                            width_px: 0,
-                            height_px: 0,
-                        },
-                        reply: None,
-                    },
-                    Control::Signal(name, reply) => LinkCommand::Request {
-                        channel,
-                        request: ChannelRequest::Signal { name },
-                        reply: Some(reply),
-                    },
-                    Control::Consumed(n) => LinkCommand::Consumed {
+                Step::Control(Some(c)) => match c.into_command(channel) {
+                    Ok(command) => command,
+                    Err(n) => LinkCommand::Consumed {
                         channel,
                         n: plan.cursor.consumed(n),
                     },

@@ -5,7 +5,7 @@
 //! once it is written, so a `block` session never loses a byte, even to a
 //! tetherd crash. The container records mirror what the guests list.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,10 +13,12 @@ use proto_core::tether::{AttachRequest, ContainerInfo, Kind, State};
 use tracing::{debug, info, warn};
 
 use crate::api_types::ContainerView;
-use crate::attachment::open_on;
-use crate::guestlink::{ChannelEvent, LinkCommand, OpenKind};
+use crate::attachment::{Control, open_on};
+use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
 use crate::registry::Shared;
 use crate::store::{FrameKind, Record, Store, lock};
+use async_channel::{Receiver, Sender};
+use futures_lite::future;
 
 /// How long a follower waits for its container to be served again after its
 /// link dropped, before it leaves (it is started again when the container is
@@ -94,7 +96,6 @@ fn complete(store: &Store, record: &Record) -> bool {
 }
 
 async fn manage(shared: Arc<Shared>, store: Arc<Store>) {
-    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
     // What each served container looked like when last looked at, so only
     // the containers that changed touch the disk. Only served ones are kept.
     let seen: Arc<Mutex<HashMap<String, Seen>>> = Arc::default();
@@ -111,11 +112,11 @@ async fn manage(shared: Arc<Shared>, store: Arc<Store>) {
         }
         // Records are written with an fsync each: off the links' executor.
         let batch = std::mem::take(&mut ids);
-        let (s, st, a, sn) = (shared.clone(), store.clone(), active.clone(), seen.clone());
+        let (s, st, sn) = (shared.clone(), store.clone(), seen.clone());
         smol::unblock(move || {
             let mut seen = lock(&sn);
             for id in &batch {
-                look_at(&s, &st, &a, &mut seen, id);
+                look_at(&s, &st, &mut seen, id);
             }
         })
         .await;
@@ -124,13 +125,7 @@ async fn manage(shared: Arc<Shared>, store: Arc<Store>) {
 
 /// Brings container `id`'s record up to date with its listing and starts
 /// following it unless it is followed already or all its output is stored.
-fn look_at(
-    shared: &Arc<Shared>,
-    store: &Arc<Store>,
-    active: &Arc<Mutex<HashSet<String>>>,
-    seen: &mut HashMap<String, Seen>,
-    id: &str,
-) {
+fn look_at(shared: &Arc<Shared>, store: &Arc<Store>, seen: &mut HashMap<String, Seen>, id: &str) {
     let Some((info, Some(generation))) = shared.info(id) else {
         seen.remove(id);
         return;
@@ -139,7 +134,7 @@ fn look_at(
     let listed = record_of(&view, None);
     let last = seen.get(id);
     let unchanged = last.is_some_and(|s| s.listed == listed);
-    if unchanged && (last.is_some_and(|s| s.complete) || lock(active).contains(id)) {
+    if unchanged && (last.is_some_and(|s| s.complete) || store.is_followed(id)) {
         return;
     }
     let record = if unchanged {
@@ -159,14 +154,33 @@ fn look_at(
     };
     let complete = complete(store, &record);
     seen.insert(id.to_owned(), Seen { listed, complete });
-    if complete || !lock(active).insert(id.to_owned()) {
+    if complete || !store.start_following(id) {
         return;
     }
-    let (shared, store, active, id) =
-        (shared.clone(), store.clone(), active.clone(), id.to_owned());
+    spawn_follow(shared.clone(), store.clone(), id.to_owned(), None);
+}
+
+/// An exec's own channel, handed to the follower: it carries the exec's
+/// output from its first byte (stored from there, so the output crosses the
+/// link once) and its client's input.
+pub(crate) struct ExecChannel {
+    pub channel: LinkChannel,
+    pub link: Sender<LinkCommand>,
+    /// The client's input, resizes and signals, while it is attached.
+    pub control: Receiver<Control>,
+}
+
+/// Follows `id`, which the caller claimed with `Store::start_following`,
+/// starting with `exec`'s channel if given; gives up the claim at the end.
+pub(crate) fn spawn_follow(
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+    id: String,
+    exec: Option<ExecChannel>,
+) {
     smol::spawn(async move {
-        follow(&shared, &store, &id).await;
-        lock(&active).remove(&id);
+        follow(&shared, &store, &id, exec).await;
+        store.stop_following(&id);
         // Look again (the container may have come back meanwhile), a little
         // later: a follow that fails at once must not spin.
         smol::Timer::after(LOOK_AGAIN).await;
@@ -184,8 +198,10 @@ struct Seen {
 }
 
 /// Follows container `id` until all its output is stored, or until it is
-/// not served for `REATTACH_WAIT`.
-async fn follow(shared: &Shared, store: &Store, id: &str) {
+/// not served for `REATTACH_WAIT`. With an exec's channel, that channel
+/// comes first, and the client's input goes to the guest (on attach
+/// channels with stdin after a link drop) for as long as it is attached.
+async fn follow(shared: &Shared, store: &Store, id: &str, exec: Option<ExecChannel>) {
     let log = match store.log(id) {
         Ok(log) => log,
         Err(e) => {
@@ -194,37 +210,68 @@ async fn follow(shared: &Shared, store: &Store, id: &str) {
         }
     };
     let mut backoff = RETRY_FIRST;
+    let (mut first, mut control) = match exec {
+        Some(e) => (Some((e.channel, e.link)), Some(e.control)),
+        None => (None, None),
+    };
     loop {
         if store.record(id).is_some_and(|r| complete(store, &r)) {
             return;
         }
-        let from = lock(&log).end();
-        let Ok((_, link)) = shared.wait_for(id, REATTACH_WAIT).await else {
-            return;
-        };
-        let request = AttachRequest {
-            id: id.to_owned(),
-            stdin: false,
-            stdout: true,
-            stderr: true,
-            from,
-        };
-        let lc = match open_on(shared, &link, OpenKind::Attach(request)).await {
-            Ok(lc) => {
-                backoff = RETRY_FIRST;
-                lc
-            }
-            Err(e) => {
-                debug!(container = %id, "follower: {e}");
-                smol::Timer::after(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
+        let (lc, link) = match first.take() {
+            Some(exec) => exec,
+            None => {
+                let from = lock(&log).end();
+                let Ok((_, link)) = shared.wait_for(id, REATTACH_WAIT).await else {
+                    return;
+                };
+                let request = AttachRequest {
+                    id: id.to_owned(),
+                    stdin: control.is_some(),
+                    stdout: true,
+                    stderr: true,
+                    from,
+                };
+                match open_on(shared, &link, OpenKind::Attach(request)).await {
+                    Ok(lc) => {
+                        backoff = RETRY_FIRST;
+                        debug!(container = %id, from, "following");
+                        (lc, link)
+                    }
+                    Err(e) => {
+                        debug!(container = %id, "follower: {e}");
+                        smol::Timer::after(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                }
             }
         };
         let channel = lc.channel;
-        debug!(container = %id, from, "following");
         loop {
-            let event = next_event(&lc.events, &log).await;
+            let event = match &control {
+                None => next_event(&lc.events, &log).await,
+                Some(ctl) => {
+                    let input = async { Err(ctl.recv().await.ok()) };
+                    match future::or(async { Ok(next_event(&lc.events, &log).await) }, input).await
+                    {
+                        Ok(event) => event,
+                        Err(None) => {
+                            // The client went: the output is still stored.
+                            control = None;
+                            continue;
+                        }
+                        Err(Some(c)) => {
+                            // Window goes back when output is stored, not
+                            // when the client consumed it.
+                            if let Ok(command) = c.into_command(channel) {
+                                let _ = link.send(command).await;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
             let written = match event {
                 ChannelEvent::Data { ext, data } => {
                     let kind = match ext {

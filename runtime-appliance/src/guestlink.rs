@@ -476,6 +476,8 @@ impl ApplianceSide {
                 }
             }
             ApplianceEvent::Data { channel, ext, data } => {
+                let counter = &self.shared.counters.guest_output_bytes;
+                counter.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if self.chans.contains_key(&channel) {
                     self.deliver(channel, ChannelEvent::Data { ext, data });
                 } else {

@@ -246,6 +246,18 @@ pub(crate) fn from_store(
     let record = store
         .record(id)
         .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+    serve(shared, store, id, record.tty, options)
+}
+
+/// `from_store` for a container whose record may not be written yet (an
+/// exec that just started); `tty` is what its guest said.
+pub(crate) fn serve(
+    shared: &Arc<Shared>,
+    store: &Arc<Store>,
+    id: &str,
+    tty: bool,
+    options: LogsOptions,
+) -> Result<Attachment, ApiError> {
     let log = store.log(id).map_err(|e| internal(id, e))?;
     let (reader, end) = {
         let log = lock(&log);
@@ -289,7 +301,7 @@ pub(crate) fn from_store(
     };
     let (tx, rx) = async_channel::bounded(QUEUE);
     smol::spawn(producer.run(first, tx)).detach();
-    Ok(Attachment::fed(shared.clone(), id, record.tty, start, rx))
+    Ok(Attachment::fed(shared.clone(), id, tty, start, rx))
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub struct Counters {
     pub conflicts: AtomicU64,
     /// Container claims refused (`claims`): counted once per link and id.
     pub claims_refused: AtomicU64,
+    /// Channel data received from guests, in bytes.
+    pub guest_output_bytes: AtomicU64,
 }
 
 #[derive(Default)]

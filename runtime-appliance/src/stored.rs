@@ -5,8 +5,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use async_channel::Sender;
+
 use crate::api_types::{ApiError, AttachOptions, From, LogsOptions};
 use crate::appliance::{Appliance, Attachment};
+use crate::guestlink::{LinkChannel, LinkCommand};
 use crate::store::{Limits, Store, lock};
 use crate::{follower, logs};
 
@@ -120,6 +123,60 @@ impl Appliance {
                 .await
                 .map(|control| control.with_output_of(output)),
         )
+    }
+
+    /// An exec served through the store: the follower takes the exec's own
+    /// channel and stores its output from the first byte, the client reads
+    /// it from the store, as an attach does, and its input goes over that
+    /// channel. So the output crosses the link once (a second attach channel
+    /// only for the store would carry it twice), and the exec waits for the
+    /// disk, never for a client. The channel comes back unused when the
+    /// store cannot take it: there is none, or it already has output or a
+    /// follower for `id` (an id a guest used before).
+    pub(crate) fn exec_stored(
+        &self,
+        id: &str,
+        tty: bool,
+        channel: LinkChannel,
+        link: Sender<LinkCommand>,
+    ) -> Result<Attachment, (LinkChannel, Sender<LinkCommand>)> {
+        let Some(store) = &self.store else {
+            return Err((channel, link));
+        };
+        if store.record(id).is_some() || !store.start_following(id) {
+            return Err((channel, link));
+        }
+        let fresh = store.log(id).map(|log| lock(&log).end() == 0);
+        if !matches!(fresh, Ok(true)) {
+            store.stop_following(id);
+            return Err((channel, link));
+        }
+        let logs = LogsOptions {
+            from: 0,
+            follow: true,
+            ..Default::default()
+        };
+        let output = match logs::serve(&self.shared, store, id, tty, logs) {
+            Ok(output) => output,
+            Err(e) => {
+                tracing::warn!(container = %id, "serving the exec from the store: {e}");
+                store.stop_following(id);
+                return Err((channel, link));
+            }
+        };
+        let (ctl, control) = async_channel::unbounded();
+        let exec = follower::ExecChannel {
+            channel,
+            link,
+            control,
+        };
+        follower::spawn_follow(
+            self.shared.clone(),
+            store.clone(),
+            id.to_owned(),
+            Some(exec),
+        );
+        Ok(Attachment::with_control(output, ctl))
     }
 
     /// Removes what is stored for `id` (an exited container, or one whose

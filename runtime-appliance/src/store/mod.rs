@@ -3,7 +3,7 @@
 //! its output in segment files ([`segments`]). The follower writes them; `ls`,
 //! `logs` and `attach` read them, also after the guest (or tetherd) is gone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -116,6 +116,9 @@ pub struct Store {
     /// writer, and a follow asks for its record each time it reaches the
     /// end of the output (per chunk while following live).
     records: Mutex<HashMap<String, Record>>,
+    /// The containers whose output a follower is storing now: one writer
+    /// per log.
+    following: Mutex<HashSet<String>>,
 }
 
 /// Locks a mutex, taking it over from a thread that panicked.
@@ -133,6 +136,7 @@ impl Store {
             logs: Mutex::new(HashMap::new()),
             watched: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
+            following: Mutex::new(HashSet::new()),
         })
     }
 
@@ -159,6 +163,21 @@ impl Store {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Claims `id`'s output for one follower; false if another has it.
+    pub fn start_following(&self, id: &str) -> bool {
+        lock(&self.following).insert(id.to_owned())
+    }
+
+    /// Whether a follower stores `id`'s output now.
+    pub fn is_followed(&self, id: &str) -> bool {
+        lock(&self.following).contains(id)
+    }
+
+    /// Gives up the claim of `start_following`.
+    pub fn stop_following(&self, id: &str) {
+        lock(&self.following).remove(id);
     }
 
     /// The record of `id`, if stored.
