@@ -395,3 +395,68 @@ fn block_output_survives_link_drops_exactly_once_on_disk_and_in_an_attach() {
         });
     });
 }
+
+/// The next output of `att`; `None` after 20 s without.
+async fn next_within(att: &mut Attachment) -> Option<Output> {
+    futures_lite::future::or(async { att.next().await }, async {
+        smol::Timer::after(Duration::from_secs(20)).await;
+        None
+    })
+    .await
+}
+
+/// The next output of `att` (within 20 s), which must be stdout.
+async fn next_stdout(att: &mut Attachment) -> Vec<u8> {
+    match next_within(att).await {
+        Some(Output::Stdout(b)) => b.to_vec(),
+        other => panic!("expected output, got {other:?}"),
+    }
+}
+
+/// An exec with a store is followed on its own channel, which also carries
+/// its client's input. A link drop longer than the listing follower's own
+/// wait (2 s) must not end that input: the follower holding the exec waits
+/// as long as its client does, and input written after the guest is back
+/// reaches the process.
+#[test]
+fn an_execs_input_survives_a_link_drop_longer_than_the_followers_wait() {
+    with_timeout(Duration::from_secs(60), |procs| {
+        let dir = tempfile::tempdir().unwrap();
+        let fx = Fixture::new();
+        let appliance = fx.appliance_with_store(dir.path());
+        let proxy = Proxy::start(fx.addr);
+        let mut config = fx.config("web", &["/bin/sh", "-c", "exec sleep 60"]);
+        config["link"] = format!("tcp:{}", proxy.addr).into();
+        let _guest = Guest::start(&procs, dir.path(), &config);
+        smol::block_on(async {
+            let options = runtime_appliance::ExecOptions {
+                command: vec!["cat".into()],
+                stdin: true,
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            let mut att = appliance.exec("web", options).await.unwrap();
+            att.write_stdin(bytes::Bytes::from_static(b"one\n"))
+                .await
+                .unwrap();
+            assert_eq!(next_stdout(&mut att).await, b"one\n");
+            // The link goes, and no new one gets through for 4 s.
+            proxy.stall(true);
+            proxy.cut();
+            smol::Timer::after(Duration::from_secs(4)).await;
+            proxy.stall(false);
+            att.write_stdin(bytes::Bytes::from_static(b"two\n"))
+                .await
+                .expect("the exec's input ended with the link");
+            assert_eq!(next_stdout(&mut att).await, b"two\n");
+            att.close_stdin().await.unwrap();
+            assert!(
+                matches!(
+                    next_within(&mut att).await,
+                    Some(Output::Exit(ExitStatus::Code(0)))
+                ),
+                "cat ended with its stdin"
+            );
+        });
+    });
+}

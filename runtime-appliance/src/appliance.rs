@@ -221,7 +221,7 @@ impl Appliance {
         self.shared.counters.execs.fetch_add(1, Ordering::Relaxed);
         // With a store, the exec is served from it (`exec_stored`); without,
         // or when it cannot take the exec, from its channel directly.
-        let att = match self.exec_stored(&exec_id, options.tty, channel, link) {
+        let att = match self.exec_stored(&exec_id, options.tty, options.timeout, channel, link) {
             Ok(att) => att,
             Err((channel, link)) => {
                 let plan = Plan {

@@ -140,14 +140,15 @@ fn look_at(shared: &Arc<Shared>, store: &Arc<Store>, seen: &mut HashMap<String, 
     let record = if unchanged {
         store.record(id).unwrap_or_else(|| listed.clone())
     } else {
-        let old = store.record(id);
-        let mut record = record_of(&view, old.clone());
-        if let Some(key) = shared.link_key(generation) {
-            record.guest_key = Some(key.to_openssh());
-        }
-        if old.as_ref() != Some(&record)
-            && let Err(e) = store.save_record(&record)
-        {
+        let key = shared.link_key(generation);
+        let (record, saved) = store.update_record(id, |old| {
+            let mut record = record_of(&view, old.cloned());
+            if let Some(key) = key {
+                record.guest_key = Some(key.to_openssh());
+            }
+            record
+        });
+        if let Err(e) = saved {
             warn!(container = %id, "writing its record: {e}");
         }
         record
@@ -168,6 +169,11 @@ pub(crate) struct ExecChannel {
     pub link: Sender<LinkCommand>,
     /// The client's input, resizes and signals, while it is attached.
     pub control: Receiver<Control>,
+    /// Whether the exec has a terminal.
+    pub tty: bool,
+    /// While the client is attached: how long to wait for the exec to be
+    /// served again after a link drop (the client's own timeout).
+    pub reattach_timeout: Duration,
 }
 
 /// Follows `id`, which the caller claimed with `Store::start_following`,
@@ -210,19 +216,35 @@ async fn follow(shared: &Shared, store: &Store, id: &str, exec: Option<ExecChann
         }
     };
     let mut backoff = RETRY_FIRST;
+    // What a record made here says until the guest's listing is stored.
+    let (kind, tty, reattach_timeout) = match &exec {
+        Some(e) => ("exec", e.tty, e.reattach_timeout),
+        None => ("primary", false, REATTACH_WAIT),
+    };
     let (mut first, mut control) = match exec {
         Some(e) => (Some((e.channel, e.link)), Some(e.control)),
         None => (None, None),
     };
     loop {
-        if store.record(id).is_some_and(|r| complete(store, &r)) {
+        // An exec's own channel is read to its exit whatever the listing
+        // says: it carries the exit as it happened (a signal's name).
+        if first.is_none() && store.record(id).is_some_and(|r| complete(store, &r)) {
             return;
         }
         let (lc, link) = match first.take() {
             Some(exec) => exec,
             None => {
                 let from = lock(&log).end();
-                let Ok((_, link)) = shared.wait_for(id, REATTACH_WAIT).await else {
+                let wait = match control {
+                    Some(_) => reattach_timeout,
+                    None => REATTACH_WAIT,
+                };
+                let Ok((_, link)) = shared.wait_for(id, wait).await else {
+                    // Input still queued is dropped: its writers are freed.
+                    if let Some(control) = control {
+                        control.close();
+                        while control.try_recv().is_ok() {}
+                    }
                     return;
                 };
                 let request = AttachRequest {
@@ -302,25 +324,29 @@ async fn follow(shared: &Shared, store: &Store, id: &str, exec: Option<ExecChann
                 }
                 ChannelEvent::Gap(lost) => lock(&log).append_gap(SystemTime::now(), lost),
                 ChannelEvent::Exit(status) => {
-                    let mut record = store.record(id).unwrap_or_else(|| Record {
-                        id: id.to_owned(),
-                        kind: "primary".into(),
-                        state: "exited".into(),
-                        exit_code: None,
-                        output_end: 0,
-                        tty: false,
-                        guest_key: None,
-                        exit_signal: None,
-                        forked_from: None,
-                        fork_failure: None,
+                    let end = lock(&log).end();
+                    let (record, saved) = store.update_record(id, |old| {
+                        let mut record = old.cloned().unwrap_or_else(|| Record {
+                            id: id.to_owned(),
+                            kind: kind.into(),
+                            state: "exited".into(),
+                            exit_code: None,
+                            output_end: 0,
+                            tty,
+                            guest_key: None,
+                            exit_signal: None,
+                            forked_from: None,
+                            fork_failure: None,
+                        });
+                        record.state = "exited".into();
+                        record.exit_code = Some(status.code());
+                        if let proto_core::tether::ExitStatus::Signal { name, .. } = &status {
+                            record.exit_signal = Some(name.clone());
+                        }
+                        record.output_end = record.output_end.max(end);
+                        record
                     });
-                    record.state = "exited".into();
-                    record.exit_code = Some(status.code());
-                    if let proto_core::tether::ExitStatus::Signal { name, .. } = &status {
-                        record.exit_signal = Some(name.clone());
-                    }
-                    record.output_end = record.output_end.max(lock(&log).end());
-                    if let Err(e) = store.save_record(&record) {
+                    if let Err(e) = saved {
                         warn!(container = %id, "writing its record: {e}");
                     }
                     // Closing tells the guest the appliance holds everything.

@@ -167,17 +167,18 @@ impl Producer {
     }
 
     /// The exit status once everything of an exited container was sent:
-    /// all its output the guest listed, or all that is stored once no guest
-    /// serves it (the rest can no longer come). The guest lists a session as
-    /// exited once its own log holds the last byte, which may be well before
-    /// the follower has stored it: until then the exit waits.
-    fn finished(&self) -> Option<ExitStatus> {
+    /// all its output the guest listed, or, once `gave_up` (no guest served
+    /// it for `unserved_wait`), all that is stored. The guest lists a session
+    /// as exited once its own log holds the last byte, which may be well
+    /// before the follower has stored it, and a link that drops meanwhile
+    /// comes back with the rest: until then the exit waits.
+    fn finished(&self, gave_up: bool) -> Option<ExitStatus> {
         let record = self.store.record(&self.id)?;
         let offset = self.reader.offset();
         if record.state != "exited" || offset < lock(&self.log).end() {
             return None;
         }
-        if offset < record.output_end && (self.served)() {
+        if offset < record.output_end && !gave_up {
             return None;
         }
         Some(match record.exit_signal {
@@ -212,12 +213,16 @@ impl Producer {
                     return;
                 }
             }
-            if let Some(exit) = self.finished() {
+            let served = (self.served)();
+            if served {
+                unserved_since = None;
+            }
+            let gave_up = unserved_since.is_some_and(|s| s.elapsed() >= self.unserved_wait);
+            if let Some(exit) = self.finished(gave_up) {
                 let _ = out.send(Output::Exit(exit)).await;
                 return;
             }
-            if (self.served)() {
-                unserved_since = None;
+            if served {
                 listener.await;
                 continue;
             }
@@ -406,7 +411,7 @@ mod tests {
             served: Arc::new(|| false),
             unserved_wait: UNSERVED_WAIT,
         };
-        let exit = p.finished().unwrap();
+        let exit = p.finished(false).unwrap();
         assert_eq!(exit.code(), 143);
         assert!(matches!(exit, ExitStatus::Signal { ref name, .. } if name == "TERM"));
     }
@@ -496,9 +501,12 @@ mod tests {
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"two"));
             assert!(matches!(rx.recv().await, Ok(Output::Exit(e)) if e.code() == 3));
             run.await;
-            // No guest serves it any more: what is stored is all there is.
+            // No guest serves it any more (after the wait for one to come
+            // back): what is stored is all there is.
             let (tx, rx) = async_channel::bounded(8);
             let mut p = producer(false);
+            p.unserved_wait = Duration::from_millis(300);
+            let started = Instant::now();
             p.reader = lock(&log).reader(3);
             lock(&log)
                 .append(FrameKind::Stdout, SystemTime::now(), b"!")
@@ -510,6 +518,10 @@ mod tests {
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"two"));
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"!"));
             assert!(matches!(rx.recv().await, Ok(Output::Exit(e)) if e.code() == 3));
+            assert!(
+                started.elapsed() >= Duration::from_millis(300),
+                "no wait for a guest"
+            );
         });
     }
 

@@ -137,6 +137,7 @@ impl Appliance {
         &self,
         id: &str,
         tty: bool,
+        reattach_timeout: std::time::Duration,
         channel: LinkChannel,
         link: Sender<LinkCommand>,
     ) -> Result<Attachment, (LinkChannel, Sender<LinkCommand>)> {
@@ -169,6 +170,8 @@ impl Appliance {
             channel,
             link,
             control,
+            tty,
+            reattach_timeout,
         };
         follower::spawn_follow(
             self.shared.clone(),

@@ -119,6 +119,9 @@ pub struct Store {
     /// The containers whose output a follower is storing now: one writer
     /// per log.
     following: Mutex<HashSet<String>>,
+    /// Held across each `update_record`: the listing and a follower storing
+    /// an exit change one record without undoing each other's change.
+    record_writer: Mutex<()>,
 }
 
 /// Locks a mutex, taking it over from a thread that panicked.
@@ -137,6 +140,7 @@ impl Store {
             watched: Mutex::new(HashMap::new()),
             records: Mutex::new(HashMap::new()),
             following: Mutex::new(HashSet::new()),
+            record_writer: Mutex::new(()),
         })
     }
 
@@ -163,6 +167,24 @@ impl Store {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Changes `id`'s record as one step against other updates: `change`
+    /// gets the record stored now, if any, and returns the new one, which is
+    /// written unless it is the same. The new record, and how writing went.
+    pub fn update_record(
+        &self,
+        id: &str,
+        change: impl FnOnce(Option<&Record>) -> Record,
+    ) -> (Record, io::Result<()>) {
+        let _one_writer = lock(&self.record_writer);
+        let old = self.record(id);
+        let new = change(old.as_ref());
+        let saved = match old.as_ref() == Some(&new) {
+            true => Ok(()),
+            false => self.save_record(&new),
+        };
+        (new, saved)
     }
 
     /// Claims `id`'s output for one follower; false if another has it.
