@@ -38,6 +38,13 @@ impl Setup {
         Self::with_api(procs, dir, id, cmd, ApiEndpoint::unix(dir))
     }
 
+    /// `new`, once `tetherd ls` shows the container running.
+    fn running(procs: &Procs, dir: &Path, id: &str, cmd: &[&str]) -> Self {
+        let s = Self::new(procs, dir, id, cmd);
+        s.wait_state(id, "running");
+        s
+    }
+
     fn with_api(procs: &Procs, dir: &Path, id: &str, cmd: &[&str], api: ApiEndpoint) -> Self {
         let guest_port = free_port().unwrap();
         let key = dir.join("appliance.key");
@@ -140,13 +147,8 @@ impl Setup {
 fn serve_and_the_cli_list_log_exec_kill_and_wait() {
     with_timeout(LIMIT, |procs| {
         let dir = tempfile::tempdir().unwrap();
-        let s = Setup::new(
-            &procs,
-            dir.path(),
-            "web",
-            &["/bin/sh", "-c", "echo served; exec sleep 60"],
-        );
-        s.wait_state("web", "running");
+        let cmd = ["/bin/sh", "-c", "echo served; exec sleep 60"];
+        let s = Setup::running(&procs, dir.path(), "web", &cmd);
         let logs = s.cli(&["logs", "web"]);
         assert_eq!(String::from_utf8_lossy(&logs.stdout), "served\n");
         let exec = s.cli(&["exec", "web", "--", "sh", "-c", "echo in exec; exit 4"]);
@@ -171,13 +173,8 @@ fn serve_and_the_cli_list_log_exec_kill_and_wait() {
 fn an_exec_with_a_store_takes_input_and_its_output_crosses_the_link_once() {
     with_timeout(LIMIT, |procs| {
         let dir = tempfile::tempdir().unwrap();
-        let s = Setup::new(
-            &procs,
-            dir.path(),
-            "web",
-            &["/bin/sh", "-c", "exec sleep 60"],
-        );
-        s.wait_state("web", "running");
+        let cmd = ["/bin/sh", "-c", "exec sleep 60"];
+        let s = Setup::running(&procs, dir.path(), "web", &cmd);
         let before = s.guest_output_bytes();
         let input: Vec<u8> = (0..400_000u32).map(|i| (i % 251) as u8).collect();
         let script = "cat; echo done >&2; exit 3";

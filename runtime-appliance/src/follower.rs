@@ -327,16 +327,8 @@ async fn follow(shared: &Shared, store: &Store, id: &str, exec: Option<ExecChann
                     let end = lock(&log).end();
                     let (record, saved) = store.update_record(id, |old| {
                         let mut record = old.cloned().unwrap_or_else(|| Record {
-                            id: id.to_owned(),
-                            kind: kind.into(),
-                            state: "exited".into(),
-                            exit_code: None,
-                            output_end: 0,
                             tty,
-                            guest_key: None,
-                            exit_signal: None,
-                            forked_from: None,
-                            fork_failure: None,
+                            ..Record::new(id, kind, "exited")
                         });
                         record.state = "exited".into();
                         record.exit_code = Some(status.code());

@@ -316,6 +316,53 @@ mod tests {
     use super::*;
     use crate::store::Limits;
 
+    /// A store holding container `web`'s record (`state`, `exit_code`, and
+    /// `output_end` as its guest listed it) and `stored` as its output.
+    fn stored_web(
+        state: &str,
+        exit_code: Option<u32>,
+        output_end: u64,
+        stored: &[u8],
+    ) -> (tempfile::TempDir, Arc<Store>, Arc<Mutex<OutputLog>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
+        let record = crate::store::Record {
+            exit_code,
+            output_end,
+            ..crate::store::Record::new("web", "primary", state)
+        };
+        store.save_record(&record).unwrap();
+        let log = store.log("web").unwrap();
+        lock(&log)
+            .append(FrameKind::Stdout, SystemTime::now(), stored)
+            .unwrap();
+        (dir, store, log)
+    }
+
+    /// A follow of `web` from offset 0.
+    fn follow_web(
+        store: &Arc<Store>,
+        log: &Arc<Mutex<OutputLog>>,
+        served: bool,
+        unserved_wait: Duration,
+    ) -> Producer {
+        Producer {
+            store: store.clone(),
+            id: "web".into(),
+            changed: store.watch("web"),
+            log: log.clone(),
+            reader: lock(log).reader(0),
+            options: LogsOptions {
+                follow: true,
+                ..Default::default()
+            },
+            end_at: None,
+            stamper: Stamper::default(),
+            served: Arc::new(move || served),
+            unserved_wait,
+        }
+    }
+
     #[test]
     fn since_is_a_time_or_a_duration_ago() {
         let now = UNIX_EPOCH + Duration::from_secs(1000);
@@ -385,16 +432,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
         let record = crate::store::Record {
-            id: "web".into(),
-            kind: "primary".into(),
-            state: "exited".into(),
             exit_code: Some(143),
-            output_end: 0,
-            tty: false,
-            guest_key: None,
-            forked_from: None,
-            fork_failure: None,
             exit_signal: Some("TERM".into()),
+            ..crate::store::Record::new("web", "primary", "exited")
         };
         store.save_record(&record).unwrap();
         let log = store.log("web").unwrap();
@@ -454,43 +494,10 @@ mod tests {
     /// rest instead of ending early with the exit (a lost tail).
     #[test]
     fn the_exit_waits_for_output_the_guest_listed_but_not_yet_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
-        let record = crate::store::Record {
-            id: "web".into(),
-            kind: "primary".into(),
-            state: "exited".into(),
-            exit_code: Some(3),
-            output_end: 6,
-            tty: false,
-            guest_key: None,
-            forked_from: None,
-            fork_failure: None,
-            exit_signal: None,
-        };
-        store.save_record(&record).unwrap();
-        let log = store.log("web").unwrap();
-        lock(&log)
-            .append(FrameKind::Stdout, SystemTime::now(), b"one")
-            .unwrap();
-        let producer = |served: bool| Producer {
-            store: store.clone(),
-            id: "web".into(),
-            changed: store.watch("web"),
-            log: log.clone(),
-            reader: lock(&log).reader(0),
-            options: LogsOptions {
-                follow: true,
-                ..Default::default()
-            },
-            end_at: None,
-            stamper: Stamper::default(),
-            served: Arc::new(move || served),
-            unserved_wait: UNSERVED_WAIT,
-        };
+        let (_dir, store, log) = stored_web("exited", Some(3), 6, b"one");
         smol::block_on(async {
             let (tx, rx) = async_channel::bounded(8);
-            let run = smol::spawn(producer(true).run(None, tx));
+            let run = smol::spawn(follow_web(&store, &log, true, UNSERVED_WAIT).run(None, tx));
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"one"));
             smol::Timer::after(Duration::from_millis(100)).await;
             assert!(rx.is_empty(), "the exit came before the output listed");
@@ -504,16 +511,18 @@ mod tests {
             // No guest serves it any more (after the wait for one to come
             // back): what is stored is all there is.
             let (tx, rx) = async_channel::bounded(8);
-            let mut p = producer(false);
-            p.unserved_wait = Duration::from_millis(300);
+            let mut p = follow_web(&store, &log, false, Duration::from_millis(300));
             let started = Instant::now();
             p.reader = lock(&log).reader(3);
             lock(&log)
                 .append(FrameKind::Stdout, SystemTime::now(), b"!")
                 .unwrap();
-            let mut short = record.clone();
-            short.output_end = 100;
-            store.save_record(&short).unwrap();
+            let (_, saved) = store.update_record("web", |r| {
+                let mut short = r.cloned().unwrap();
+                short.output_end = 100;
+                short
+            });
+            saved.unwrap();
             p.run(None, tx).await;
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"two"));
             assert!(matches!(rx.recv().await, Ok(Output::Stdout(b)) if &b[..] == b"!"));
@@ -530,40 +539,8 @@ mod tests {
     /// keeps waiting for output.
     #[test]
     fn a_follow_ends_when_no_guest_serves_its_container() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path(), Limits::default()).unwrap());
-        let record = crate::store::Record {
-            id: "web".into(),
-            kind: "primary".into(),
-            state: "running".into(),
-            exit_code: None,
-            output_end: 3,
-            tty: false,
-            guest_key: None,
-            forked_from: None,
-            fork_failure: None,
-            exit_signal: None,
-        };
-        store.save_record(&record).unwrap();
-        let log = store.log("web").unwrap();
-        lock(&log)
-            .append(FrameKind::Stdout, SystemTime::now(), b"hi\n")
-            .unwrap();
-        let producer = |served: bool| Producer {
-            store: store.clone(),
-            id: "web".into(),
-            changed: store.watch("web"),
-            log: log.clone(),
-            reader: lock(&log).reader(0),
-            options: LogsOptions {
-                follow: true,
-                ..Default::default()
-            },
-            end_at: None,
-            stamper: Stamper::default(),
-            served: Arc::new(move || served),
-            unserved_wait: Duration::from_millis(300),
-        };
+        let (_dir, store, log) = stored_web("running", None, 3, b"hi\n");
+        let producer = |served| follow_web(&store, &log, served, Duration::from_millis(300));
         smol::block_on(async {
             // Unserved: the stored output, then the end (no exit).
             let (tx, rx) = async_channel::bounded(8);

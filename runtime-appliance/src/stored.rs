@@ -220,16 +220,9 @@ impl Appliance {
             return;
         }
         let record = crate::store::Record {
-            id: id.to_owned(),
-            kind: "primary".into(),
-            state: "created".into(),
-            exit_code: None,
-            output_end: 0,
-            tty: false,
-            guest_key: None,
-            exit_signal: None,
             forked_from: Some(forked.parent_id.clone()),
             fork_failure: Some(forked.failure.clone()),
+            ..crate::store::Record::new(id, "primary", "created")
         };
         if let Err(e) = store.save_record(&record) {
             tracing::warn!(container = %id, "writing its record: {e}");

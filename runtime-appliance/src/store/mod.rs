@@ -84,6 +84,24 @@ pub struct Record {
     pub fork_failure: Option<String>,
 }
 
+impl Record {
+    /// A record of `id` with nothing known yet but its kind and state.
+    pub fn new(id: &str, kind: &str, state: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            state: state.to_owned(),
+            exit_code: None,
+            output_end: 0,
+            tty: false,
+            guest_key: None,
+            exit_signal: None,
+            forked_from: None,
+            fork_failure: None,
+        }
+    }
+}
+
 /// A container's directory name: the id itself when it is a plain name, else
 /// `~` and its hex (ids come from guests and may hold `/` or `..`).
 pub fn dir_name(id: &str) -> String {

@@ -172,16 +172,9 @@ fn records_are_written_atomically_and_listed() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), Limits::default()).unwrap();
     let record = Record {
-        id: "../evil/id".into(),
-        kind: "primary".into(),
-        state: "exited".into(),
         exit_code: Some(3),
         output_end: 5,
-        tty: false,
-        guest_key: None,
-        forked_from: None,
-        fork_failure: None,
-        exit_signal: None,
+        ..Record::new("../evil/id", "primary", "exited")
     };
     store.save_record(&record).unwrap();
     assert_eq!(store.records(), vec![record.clone()]);
