@@ -453,7 +453,8 @@ fn fork_quiesce_resume_and_a_childs_announcement() {
         let Some(peer) = Peer::start_with(
             &procs,
             "web",
-            json!([{"id": "web", "cmd": ["sh", "-c", "while :; do sleep 0.05; done"]}]),
+            // Runs until tether goes (killed, it leaves its sessions behind).
+            json!([{"id": "web", "cmd": ["sh", "-c", "while kill -0 $PPID; do sleep 0.05; done"]}]),
             json!({"fork": {"backend": "qemu", "identity": identity}}),
         ) else {
             return;

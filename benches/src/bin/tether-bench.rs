@@ -87,7 +87,10 @@ fn sessions(o: &Options) -> serde_json::Value {
             })
         })
         .collect();
-    list.push(serde_json::json!({"id": "bench", "cmd": ["sleep", "1000000"]}));
+    // The exec target runs until its tether goes (killed at the end, tether
+    // leaves its sessions behind).
+    let until_tether_goes = "while kill -0 $PPID 2>/dev/null; do sleep 1; done";
+    list.push(serde_json::json!({"id": "bench", "cmd": ["sh", "-c", until_tether_goes]}));
     list.push(serde_json::json!({"id": "keys", "cmd": ["cat"], "tty": true}));
     serde_json::Value::Array(list)
 }
