@@ -226,6 +226,14 @@ impl Transport {
         !self.out.is_empty()
     }
 
+    /// Makes room in the outgoing buffer for `additional` more bytes at once.
+    /// A buffer handed to `take_transmit` is shared, and bytes grows a shared
+    /// buffer to exactly what a reservation asks, copying what it holds: a
+    /// batch of large packets sealed one by one was copied again with each.
+    pub fn reserve_out(&mut self, additional: usize) {
+        self.out.reserve(additional);
+    }
+
     /// Bytes buffered on the way out: ciphertext plus payloads queued behind a kex.
     pub fn buffered(&self) -> usize {
         self.out.len() + self.pending_bytes

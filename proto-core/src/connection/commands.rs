@@ -10,6 +10,9 @@ use crate::event::ChannelId;
 use crate::request::ChannelRequest;
 use crate::wire::{PutSsh, msg};
 
+/// A send of at least this much data is a bulk stream's (see `channel_send`).
+const BULK_SEND: usize = 64 * 1024;
+
 impl Connection {
     fn usable(&self) -> Result<()> {
         if self.closed.is_some() {
@@ -128,6 +131,14 @@ impl Connection {
         if n < data.len() {
             c.blocked = true;
             self.any_blocked = true;
+        }
+        if n >= BULK_SEND {
+            // Room for the rest of the send buffer in one allocation: a bulk
+            // stream's next packets are sealed into it, not copied into a
+            // bigger buffer each time it fills.
+            // Packet framing adds under 64 bytes per 16 KiB.
+            let room = budget.max(n);
+            self.transport.reserve_out(room + room / 256 + 256);
         }
         for chunk in data[..n].chunks(max_packet) {
             self.transport.send(|b| {
