@@ -66,8 +66,11 @@ impl Tether {
             "--out",
             out.to_str()?,
             "--",
-            "sleep",
-            "3600",
+            // Runs until its tether goes (killed at the end, tether leaves
+            // its sessions behind).
+            "sh",
+            "-c",
+            "while kill -0 $PPID 2>/dev/null; do sleep 1; done",
         ])
         .ok()?;
         let api = format!("127.0.0.1:{api_port}");
