@@ -9,6 +9,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use async_channel::{Receiver, Sender};
+use futures_lite::future;
 use proto_core::tether::{AttachRequest, ContainerInfo, Kind, State};
 use tracing::{debug, info, warn};
 
@@ -17,8 +19,6 @@ use crate::attachment::{Control, open_on};
 use crate::guestlink::{ChannelEvent, LinkChannel, LinkCommand, OpenKind};
 use crate::registry::Shared;
 use crate::store::{FrameKind, Record, Store, lock};
-use async_channel::{Receiver, Sender};
-use futures_lite::future;
 
 /// How long a follower waits for its container to be served again after its
 /// link dropped, before it leaves (it is started again when the container is
@@ -235,9 +235,10 @@ async fn follow(shared: &Shared, store: &Store, id: &str, exec: Option<ExecChann
             Some(exec) => exec,
             None => {
                 let from = lock(&log).end();
-                let wait = match control {
-                    Some(_) => reattach_timeout,
-                    None => REATTACH_WAIT,
+                let wait = if control.is_some() {
+                    reattach_timeout
+                } else {
+                    REATTACH_WAIT
                 };
                 let Ok((_, link)) = shared.wait_for(id, wait).await else {
                     // Input still queued is dropped: its writers are freed.

@@ -222,15 +222,15 @@ impl Producer {
                 let _ = out.send(Output::Exit(exit)).await;
                 return;
             }
+            if gave_up {
+                tracing::info!(container = %self.id, "no guest serves it and no exit is stored; the stream ends");
+                return;
+            }
             if served {
                 listener.await;
                 continue;
             }
-            let since = *unserved_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= self.unserved_wait {
-                tracing::info!(container = %self.id, "no guest serves it and no exit is stored; the stream ends");
-                return;
-            }
+            unserved_since.get_or_insert_with(Instant::now);
             // Nothing may ever change the store again: look now and then.
             let tick = async {
                 smol::Timer::after(UNSERVED_CHECK.min(self.unserved_wait)).await;

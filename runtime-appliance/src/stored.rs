@@ -147,23 +147,19 @@ impl Appliance {
         if store.record(id).is_some() || !store.start_following(id) {
             return Err((channel, link));
         }
-        let fresh = store.log(id).map(|log| lock(&log).end() == 0);
-        if !matches!(fresh, Ok(true)) {
-            store.stop_following(id);
-            return Err((channel, link));
-        }
         let logs = LogsOptions {
             from: 0,
             follow: true,
             ..Default::default()
         };
-        let output = match logs::serve(&self.shared, store, id, tty, logs) {
-            Ok(output) => output,
-            Err(e) => {
+        let fresh = store.log(id).is_ok_and(|log| lock(&log).end() == 0);
+        let output = fresh.then(|| logs::serve(&self.shared, store, id, tty, logs));
+        let Some(Ok(output)) = output else {
+            if let Some(Err(e)) = output {
                 tracing::warn!(container = %id, "serving the exec from the store: {e}");
-                store.stop_following(id);
-                return Err((channel, link));
             }
+            store.stop_following(id);
+            return Err((channel, link));
         };
         let (ctl, control) = async_channel::unbounded();
         let exec = follower::ExecChannel {

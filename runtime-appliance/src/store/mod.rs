@@ -198,9 +198,10 @@ impl Store {
         let _one_writer = lock(&self.record_writer);
         let old = self.record(id);
         let new = change(old.as_ref());
-        let saved = match old.as_ref() == Some(&new) {
-            true => Ok(()),
-            false => self.save_record(&new),
+        let saved = if old.as_ref() == Some(&new) {
+            Ok(())
+        } else {
+            self.save_record(&new)
         };
         (new, saved)
     }
